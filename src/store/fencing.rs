@@ -1,0 +1,260 @@
+//! Single-writer fencing records: epoch claims, seals and release markers.
+//!
+//! - `epochs/<epoch>`: a writer's claim, made by conditional create. Holds
+//!   (encrypted) who claimed it: host, pid, boot id, time, random token.
+//! - `seals/<epoch>`: written by the owner of `<epoch>` right after its
+//!   claim and its listing of the log: the exact set of segments and
+//!   checkpoints of earlier, not-yet-sealed epochs that form the log. A
+//!   fenced writer's segment that lands later is in no seal, so everyone
+//!   ignores it forever.
+//! - `released/<epoch>`: written on clean shutdown; the next opener needs
+//!   no `--force`.
+//!
+//! Seals form a chain: each names the seal it continues (`covers_from`).
+//! Only the chain from the newest seal counts, so a seal written late by a
+//! writer that was already superseded is ignored. See ARCHITECTURE.md for
+//! the full argument.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::index::SegmentId;
+use super::keys::VolumeKeys;
+use crate::error::{Error, Result};
+
+pub const EPOCH_PREFIX: &str = "epochs/";
+pub const SEAL_PREFIX: &str = "seals/";
+pub const RELEASE_PREFIX: &str = "released/";
+
+pub fn epoch_name(epoch: u64) -> String {
+    format!("{epoch:016x}")
+}
+
+pub fn parse_epoch(name: &str) -> Option<u64> {
+    (name.len() == 16)
+        .then(|| u64::from_str_radix(name, 16).ok())
+        .flatten()
+}
+
+fn aad(keys: &VolumeKeys, kind: &str, epoch: u64) -> Vec<u8> {
+    let mut aad = kind.as_bytes().to_vec();
+    aad.extend_from_slice(&keys.volume_id);
+    aad.extend_from_slice(epoch_name(epoch).as_bytes());
+    aad
+}
+
+/// Encrypt a small record bound to (kind, epoch). Random nonce: several
+/// writers may race to create the same claim name with different content.
+pub fn seal_record<T: Serialize>(keys: &VolumeKeys, kind: &str, epoch: u64, value: &T) -> Bytes {
+    let plain = serde_json::to_vec(value).expect("record serializes");
+    Bytes::from(
+        keys.subkey(kind, &epoch_name(epoch))
+            .seal_random(&aad(keys, kind, epoch), &plain),
+    )
+}
+
+pub fn open_record<T: for<'de> Deserialize<'de>>(
+    keys: &VolumeKeys,
+    kind: &str,
+    epoch: u64,
+    data: &[u8],
+) -> Result<T> {
+    let plain = keys
+        .subkey(kind, &epoch_name(epoch))
+        .open_random(&aad(keys, kind, epoch), data)
+        .ok_or_else(|| {
+            Error::Integrity(format!("{kind} record {} failed authentication", epoch_name(epoch)))
+        })?;
+    serde_json::from_slice(&plain)
+        .map_err(|e| Error::Integrity(format!("{kind} record {epoch}: malformed ({e})")))
+}
+
+/// Who holds an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub host: String,
+    pub pid: u32,
+    pub boot_id: String,
+    pub started_unix: u64,
+    pub token: String,
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn hostname() -> String {
+    let name = read_trimmed("/proc/sys/kernel/hostname");
+    if name.is_empty() { "unknown-host".into() } else { name }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Claim {
+    pub fn mine() -> Self {
+        Claim {
+            host: hostname(),
+            pid: std::process::id(),
+            boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
+            started_unix: unix_now(),
+            token: hex::encode(rand::random::<[u8; 16]>()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let age = unix_now().saturating_sub(self.started_unix);
+        format!(
+            "host {} pid {} (since unix time {}, {} s ago)",
+            self.host, self.pid, self.started_unix, age
+        )
+    }
+
+    /// True only when the claimant certainly no longer runs: same host and
+    /// boot, and its pid is gone. Anything else (other host, reboot, live
+    /// pid) is treated as a possibly live writer.
+    pub fn is_provably_dead(&self) -> bool {
+        let me = Claim::mine();
+        !self.boot_id.is_empty()
+            && self.host == me.host
+            && self.boot_id == me.boot_id
+            && self.pid != me.pid
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+/// The log as one new owner found it, for the epochs since the last seal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    /// Epoch of the seal this one continues (0 when it is the first).
+    pub covers_from: u64,
+    /// epoch → inclusive ranges of segment seqs present.
+    pub segments: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Checkpoints present, as (epoch, seq) positions.
+    pub checkpoints: Vec<(u64, u64)>,
+}
+
+fn to_ranges(mut seqs: Vec<u64>) -> Vec<(u64, u64)> {
+    seqs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for s in seqs {
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == s => *hi = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
+}
+
+impl Seal {
+    /// Seal what was listed of epochs in `[covers_from, upto)`.
+    pub fn from_listing(
+        covers_from: u64,
+        upto: u64,
+        segments: &[SegmentId],
+        checkpoints: &[SegmentId],
+    ) -> Self {
+        let in_scope = |s: &&SegmentId| s.epoch >= covers_from && s.epoch < upto;
+        let mut by_epoch: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for s in segments.iter().filter(in_scope) {
+            by_epoch.entry(s.epoch).or_default().push(s.seq);
+        }
+        Seal {
+            covers_from,
+            segments: by_epoch
+                .into_iter()
+                .map(|(e, seqs)| (e, to_ranges(seqs)))
+                .collect(),
+            checkpoints: checkpoints
+                .iter()
+                .filter(in_scope)
+                .map(|s| (s.epoch, s.seq))
+                .collect(),
+        }
+    }
+
+    fn has_segment(&self, id: SegmentId) -> bool {
+        self.segments
+            .get(&id.epoch)
+            .is_some_and(|r| r.iter().any(|(lo, hi)| (*lo..=*hi).contains(&id.seq)))
+    }
+
+    fn has_checkpoint(&self, id: SegmentId) -> bool {
+        self.checkpoints.contains(&(id.epoch, id.seq))
+    }
+}
+
+/// The authoritative seals: the chain back from the newest one.
+#[derive(Debug, Clone, Default)]
+pub struct SealChain(BTreeMap<u64, Seal>);
+
+impl SealChain {
+    pub fn from_seals(mut all: BTreeMap<u64, Seal>) -> Self {
+        let mut chain = BTreeMap::new();
+        let mut next = all.keys().next_back().copied();
+        while let Some(epoch) = next {
+            let Some(seal) = all.remove(&epoch) else { break };
+            next = (seal.covers_from > 0 && seal.covers_from < epoch).then_some(seal.covers_from);
+            chain.insert(epoch, seal);
+        }
+        SealChain(chain)
+    }
+
+    /// Epoch of the newest seal in the chain (0 when none).
+    pub fn latest(&self) -> u64 {
+        self.0.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// The seal that decides objects of `epoch`, if one does.
+    fn deciding(&self, epoch: u64) -> Option<&Seal> {
+        self.0.range(epoch + 1..).next().map(|(_, s)| s)
+    }
+
+    pub fn segment_is_valid(&self, id: SegmentId) -> bool {
+        self.deciding(id.epoch).is_none_or(|s| s.has_segment(id))
+    }
+
+    pub fn checkpoint_is_valid(&self, id: SegmentId) -> bool {
+        self.deciding(id.epoch).is_none_or(|s| s.has_checkpoint(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(epoch: u64, seq: u64) -> SegmentId {
+        SegmentId { epoch, seq }
+    }
+
+    #[test]
+    fn ranges_compress_runs() {
+        assert_eq!(to_ranges(vec![5, 1, 2, 3, 7]), vec![(1, 3), (5, 5), (7, 7)]);
+    }
+
+    #[test]
+    fn late_segment_of_sealed_epoch_is_invalid() {
+        let seal = Seal::from_listing(0, 2, &[id(1, 0), id(1, 1)], &[]);
+        let chain = SealChain::from_seals([(2, seal)].into());
+        assert!(chain.segment_is_valid(id(1, 1)));
+        assert!(!chain.segment_is_valid(id(1, 2)), "zombie's late segment");
+        assert!(chain.segment_is_valid(id(2, 9)), "current tail is unsealed");
+    }
+
+    #[test]
+    fn off_chain_seal_is_ignored() {
+        // Owner 3 never saw seal 2 (written late by superseded owner 2).
+        let seal2 = Seal::from_listing(0, 2, &[id(1, 0)], &[]);
+        let seal3 = Seal::from_listing(0, 3, &[id(1, 0), id(1, 1)], &[]);
+        let chain = SealChain::from_seals([(2, seal2), (3, seal3)].into());
+        assert!(chain.segment_is_valid(id(1, 1)), "decided by seal 3, not 2");
+    }
+}

@@ -1,0 +1,125 @@
+//! The in-memory index: chunk number → where its current frame lives.
+//! Unmapped chunks read as zeros. Also tracks live bytes per segment, which
+//! `inspect` reports and garbage collection will use.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// A segment's identity: the writer epoch that wrote it and its sequence
+/// number within that epoch. Ordered as the log is: by epoch, then seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+pub const SEGMENT_PREFIX: &str = "segments/";
+
+impl SegmentId {
+    pub fn name(&self) -> String {
+        format!("{:016x}-{:016x}", self.epoch, self.seq)
+    }
+
+    pub fn key(&self) -> String {
+        format!("{SEGMENT_PREFIX}{}", self.name())
+    }
+
+    /// Parse `EEEE…-SSSS…` (the name part of a key).
+    pub fn parse(name: &str) -> Option<Self> {
+        let (e, s) = name.split_once('-')?;
+        if e.len() != 16 || s.len() != 16 {
+            return None;
+        }
+        Some(SegmentId {
+            epoch: u64::from_str_radix(e, 16).ok()?,
+            seq: u64::from_str_radix(s, 16).ok()?,
+        })
+    }
+}
+
+impl fmt::Display for SegmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// Where one chunk's frame is: segment, byte offset, frame length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub segment: SegmentId,
+    pub offset: u32,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentLive {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    map: BTreeMap<u64, Loc>,
+    live: HashMap<SegmentId, SegmentLive>,
+}
+
+impl Index {
+    pub fn get(&self, chunk: u64) -> Option<Loc> {
+        self.map.get(&chunk).copied()
+    }
+
+    /// Map `chunk` to `loc` (Some) or to zeros (None).
+    pub fn set(&mut self, chunk: u64, loc: Option<Loc>) {
+        let old = match loc {
+            Some(loc) => {
+                let live = self.live.entry(loc.segment).or_default();
+                live.chunks += 1;
+                live.bytes += loc.len as u64;
+                self.map.insert(chunk, loc)
+            }
+            None => self.map.remove(&chunk),
+        };
+        if let Some(old) = old {
+            let live = self.live.get_mut(&old.segment).expect("live entry exists");
+            live.chunks -= 1;
+            live.bytes -= old.len as u64;
+            if live.chunks == 0 {
+                self.live.remove(&old.segment);
+            }
+        }
+    }
+
+    /// Number of mapped (non-zero) chunks.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Loc)> + '_ {
+        self.map.iter().map(|(c, l)| (*c, *l))
+    }
+
+    /// Segments holding at least one live frame, with their live bytes.
+    pub fn live_segments(&self) -> &HashMap<SegmentId, SegmentLive> {
+        &self.live
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.live.values().map(|l| l.bytes).sum()
+    }
+
+    /// Reject an index entry that cannot belong to this volume.
+    pub fn check_chunk(chunk: u64, chunks: u64, origin: &str) -> Result<()> {
+        if chunk >= chunks {
+            return Err(Error::Integrity(format!(
+                "{origin} maps chunk {chunk}, beyond the volume's {chunks} chunks"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,272 @@
+//! Keys: the volume's random data key, its wrapping by a key-encryption key
+//! derived from a passphrase (Argon2id) or a key file (HKDF), and per-purpose
+//! AES-256-GCM subkeys derived from the data key with HKDF-SHA256.
+//!
+//! Nonce discipline (argued in docs/ARCHITECTURE.md): every subkey is bound
+//! to one object name; objects written once per name (segments, checkpoints)
+//! use deterministic counters, objects that may be attempted by several
+//! writers under one name (epoch claims) use random nonces.
+
+use aes_gcm::aead::{Aead as _, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hkdf::Hkdf;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::error::{Error, Result};
+
+pub const KEY_LEN: usize = 32;
+pub const TAG_LEN: usize = 16;
+pub const NONCE_LEN: usize = 12;
+/// Minimum size of a key file: the whole entropy of one AES-256 key.
+pub const MIN_KEY_FILE_LEN: usize = 32;
+
+/// The volume's data key. Never stored unwrapped.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct DataKey([u8; KEY_LEN]);
+
+impl DataKey {
+    pub fn random() -> Self {
+        DataKey(rand::random())
+    }
+}
+
+/// What the user proves knowledge of.
+pub enum Secret {
+    Passphrase(Zeroizing<Vec<u8>>),
+    KeyFile(Zeroizing<Vec<u8>>),
+}
+
+impl Secret {
+    /// A passphrase as typed or read from a file: one trailing newline is
+    /// dropped (files made with `echo` have one).
+    pub fn passphrase(mut bytes: Vec<u8>) -> Result<Self> {
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        if bytes.is_empty() {
+            return Err(Error::InvalidArgument("the passphrase is empty".into()));
+        }
+        Ok(Secret::Passphrase(Zeroizing::new(bytes)))
+    }
+
+    pub fn key_file(bytes: Vec<u8>) -> Result<Self> {
+        if bytes.len() < MIN_KEY_FILE_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "key file is {} bytes; it must hold at least {MIN_KEY_FILE_LEN} random bytes \
+                 (make one with: head -c 32 /dev/urandom > volume.key)",
+                bytes.len()
+            )));
+        }
+        Ok(Secret::KeyFile(Zeroizing::new(bytes)))
+    }
+}
+
+/// Argon2id cost. The default costs about a quarter second and 64 MiB once
+/// per open; tests use a cheap one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Argon2Cost {
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl Default for Argon2Cost {
+    fn default() -> Self {
+        Argon2Cost {
+            m_cost_kib: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
+    }
+}
+
+/// How the key-encryption key is derived; stored (public) in the superblock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum KdfParams {
+    Argon2id {
+        #[serde(flatten)]
+        cost: Argon2Cost,
+        salt: String,
+    },
+    KeyFile {
+        salt: String,
+    },
+}
+
+impl KdfParams {
+    pub fn for_secret(secret: &Secret, cost: Argon2Cost) -> Self {
+        let salt = hex::encode(rand::random::<[u8; 16]>());
+        match secret {
+            Secret::Passphrase(_) => KdfParams::Argon2id { cost, salt },
+            Secret::KeyFile(_) => KdfParams::KeyFile { salt },
+        }
+    }
+
+    /// Derive the key-encryption key.
+    pub fn derive_kek(&self, secret: &Secret) -> Result<Zeroizing<[u8; KEY_LEN]>> {
+        let mut kek = Zeroizing::new([0u8; KEY_LEN]);
+        match (self, secret) {
+            (KdfParams::Argon2id { cost, salt }, Secret::Passphrase(pass)) => {
+                let salt = decode_hex(salt)?;
+                let params =
+                    argon2::Params::new(cost.m_cost_kib, cost.t_cost, cost.p_cost, Some(KEY_LEN))
+                        .map_err(|e| Error::Format(format!("invalid Argon2 parameters: {e}")))?;
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+                    .hash_password_into(pass, &salt, kek.as_mut())
+                    .map_err(|e| Error::Format(format!("Argon2 failed: {e}")))?;
+            }
+            (KdfParams::KeyFile { salt }, Secret::KeyFile(bytes)) => {
+                let salt = decode_hex(salt)?;
+                Hkdf::<Sha256>::new(Some(&salt), bytes)
+                    .expand(b"zerofs-ublk/v1/kek/key-file", kek.as_mut())
+                    .expect("32 bytes is a valid HKDF length");
+            }
+            (KdfParams::Argon2id { .. }, Secret::KeyFile(_)) => {
+                return Err(Error::InvalidArgument(
+                    "this volume is protected by a passphrase, not a key file".into(),
+                ));
+            }
+            (KdfParams::KeyFile { .. }, Secret::Passphrase(_)) => {
+                return Err(Error::InvalidArgument(
+                    "this volume is protected by a key file, not a passphrase".into(),
+                ));
+            }
+        }
+        Ok(kek)
+    }
+}
+
+fn decode_hex(s: &str) -> Result<Vec<u8>> {
+    hex::decode(s).map_err(|_| Error::Format("superblock has a malformed hex field".into()))
+}
+
+/// The data key encrypted under the key-encryption key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    pub nonce: String,
+    pub ciphertext: String,
+}
+
+impl WrappedKey {
+    /// Wrap with a random nonce: each (re)wrap uses a fresh salt, hence a
+    /// fresh KEK, so a random nonce is never reused under one key.
+    pub fn wrap(kek: &[u8; KEY_LEN], key: &DataKey, aad: &[u8]) -> Self {
+        let cipher = Aes256Gcm::new_from_slice(kek).expect("key length");
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: &key.0, aad })
+            .expect("AES-GCM encryption cannot fail for small inputs");
+        WrappedKey {
+            nonce: hex::encode(nonce),
+            ciphertext: hex::encode(ct),
+        }
+    }
+
+    pub fn unwrap(&self, kek: &[u8; KEY_LEN], aad: &[u8]) -> Result<DataKey> {
+        let cipher = Aes256Gcm::new_from_slice(kek).expect("key length");
+        let nonce = decode_hex(&self.nonce)?;
+        let ct = decode_hex(&self.ciphertext)?;
+        if nonce.len() != NONCE_LEN {
+            return Err(Error::Format("superblock key nonce has the wrong length".into()));
+        }
+        let pt = Zeroizing::new(
+            cipher
+                .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ct, aad })
+                .map_err(|_| Error::WrongKey)?,
+        );
+        let bytes: [u8; KEY_LEN] = pt
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Format("wrapped key has the wrong length".into()))?;
+        Ok(DataKey(bytes))
+    }
+}
+
+/// An AES-256-GCM key for one purpose and one object.
+#[derive(Clone)]
+pub struct SubKey(Aes256Gcm);
+
+/// Nonce domains keep the nonce spaces of different uses of one subkey apart.
+pub mod domain {
+    pub const FRAME: u32 = 0;
+    pub const TABLE: u32 = 1;
+}
+
+/// A deterministic nonce: 4-byte domain + 8-byte counter.
+pub fn counter_nonce(domain: u32, counter: u64) -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    n[..4].copy_from_slice(&domain.to_be_bytes());
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    n
+}
+
+impl SubKey {
+    /// HKDF-SHA256(data key, salt = volume id, info = purpose || object).
+    pub fn derive(key: &DataKey, volume_id: &[u8], purpose: &str, object: &str) -> Self {
+        let info = format!("zerofs-ublk/v1/{purpose}/{object}");
+        let mut okm = Zeroizing::new([0u8; KEY_LEN]);
+        Hkdf::<Sha256>::new(Some(volume_id), &key.0)
+            .expand(info.as_bytes(), okm.as_mut())
+            .expect("32 bytes is a valid HKDF length");
+        SubKey(Aes256Gcm::new_from_slice(okm.as_ref()).expect("key length"))
+    }
+
+    /// Encrypt `msg`; output is ciphertext followed by the 16-byte tag.
+    pub fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Vec<u8> {
+        self.0
+            .encrypt(Nonce::from_slice(nonce), Payload { msg, aad })
+            .expect("AES-GCM encryption cannot fail below 64 GiB")
+    }
+
+    /// Decrypt and authenticate; `None` when the bytes are not authentic.
+    pub fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], ct: &[u8]) -> Option<Vec<u8>> {
+        self.0
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+            .ok()
+    }
+
+    /// Seal with a fresh random nonce, which is prepended to the output.
+    pub fn seal_random(&self, aad: &[u8], msg: &[u8]) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&self.seal(&nonce, aad, msg));
+        out
+    }
+
+    pub fn open_random(&self, aad: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+        if data.len() < NONCE_LEN + TAG_LEN {
+            return None;
+        }
+        let (nonce, ct) = data.split_at(NONCE_LEN);
+        self.open(nonce.try_into().ok()?, aad, ct)
+    }
+}
+
+/// The data key together with the volume id it belongs to: everything the
+/// layers above need to derive their subkeys.
+#[derive(Clone)]
+pub struct VolumeKeys {
+    pub volume_id: [u8; 16],
+    key: DataKey,
+}
+
+impl VolumeKeys {
+    pub fn new(volume_id: [u8; 16], key: DataKey) -> Self {
+        VolumeKeys { volume_id, key }
+    }
+
+    pub fn subkey(&self, purpose: &str, object: &str) -> SubKey {
+        SubKey::derive(&self.key, &self.volume_id, purpose, object)
+    }
+
+    /// The data key, for re-wrapping under a new passphrase.
+    pub fn data_key(&self) -> &DataKey {
+        &self.key
+    }
+}

@@ -1,0 +1,420 @@
+//! The log store: creating a volume, opening it (claim, seal, recover),
+//! appending segments, checkpoints, and the ownership check before a FLUSH
+//! is acknowledged.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::backend::{DynStore, ObjectInfo, StoreError};
+use super::checkpoint::{self, CHECKPOINT_PREFIX, checkpoint_key};
+use super::fencing::{
+    Claim, EPOCH_PREFIX, RELEASE_PREFIX, SEAL_PREFIX, Seal, SealChain, epoch_name, open_record,
+    parse_epoch, seal_record,
+};
+use super::index::{Index, Loc, SEGMENT_PREFIX, SegmentId};
+use super::keys::{Secret, VolumeKeys};
+use super::segment::{self, TAIL_READ};
+use super::superblock::{CreateParams, SUPERBLOCK_KEY, Superblock};
+use crate::error::{Error, Result};
+
+/// How many segment tables recovery fetches at once.
+const REPLAY_CONCURRENCY: usize = 8;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriterOptions {
+    /// Take over from a writer that may still be alive (it will be fenced).
+    pub force: bool,
+    /// Accept a backend without atomic conditional create (unsafe: two
+    /// writers could both believe they own the volume).
+    pub allow_unconditional: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum OpenMode {
+    ReadOnly,
+    Writer(WriterOptions),
+}
+
+/// What recovery found, for `inspect` and logs.
+#[derive(Debug, Clone, Default)]
+pub struct LogSummary {
+    /// Highest claimed epoch (ours when writing).
+    pub epoch: u64,
+    pub owner: Option<String>,
+    pub released: bool,
+    pub segments: usize,
+    pub segment_bytes: u64,
+    pub checkpoints: usize,
+    pub checkpoint_bytes: u64,
+    pub checkpoint_used: Option<SegmentId>,
+    pub replayed_segments: usize,
+    /// Segments present but not part of the log (fenced writers' leftovers).
+    pub ignored_segments: usize,
+}
+
+pub struct LogStore {
+    store: DynStore,
+    superblock: Superblock,
+    keys: VolumeKeys,
+    /// Our epoch when writing; None when read-only.
+    epoch: Option<u64>,
+    next_seq: AtomicU64,
+}
+
+fn names(objects: &[ObjectInfo], prefix: &str) -> Vec<(String, u64)> {
+    objects
+        .iter()
+        .filter_map(|o| o.key.strip_prefix(prefix).map(|n| (n.to_string(), o.size)))
+        .collect()
+}
+
+/// Check that the backend really refuses a second create of one key.
+async fn probe_conditional_create(store: &DynStore) -> Result<bool> {
+    let key = format!("probe/{}", hex::encode(rand::random::<[u8; 8]>()));
+    let first = store.put_if_absent(&key, Bytes::from_static(b"1")).await?;
+    let second = store.put_if_absent(&key, Bytes::from_static(b"2")).await?;
+    let kept = store.get(&key).await?;
+    store.delete(&key).await?;
+    Ok(first && !second && kept.as_ref() == b"1")
+}
+
+async fn require_conditional_create(store: &DynStore, allow_unconditional: bool) -> Result<()> {
+    if allow_unconditional {
+        tracing::warn!("conditional create not verified: single-writer safety is on you");
+        return Ok(());
+    }
+    if !store.supports_conditional_create() || !probe_conditional_create(store).await? {
+        return Err(Error::Unsupported(format!(
+            "{} does not enforce conditional create (If-None-Match: *), so two writers could \
+             corrupt the volume; pass --allow-unsafe-no-conditional-create to accept that risk",
+            store.describe()
+        )));
+    }
+    Ok(())
+}
+
+impl LogStore {
+    /// Write a new volume's superblock. Fails if one exists.
+    pub async fn create(
+        store: &DynStore,
+        params: &CreateParams,
+        secret: &Secret,
+        allow_unconditional: bool,
+    ) -> Result<Superblock> {
+        params.validate()?;
+        require_conditional_create(store, allow_unconditional).await?;
+        if !store.list("").await?.iter().all(|o| o.key.starts_with("probe/")) {
+            return Err(Error::VolumeExists(store.describe()));
+        }
+        let (sb, _) = Superblock::new(params, secret)?;
+        if !store
+            .put_if_absent(SUPERBLOCK_KEY, Bytes::from(sb.encode()))
+            .await?
+        {
+            return Err(Error::VolumeExists(store.describe()));
+        }
+        Ok(sb)
+    }
+
+    pub async fn read_superblock(store: &DynStore) -> Result<Superblock> {
+        match store.get(SUPERBLOCK_KEY).await {
+            Ok(bytes) => Superblock::decode(&bytes),
+            Err(StoreError::NotFound(_)) => Err(Error::NoVolume(store.describe())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Open the volume: unlock the key, claim a writer epoch (unless
+    /// read-only), seal the previous log, and rebuild the index.
+    pub async fn open(
+        store: DynStore,
+        secret: &Secret,
+        mode: OpenMode,
+    ) -> Result<(LogStore, Index, LogSummary)> {
+        let superblock = Self::read_superblock(&store).await?;
+        let keys = superblock.unlock(secret)?;
+        let mut log = LogStore {
+            store,
+            superblock,
+            keys,
+            epoch: None,
+            next_seq: AtomicU64::new(0),
+        };
+        let mut summary = LogSummary::default();
+        if let OpenMode::Writer(opts) = mode {
+            require_conditional_create(&log.store, opts.allow_unconditional).await?;
+            log.epoch = Some(log.claim(opts.force).await?);
+        }
+        // Listing strictly after the claim: see ARCHITECTURE.md, fencing.
+        let (index, _) = log.recover(&mut summary).await?;
+        Ok((log, index, summary))
+    }
+
+    async fn read_claim(&self, epoch: u64) -> Result<Claim> {
+        let data = self.store.get(&format!("{EPOCH_PREFIX}{}", epoch_name(epoch))).await?;
+        open_record(&self.keys, "claim", epoch, &data)
+    }
+
+    async fn latest_epoch(&self) -> Result<u64> {
+        let listed = self.store.list(EPOCH_PREFIX).await?;
+        Ok(names(&listed, EPOCH_PREFIX)
+            .iter()
+            .filter_map(|(n, _)| parse_epoch(n))
+            .max()
+            .unwrap_or(0))
+    }
+
+    async fn is_released(&self, epoch: u64) -> Result<bool> {
+        Ok(self
+            .store
+            .exists(&format!("{RELEASE_PREFIX}{}", epoch_name(epoch)))
+            .await?)
+    }
+
+    /// Claim the next epoch by conditional create.
+    async fn claim(&self, force: bool) -> Result<u64> {
+        let current = self.latest_epoch().await?;
+        if current > 0 && !self.is_released(current).await? {
+            let owner = self.read_claim(current).await?;
+            if owner.is_provably_dead() {
+                tracing::warn!("previous writer {} is gone; taking over", owner.describe());
+            } else if force {
+                tracing::warn!("--force: fencing writer {}", owner.describe());
+            } else {
+                return Err(Error::InUse(owner.describe()));
+            }
+        }
+        let epoch = current + 1;
+        let mine = Claim::mine();
+        let created = self
+            .store
+            .put_if_absent(
+                &format!("{EPOCH_PREFIX}{}", epoch_name(epoch)),
+                seal_record(&self.keys, "claim", epoch, &mine),
+            )
+            .await?;
+        // A retried create whose first attempt landed reads back as ours.
+        if !created && self.read_claim(epoch).await?.token != mine.token {
+            let winner = self.read_claim(epoch).await?;
+            return Err(Error::InUse(winner.describe()));
+        }
+        tracing::info!("claimed writer epoch {epoch}");
+        Ok(epoch)
+    }
+
+    async fn read_seals(&self, listed: &[ObjectInfo]) -> Result<BTreeMap<u64, Seal>> {
+        let mut seals = BTreeMap::new();
+        for (name, _) in names(listed, SEAL_PREFIX) {
+            let Some(epoch) = parse_epoch(&name) else { continue };
+            let data = self.store.get(&format!("{SEAL_PREFIX}{name}")).await?;
+            seals.insert(epoch, open_record::<Seal>(&self.keys, "seal", epoch, &data)?);
+        }
+        Ok(seals)
+    }
+
+    /// List the log, seal it (writer), load the newest valid checkpoint and
+    /// replay the valid segments after it.
+    async fn recover(&self, summary: &mut LogSummary) -> Result<(Index, Option<SegmentId>)> {
+        let seals_listed = self.store.list(SEAL_PREFIX).await?;
+        let seg_listed = self.store.list(SEGMENT_PREFIX).await?;
+        let cp_listed = self.store.list(CHECKPOINT_PREFIX).await?;
+        let mut seals = self.read_seals(&seals_listed).await?;
+        let mut chain = SealChain::from_seals(seals.clone());
+
+        let segments: Vec<(SegmentId, u64)> = names(&seg_listed, SEGMENT_PREFIX)
+            .into_iter()
+            .filter_map(|(n, size)| SegmentId::parse(&n).map(|id| (id, size)))
+            .collect();
+        let checkpoints: Vec<(SegmentId, u64)> = names(&cp_listed, CHECKPOINT_PREFIX)
+            .into_iter()
+            .filter_map(|(n, size)| SegmentId::parse(&n).map(|id| (id, size)))
+            .collect();
+
+        if let Some(epoch) = self.epoch {
+            let seg_ids: Vec<SegmentId> = segments.iter().map(|(s, _)| *s).collect();
+            let cp_ids: Vec<SegmentId> = checkpoints.iter().map(|(s, _)| *s).collect();
+            let seal = Seal::from_listing(chain.latest(), epoch, &seg_ids, &cp_ids);
+            let created = self
+                .store
+                .put_if_absent(
+                    &format!("{SEAL_PREFIX}{}", epoch_name(epoch)),
+                    seal_record(&self.keys, "seal", epoch, &seal),
+                )
+                .await?;
+            if !created {
+                return Err(Error::InUse(format!("another writer sealed epoch {epoch}")));
+            }
+            // Our seal tops the chain now.
+            seals.insert(epoch, seal);
+            chain = SealChain::from_seals(seals);
+        }
+
+        let valid_segments: Vec<(SegmentId, u64)> = segments
+            .iter()
+            .filter(|(id, _)| chain.segment_is_valid(*id))
+            .copied()
+            .collect();
+        summary.segments = valid_segments.len();
+        summary.ignored_segments = segments.len() - valid_segments.len();
+        summary.segment_bytes = valid_segments.iter().map(|(_, s)| s).sum();
+        summary.checkpoints = checkpoints.len();
+        summary.checkpoint_bytes = checkpoints.iter().map(|(_, s)| s).sum();
+        summary.epoch = match self.epoch {
+            Some(e) => e,
+            None => self.latest_epoch().await?,
+        };
+        if self.epoch.is_none() && summary.epoch > 0 {
+            summary.released = self.is_released(summary.epoch).await?;
+            summary.owner = self.read_claim(summary.epoch).await.ok().map(|c| c.describe());
+        }
+
+        let chunks = self.chunks();
+        let newest_cp = checkpoints
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| chain.checkpoint_is_valid(*id))
+            .max();
+        let mut index = match newest_cp {
+            Some(cp) => {
+                let data = self.store.get(&checkpoint_key(cp)).await?;
+                let keys = self.keys.clone();
+                tokio::task::spawn_blocking(move || checkpoint::decode(&keys, cp, &data, chunks))
+                    .await
+                    .expect("checkpoint decode task")?
+            }
+            None => Index::default(),
+        };
+        summary.checkpoint_used = newest_cp;
+
+        let to_replay: Vec<(SegmentId, u64)> = valid_segments
+            .into_iter()
+            .filter(|(id, _)| newest_cp.is_none_or(|cp| *id > cp))
+            .collect();
+        summary.replayed_segments = to_replay.len();
+        let mut tables = futures::stream::iter(to_replay.iter().copied())
+            .map(|(id, size)| self.read_table(id, size))
+            .buffered(REPLAY_CONCURRENCY);
+        let mut last = newest_cp;
+        while let Some(table) = tables.next().await {
+            let (id, entries) = table?;
+            for e in entries {
+                Index::check_chunk(e.chunk, chunks, &format!("segment {id}"))?;
+                index.set(e.chunk, e.loc(id));
+            }
+            last = Some(id);
+        }
+        Ok((index, last))
+    }
+
+    /// Fetch and authenticate one segment's table.
+    pub async fn read_table(
+        &self,
+        id: SegmentId,
+        size: u64,
+    ) -> Result<(SegmentId, Vec<segment::TableEntry>)> {
+        let tail_start = size.saturating_sub(TAIL_READ);
+        let tail = self.store.get_range(&id.key(), tail_start..size).await?;
+        let (table_off, table_len) = segment::table_range(id, &tail, size)?;
+        let sealed = if table_off >= tail_start {
+            tail.slice((table_off - tail_start) as usize..(table_off - tail_start + table_len) as usize)
+        } else {
+            self.store
+                .get_range(&id.key(), table_off..table_off + table_len)
+                .await?
+        };
+        let (entries, _crc) = segment::decode_table(&self.keys, id, &sealed, table_off)?;
+        Ok((id, entries))
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    pub fn keys(&self) -> &VolumeKeys {
+        &self.keys
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.superblock.params.chunk_size
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.superblock.params.size / self.chunk_size() as u64
+    }
+
+    pub fn epoch(&self) -> Option<u64> {
+        self.epoch
+    }
+
+    fn writer_epoch(&self) -> Result<u64> {
+        self.epoch
+            .ok_or_else(|| Error::InvalidArgument("volume is open read-only".into()))
+    }
+
+    /// A fresh segment id. Never reused, even if its upload fails, so no
+    /// two different contents are ever encrypted under one segment name.
+    pub fn alloc_segment(&self) -> Result<SegmentId> {
+        Ok(SegmentId {
+            epoch: self.writer_epoch()?,
+            seq: self.next_seq.fetch_add(1, Ordering::SeqCst),
+        })
+    }
+
+    pub async fn put_segment(&self, id: SegmentId, data: Bytes) -> Result<()> {
+        self.store.put(&id.key(), data).await?;
+        Ok(())
+    }
+
+    /// Confirm no newer writer has claimed the volume. Called after a
+    /// FLUSH's segments are acknowledged and before the FLUSH is.
+    pub async fn check_owner(&self) -> Result<()> {
+        let epoch = self.writer_epoch()?;
+        let next = format!("{EPOCH_PREFIX}{}", epoch_name(epoch + 1));
+        if self.store.exists(&next).await? {
+            return Err(Error::Fenced(epoch));
+        }
+        Ok(())
+    }
+
+    /// Write the index as of `position` (one of our own segments).
+    pub async fn put_checkpoint(&self, position: SegmentId, index: Index) -> Result<()> {
+        if Some(position.epoch) != self.epoch {
+            return Err(Error::InvalidArgument("checkpoint of a foreign epoch".into()));
+        }
+        let keys = self.keys.clone();
+        let data = tokio::task::spawn_blocking(move || checkpoint::encode(&keys, position, &index))
+            .await
+            .expect("checkpoint encode task");
+        self.store.put(&checkpoint_key(position), data).await?;
+        Ok(())
+    }
+
+    /// One chunk's frame, by ranged GET.
+    pub async fn read_frame(&self, loc: Loc) -> Result<Bytes> {
+        let start = loc.offset as u64;
+        Ok(self
+            .store
+            .get_range(&loc.segment.key(), start..start + loc.len as u64)
+            .await?)
+    }
+
+    /// Mark a clean shutdown: the next opener needs no --force.
+    pub async fn release(&self) -> Result<()> {
+        let epoch = self.writer_epoch()?;
+        self.check_owner().await?;
+        self.store
+            .put(
+                &format!("{RELEASE_PREFIX}{}", epoch_name(epoch)),
+                seal_record(&self.keys, "release", epoch, &epoch),
+            )
+            .await?;
+        Ok(())
+    }
+}

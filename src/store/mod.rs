@@ -1,0 +1,25 @@
+//! The log store: everything the volume keeps in object storage.
+//!
+//! - `backend`: object storage (memory, local directory, S3 via opendal);
+//! - `keys`: data key, key wrapping, per-purpose subkeys;
+//! - `superblock`: the public volume parameters and wrapped key;
+//! - `segment`, `index`, `checkpoint`: the log of chunk frames and its map;
+//! - `fencing`: epoch claims and seals (single writer);
+//! - `log`: open / recover / append, tying the above together.
+//!
+//! This layer never sees plaintext chunk data: frames arrive encrypted
+//! from the codec above it.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod fencing;
+pub mod index;
+pub mod keys;
+pub mod log;
+pub mod segment;
+pub mod superblock;
+mod wire;
+
+pub use index::{Index, Loc, SegmentId};
+pub use log::{LogStore, LogSummary, OpenMode, WriterOptions};
+pub use superblock::{CreateParams, Superblock};

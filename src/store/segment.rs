@@ -1,0 +1,196 @@
+//! Segments: immutable objects holding the frames written by one flush.
+//!
+//! Layout (format version 1):
+//! ```text
+//! frame 0 | frame 1 | … | table ciphertext | trailer (16 bytes)
+//! trailer = table_len u32 LE | version u32 LE | magic "ZUBLKSEG"
+//! ```
+//! Frames start at offset 0 and are opaque here (the codec encrypts them).
+//! The table lists every chunk the segment sets — with its frame's offset
+//! and length, or length 0 for "this chunk is now zeros" — plus the length
+//! and CRC32C of the frame area. It is encrypted under a subkey bound to the
+//! segment's name, so the index can be rebuilt from segments alone and a
+//! segment cannot be renamed or moved to another volume.
+
+use bytes::Bytes;
+
+use super::index::{Loc, SegmentId};
+use super::keys::{SubKey, VolumeKeys, counter_nonce, domain};
+use super::wire::{Decoder, Encoder};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"ZUBLKSEG";
+const VERSION: u32 = 1;
+pub const TRAILER_LEN: usize = 16;
+const ENTRY_LEN: usize = 16;
+/// How much of a segment's tail one GET fetches to find its table.
+pub const TAIL_READ: u64 = 64 * 1024;
+
+/// One table entry: `len == 0` means the chunk was zeroed/discarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableEntry {
+    pub chunk: u64,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl TableEntry {
+    pub fn loc(&self, segment: SegmentId) -> Option<Loc> {
+        (self.len > 0).then_some(Loc {
+            segment,
+            offset: self.offset,
+            len: self.len,
+        })
+    }
+}
+
+fn table_key(keys: &VolumeKeys, id: SegmentId) -> SubKey {
+    keys.subkey("segment-table", &id.name())
+}
+
+fn table_aad(keys: &VolumeKeys, id: SegmentId) -> Vec<u8> {
+    let mut aad = b"segment-table".to_vec();
+    aad.extend_from_slice(&keys.volume_id);
+    aad.extend_from_slice(id.name().as_bytes());
+    aad
+}
+
+/// Accumulates frames for one segment.
+pub struct SegmentBuilder {
+    pub id: SegmentId,
+    frames: Vec<u8>,
+    entries: Vec<TableEntry>,
+}
+
+impl SegmentBuilder {
+    pub fn new(id: SegmentId) -> Self {
+        SegmentBuilder {
+            id,
+            frames: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    /// Offset the next frame will be stored at (the codec binds it).
+    pub fn next_offset(&self) -> u64 {
+        self.frames.len() as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn push_frame(&mut self, chunk: u64, frame: &[u8]) -> Loc {
+        let offset = u32::try_from(self.frames.len()).expect("segments stay below 4 GiB");
+        let len = u32::try_from(frame.len()).expect("frame below 4 GiB");
+        assert!(len > 0, "frames are never empty");
+        self.frames.extend_from_slice(frame);
+        self.entries.push(TableEntry { chunk, offset, len });
+        Loc {
+            segment: self.id,
+            offset,
+            len,
+        }
+    }
+
+    pub fn push_zero(&mut self, chunk: u64) {
+        self.entries.push(TableEntry {
+            chunk,
+            offset: 0,
+            len: 0,
+        });
+    }
+
+    /// Seal the table and produce the object's bytes.
+    pub fn finish(self, keys: &VolumeKeys) -> Bytes {
+        let mut table = Encoder::with_capacity(32 + self.entries.len() * ENTRY_LEN);
+        table.u32(VERSION).u64(self.entries.len() as u64);
+        for e in &self.entries {
+            table.u64(e.chunk).u32(e.offset).u32(e.len);
+        }
+        table
+            .u64(self.frames.len() as u64)
+            .u32(crc32c::crc32c(&self.frames));
+        let sealed = table_key(keys, self.id).seal(
+            &counter_nonce(domain::TABLE, 0),
+            &table_aad(keys, self.id),
+            &table.0,
+        );
+        let mut out = self.frames;
+        out.extend_from_slice(&sealed);
+        out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(MAGIC);
+        Bytes::from(out)
+    }
+}
+
+/// Where a segment's table lies, from its trailer: (offset, len).
+pub fn table_range(id: SegmentId, tail: &[u8], object_len: u64) -> Result<(u64, u64)> {
+    let bad = |why: &str| Error::Integrity(format!("segment {id}: {why}"));
+    if tail.len() < TRAILER_LEN {
+        return Err(bad("shorter than its trailer"));
+    }
+    let trailer = &tail[tail.len() - TRAILER_LEN..];
+    if &trailer[8..] != MAGIC {
+        return Err(bad("bad trailer magic"));
+    }
+    let version = u32::from_le_bytes(trailer[4..8].try_into().expect("4"));
+    if version != VERSION {
+        return Err(bad(&format!("unsupported segment version {version}")));
+    }
+    let table_len = u32::from_le_bytes(trailer[..4].try_into().expect("4")) as u64;
+    let table_end = object_len - TRAILER_LEN as u64;
+    if table_len > table_end {
+        return Err(bad("table longer than the object"));
+    }
+    Ok((table_end - table_len, table_len))
+}
+
+/// Decrypt and check a segment's table. `frames_len` is where the table
+/// starts, which must match what the table itself says.
+pub fn decode_table(
+    keys: &VolumeKeys,
+    id: SegmentId,
+    sealed: &[u8],
+    frames_len: u64,
+) -> Result<(Vec<TableEntry>, u32)> {
+    let plain = table_key(keys, id)
+        .open(&counter_nonce(domain::TABLE, 0), &table_aad(keys, id), sealed)
+        .ok_or_else(|| {
+            Error::Integrity(format!("segment {id}: table failed authentication"))
+        })?;
+    let mut d = Decoder::new(&plain, "segment table");
+    if d.u32()? != VERSION {
+        return Err(Error::Integrity(format!("segment {id}: table version mismatch")));
+    }
+    let n = d.count(ENTRY_LEN)?;
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        let e = TableEntry {
+            chunk: d.u64()?,
+            offset: d.u32()?,
+            len: d.u32()?,
+        };
+        if e.len > 0 && e.offset as u64 + e.len as u64 > frames_len {
+            return Err(Error::Integrity(format!(
+                "segment {id}: frame of chunk {} lies outside the frame area",
+                e.chunk
+            )));
+        }
+        entries.push(e);
+    }
+    let stated_len = d.u64()?;
+    let crc = d.u32()?;
+    d.finish()?;
+    if stated_len != frames_len {
+        return Err(Error::Integrity(format!(
+            "segment {id}: frame area is {frames_len} bytes, table says {stated_len}"
+        )));
+    }
+    Ok((entries, crc))
+}

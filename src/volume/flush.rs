@@ -1,0 +1,180 @@
+//! FLUSH: capture the dirty table, encode it into segments, upload them in
+//! parallel, confirm ownership, then publish the new locations.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+
+use super::Inner;
+use super::dirty::Captured;
+use crate::cache::ChunkData;
+use crate::error::{Error, Result};
+use crate::store::segment::SegmentBuilder;
+use crate::store::{Loc, SegmentId};
+
+/// Serialized by the flush mutex: one flush at a time, in log order.
+pub struct FlushState {
+    segments_since_checkpoint: u64,
+    last_segment: Option<SegmentId>,
+}
+
+impl FlushState {
+    pub fn new(segments_since_checkpoint: u64) -> Self {
+        FlushState {
+            segments_since_checkpoint,
+            last_segment: None,
+        }
+    }
+}
+
+type Result4 = (u64, u64, Option<Loc>, Option<ChunkData>);
+
+/// One encoded segment and what it makes durable.
+struct Encoded {
+    id: SegmentId,
+    bytes: Bytes,
+    /// (chunk, generation, new location, data for the cache)
+    results: Vec<Result4>,
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    data.iter().all(|b| *b == 0)
+}
+
+impl Inner {
+    /// Encode captured chunks into segments of about `segment_target` bytes.
+    fn encode(&self, captured: &[Captured]) -> Result<Vec<Encoded>> {
+        let mut out = Vec::new();
+        let mut current: Option<(SegmentBuilder, crate::codec::FrameKey, Vec<_>)> = None;
+        for c in captured {
+            if current.is_none() {
+                let id = self.log.alloc_segment()?;
+                current = Some((SegmentBuilder::new(id), self.codec.frame_key(id), Vec::new()));
+            }
+            let (builder, key, results) = current.as_mut().expect("set above");
+            let loc = match c.data.as_deref() {
+                Some(data) if !is_zero(data) => {
+                    let frame = self.codec.encode(key, builder.next_offset(), c.chunk, data);
+                    Some(builder.push_frame(c.chunk, &frame))
+                }
+                _ => {
+                    builder.push_zero(c.chunk);
+                    None
+                }
+            };
+            results.push((c.chunk, c.generation, loc, c.data.clone()));
+            if builder.len() >= self.cfg.segment_target {
+                let (builder, _, results) = current.take().expect("set above");
+                out.push(finish(self, builder, results));
+            }
+        }
+        if let Some((builder, _, results)) = current {
+            out.push(finish(self, builder, results));
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
+        let mut fs = self.flush.lock().await;
+        self.check_writable()?;
+        let captured = self.state.lock().capture();
+        if captured.is_empty() {
+            // Every earlier write was acknowledged by an earlier flush that
+            // also confirmed ownership: nothing to do, no request.
+            return Ok(());
+        }
+        // Compression and encryption are CPU work: off the async workers.
+        let this = Arc::clone(self);
+        let encoded = tokio::task::spawn_blocking(move || this.encode(&captured))
+            .await
+            .expect("encode task")?;
+        let uploads = encoded
+            .iter()
+            .map(|e| self.log.put_segment(e.id, e.bytes.clone()));
+        futures::future::try_join_all(uploads).await?;
+        if let Err(e) = self.log.check_owner().await {
+            if matches!(e, Error::Fenced(_)) {
+                self.fenced.store(true, Ordering::SeqCst);
+                tracing::error!("{e}");
+            }
+            return Err(e);
+        }
+        {
+            let mut st = self.state.lock();
+            for (chunk, generation, loc, data) in encoded.iter().flat_map(|e| &e.results) {
+                st.complete(*chunk, *generation, *loc);
+                if let (Some(loc), Some(data)) = (loc, data) {
+                    self.cache.insert(*loc, data.clone());
+                }
+            }
+        }
+        fs.segments_since_checkpoint += encoded.len() as u64;
+        fs.last_segment = encoded.last().map(|e| e.id);
+        if fs.segments_since_checkpoint >= self.cfg.checkpoint_every {
+            // Durability does not depend on checkpoints; a failed one is
+            // retried after the next flush.
+            match self.write_checkpoint(&mut fs).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!("checkpoint failed (will retry): {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_checkpoint(&self, fs: &mut FlushState) -> Result<()> {
+        let Some(position) = fs.last_segment else {
+            return Ok(());
+        };
+        let index = self.state.lock().index.clone();
+        self.log.put_checkpoint(position, index).await?;
+        fs.segments_since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Checkpoint if anything was written since the last one.
+    pub(super) async fn checkpoint_now(&self) -> Result<()> {
+        let mut fs = self.flush.lock().await;
+        if fs.segments_since_checkpoint > 0 {
+            self.write_checkpoint(&mut fs).await?;
+        }
+        Ok(())
+    }
+}
+
+fn finish(inner: &Inner, builder: SegmentBuilder, results: Vec<Result4>) -> Encoded {
+    Encoded {
+        id: builder.id,
+        bytes: builder.finish(inner.log.keys()),
+        results,
+    }
+}
+
+/// Flush in the background by size and by age, while the volume lives.
+pub async fn background(inner: Weak<Inner>) {
+    loop {
+        let (tick, wake) = match inner.upgrade() {
+            Some(i) => (i.cfg.flush_age / 4, Arc::clone(&i)),
+            None => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = wake.wake_flusher.notified() => {}
+        }
+        drop(wake);
+        let Some(inner) = inner.upgrade() else { return };
+        let due = {
+            let st = inner.state.lock();
+            st.dirty.bytes() >= inner.cfg.flush_bytes
+                || st
+                    .oldest_dirty
+                    .is_some_and(|t| t.elapsed() >= inner.cfg.flush_age)
+        };
+        if due && let Err(e) = inner.flush().await {
+            if matches!(e, Error::Fenced(_)) {
+                return;
+            }
+            tracing::warn!("background flush failed (will retry): {e}");
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! The volume: block-device semantics over the log store.
+//!
+//! - WRITE completes once the data is in the dirty table (memory), like a
+//!   disk's volatile write cache.
+//! - FLUSH completes once every write completed before it is in a segment
+//!   the object store acknowledged *and* the writer has confirmed it still
+//!   owns the volume (no newer epoch claim).
+//! - Reads look up: dirty table → clean-chunk cache → ranged GET of the
+//!   frame. Unwritten or discarded chunks read as zeros with no request.
+//! - A partial-chunk write reads the old chunk only if it is not already
+//!   dirty, without holding any lock while it waits (see `write_chunk`).
+//! - The dirty table is bounded: a write that would exceed the limit first
+//!   flushes (back-pressure), and a background task flushes by size and age.
+
+mod dirty;
+mod flush;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+
+use crate::cache::{CacheStats, ChunkCache, ChunkData};
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::store::backend::DynStore;
+use crate::store::keys::Secret;
+use crate::store::{CreateParams, Index, Loc, LogStore, LogSummary, OpenMode, Superblock};
+use dirty::State;
+use flush::FlushState;
+
+/// Sector size: offsets and lengths must be multiples of it.
+pub const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// Dirty bytes at which writers stop and flush (back-pressure).
+    pub dirty_limit: usize,
+    /// Dirty bytes at which the background task flushes.
+    pub flush_bytes: usize,
+    /// Largest segment one flush writes; bigger flushes write several.
+    pub segment_target: usize,
+    /// Dirty data older than this is flushed in the background.
+    pub flush_age: Duration,
+    /// Segments between checkpoints.
+    pub checkpoint_every: u64,
+    /// Clean-chunk memory cache budget.
+    pub cache_bytes: usize,
+    /// Run the background flusher (off in tests that control every flush).
+    pub background_flush: bool,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            dirty_limit: 256 << 20,
+            flush_bytes: 32 << 20,
+            segment_target: 32 << 20,
+            flush_age: Duration::from_secs(2),
+            checkpoint_every: 64,
+            cache_bytes: 256 << 20,
+            background_flush: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    pub mode: OpenMode,
+}
+
+/// Counters for `inspect` / `status`.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeStats {
+    pub size: u64,
+    pub chunk_size: u32,
+    pub mapped_chunks: u64,
+    pub live_bytes: u64,
+    pub dirty_chunks: usize,
+    pub dirty_bytes: usize,
+    pub cache: CacheStats,
+    pub epoch: Option<u64>,
+}
+
+pub(crate) struct Inner {
+    log: LogStore,
+    codec: Codec,
+    cache: ChunkCache,
+    cfg: VolumeConfig,
+    state: Mutex<State>,
+    flush: tokio::sync::Mutex<FlushState>,
+    wake_flusher: tokio::sync::Notify,
+    fenced: AtomicBool,
+    chunk_size: usize,
+}
+
+pub struct Volume {
+    inner: Arc<Inner>,
+    flusher: Option<JoinHandle<()>>,
+    summary: LogSummary,
+}
+
+/// One chunk's part of a request: chunk number, offset inside the chunk,
+/// and the byte range of the request buffer.
+struct Span {
+    chunk: u64,
+    at: usize,
+    buf: std::ops::Range<usize>,
+}
+
+fn spans(offset: u64, len: usize, chunk_size: usize) -> impl Iterator<Item = Span> {
+    let cs = chunk_size as u64;
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let abs = offset + pos as u64;
+        let at = (abs % cs) as usize;
+        let n = (chunk_size - at).min(len - pos);
+        let span = Span {
+            chunk: abs / cs,
+            at,
+            buf: pos..pos + n,
+        };
+        pos += n;
+        Some(span)
+    })
+}
+
+impl Volume {
+    /// Create a new, empty volume in `store`.
+    pub async fn create(
+        store: &DynStore,
+        params: &CreateParams,
+        secret: &Secret,
+        allow_unconditional: bool,
+    ) -> Result<Superblock> {
+        LogStore::create(store, params, secret, allow_unconditional).await
+    }
+
+    /// Open a volume: writer (claims and fences) or read-only.
+    pub async fn open(
+        store: DynStore,
+        secret: &Secret,
+        opts: OpenOptions,
+        cfg: VolumeConfig,
+    ) -> Result<Volume> {
+        if cfg.dirty_limit < cfg.flush_bytes.min(cfg.segment_target) {
+            return Err(Error::InvalidArgument(
+                "dirty limit must be at least the flush threshold".into(),
+            ));
+        }
+        let (log, index, summary) = LogStore::open(store, secret, opts.mode).await?;
+        let sb = log.superblock().params.clone();
+        let codec = Codec::new(log.keys().clone(), sb.codec.zstd_level, sb.chunk_size);
+        let replayed = summary.replayed_segments as u64;
+        let inner = Arc::new(Inner {
+            codec,
+            cache: ChunkCache::new(cfg.cache_bytes),
+            state: Mutex::new(State::new(index)),
+            // A long replay tail is checkpointed at the first opportunity.
+            flush: tokio::sync::Mutex::new(FlushState::new(replayed)),
+            wake_flusher: tokio::sync::Notify::new(),
+            fenced: AtomicBool::new(false),
+            chunk_size: sb.chunk_size as usize,
+            log,
+            cfg,
+        });
+        let flusher = (inner.cfg.background_flush && inner.log.epoch().is_some())
+            .then(|| tokio::spawn(flush::background(Arc::downgrade(&inner))));
+        Ok(Volume {
+            inner,
+            flusher,
+            summary,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.log.superblock().params.size
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.chunk_size as u32
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        self.inner.log.superblock()
+    }
+
+    /// What recovery found when this volume was opened.
+    pub fn summary(&self) -> &LogSummary {
+        &self.summary
+    }
+
+    pub fn stats(&self) -> VolumeStats {
+        let st = self.inner.state.lock();
+        VolumeStats {
+            size: self.size(),
+            chunk_size: self.chunk_size(),
+            mapped_chunks: st.index.len() as u64,
+            live_bytes: st.index.live_bytes(),
+            dirty_chunks: st.dirty.len(),
+            dirty_bytes: st.dirty.bytes(),
+            cache: self.inner.cache.stats(),
+            epoch: self.inner.log.epoch(),
+        }
+    }
+
+    /// A copy of the current index (for tools and tests).
+    pub fn index_snapshot(&self) -> Index {
+        self.inner.state.lock().index.clone()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+            return Err(Error::InvalidArgument(format!(
+                "offset {offset} and length {len} must be multiples of {SECTOR}"
+            )));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(Error::InvalidArgument(format!(
+                "range {offset}+{len} is beyond the end of the volume ({} bytes)",
+                self.size()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.inner.check_writable()
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_into(offset, &mut buf).await?;
+        Ok(buf)
+    }
+
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        for span in spans(offset, buf.len(), self.inner.chunk_size) {
+            let out = &mut buf[span.buf.clone()];
+            let loc = {
+                let st = self.inner.state.lock();
+                match st.dirty.get(span.chunk) {
+                    Some(data) => {
+                        copy_or_zero(out, data.as_deref().map(|d| &d[span.at..span.at + out.len()]));
+                        continue;
+                    }
+                    None => st.index.get(span.chunk),
+                }
+            };
+            match loc {
+                None => out.fill(0),
+                Some(loc) => {
+                    let data = self.inner.load(span.chunk, loc).await?;
+                    out.copy_from_slice(&data[span.at..span.at + out.len()]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable(offset, data.len() as u64)?;
+        for span in spans(offset, data.len(), self.inner.chunk_size) {
+            self.inner.wait_for_space().await?;
+            self.inner
+                .write_chunk(span.chunk, span.at, Some(&data[span.buf]))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Make a range read as zeros. Whole chunks become zero records (no
+    /// frame, no data); partial chunks are rewritten.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(offset, len)?;
+        let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("length".into()))?;
+        for span in spans(offset, len, self.inner.chunk_size) {
+            self.inner.wait_for_space().await?;
+            let n = span.buf.len();
+            if n == self.inner.chunk_size {
+                self.inner.state.lock().zero_chunk(span.chunk);
+            } else if self.inner.state.lock().holds_data(span.chunk) {
+                let zeros = vec![0u8; n];
+                self.inner
+                    .write_chunk(span.chunk, span.at, Some(&zeros))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// DISCARD: this volume guarantees discarded ranges read as zeros, so
+    /// it is the same operation as WRITE_ZEROES.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len).await
+    }
+
+    /// Make every write completed before this call durable; see module docs.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    /// Flush, checkpoint and release ownership (a clean shutdown).
+    pub async fn close(mut self) -> Result<()> {
+        if let Some(task) = self.flusher.take() {
+            task.abort();
+        }
+        if self.inner.log.epoch().is_none() {
+            return Ok(());
+        }
+        self.inner.flush().await?;
+        self.inner.checkpoint_now().await?;
+        self.inner.log.release().await
+    }
+}
+
+impl Drop for Volume {
+    /// Dropping without `close` is a crash as far as the bucket is
+    /// concerned: nothing more is written.
+    fn drop(&mut self) {
+        if let Some(task) = self.flusher.take() {
+            task.abort();
+        }
+    }
+}
+
+fn copy_or_zero(out: &mut [u8], src: Option<&[u8]>) {
+    match src {
+        Some(src) => out.copy_from_slice(src),
+        None => out.fill(0),
+    }
+}
+
+impl Inner {
+    fn check_writable(&self) -> Result<()> {
+        match self.log.epoch() {
+            None => Err(Error::InvalidArgument("volume is open read-only".into())),
+            Some(epoch) if self.fenced.load(Ordering::SeqCst) => Err(Error::Fenced(epoch)),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// A clean chunk's data: cache, else one ranged GET and decode.
+    async fn load(&self, chunk: u64, loc: Loc) -> Result<ChunkData> {
+        if let Some(data) = self.cache.get(&loc) {
+            return Ok(data);
+        }
+        let frame = self.log.read_frame(loc).await?;
+        let data = Arc::new(self.codec.decode(loc, chunk, &frame)?);
+        self.cache.insert(loc, data.clone());
+        Ok(data)
+    }
+
+    /// Put `bytes` (None = zeros) at `at` inside `chunk`.
+    ///
+    /// Read-modify-write without holding locks across the read: remember
+    /// the chunk's location, fetch the old data, then apply only if the
+    /// chunk is still not dirty and still at that location (locations are
+    /// never reused, so equality means nothing changed); otherwise retry,
+    /// which then patches the dirty copy in place.
+    async fn write_chunk(self: &Arc<Self>, chunk: u64, at: usize, bytes: Option<&[u8]>) -> Result<()> {
+        let cs = self.chunk_size;
+        let n = bytes.map_or(cs - at, |b| b.len());
+        if at == 0 && n == cs {
+            let data = bytes.map(|b| Arc::new(b.to_vec()));
+            self.state.lock().set_dirty(chunk, data);
+            return Ok(());
+        }
+        loop {
+            let loc = {
+                let mut st = self.state.lock();
+                if st.patch_dirty(chunk, at, bytes, cs) {
+                    return Ok(());
+                }
+                st.index.get(chunk)
+            };
+            let mut base = match loc {
+                None => vec![0u8; cs],
+                Some(loc) => self.load(chunk, loc).await?.as_ref().clone(),
+            };
+            let mut st = self.state.lock();
+            if st.dirty.get(chunk).is_some() || st.index.get(chunk) != loc {
+                continue;
+            }
+            match bytes {
+                Some(b) => base[at..at + n].copy_from_slice(b),
+                None => base[at..at + n].fill(0),
+            }
+            st.set_dirty(chunk, Some(Arc::new(base)));
+            return Ok(());
+        }
+    }
+
+    /// Back-pressure: above the dirty limit, the writer flushes first.
+    async fn wait_for_space(self: &Arc<Self>) -> Result<()> {
+        self.check_writable()?;
+        loop {
+            if self.state.lock().dirty.bytes() < self.cfg.dirty_limit {
+                return Ok(());
+            }
+            self.flush().await?;
+        }
+    }
+}
+
