@@ -1,1 +1,104 @@
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! Command line: `create`, `inspect`, `import`, `export`.
+//!
+//! Every failure prints one line (`zerofs-ublk: error: …`) and exits 1;
+//! usage errors exit 2 (clap's convention).
+
+mod args;
+mod image;
+mod inspect;
+mod units;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::store::backend::{DynStore, open_bucket};
+use crate::volume::Volume;
+pub use args::{BucketArgs, KeyArgs, WriterArgs};
+pub use units::{format_bytes, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zerofs-ublk",
+    version,
+    about = "A Linux block device whose bytes live in object storage",
+    long_about = "zerofs-ublk keeps a block volume in an object store (S3, any \
+S3-compatible server, or a local directory) as encrypted, compressed chunks. \
+Secrets are read from files or the environment, never from the command line."
+)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, global = true, env = "ZEROFS_UBLK_LOG", default_value = "warn")]
+    log_level: tracing::Level,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new, empty volume in a bucket.
+    Create(args::CreateArgs),
+    /// Show a volume's parameters, usage and owner.
+    Inspect(inspect::InspectArgs),
+    /// Copy a raw disk image (file or `-` for stdin) into a volume.
+    Import(image::ImportArgs),
+    /// Copy a volume out as a raw disk image (file or `-` for stdout).
+    Export(image::ExportArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log_level)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("zerofs-ublk: error: {e:#}");
+    ExitCode::FAILURE
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Create(a) => create(a).await,
+        Command::Inspect(a) => inspect::run(a).await,
+        Command::Import(a) => image::import(a).await,
+        Command::Export(a) => image::export(a).await,
+    }
+}
+
+/// Open the object store named by `--bucket`.
+pub fn open_store(bucket: &BucketArgs) -> Result<DynStore> {
+    Ok(open_bucket(&bucket.options())?)
+}
+
+async fn create(a: args::CreateArgs) -> Result<()> {
+    let params = a.params()?;
+    params.validate()?;
+    let secret = a.key.load()?;
+    let store = open_store(&a.bucket)?;
+    let sb = Volume::create(&store, &params, &secret, a.allow_unsafe_no_conditional_create)
+        .await
+        .with_context(|| format!("cannot create a volume at {}", a.bucket.bucket))?;
+    println!(
+        "created volume {} at {}: {} in {} chunks",
+        sb.params.volume_id,
+        a.bucket.bucket,
+        format_bytes(sb.params.size),
+        format_bytes(sb.params.chunk_size as u64)
+    );
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Sizes as people write them: `100G`, `128K`, `1.5T`, `4096`.
+
+use anyhow::{Result, bail};
+
+const UNITS: [(&str, u64); 6] = [
+    ("", 1),
+    ("K", 1 << 10),
+    ("M", 1 << 20),
+    ("G", 1 << 30),
+    ("T", 1 << 40),
+    ("P", 1 << 50),
+];
+
+/// Parse a size with an optional binary suffix (K, M, G, T, P; `KiB`,
+/// `KB` and lowercase accepted, all powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let unit = suffix
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+        .to_string();
+    let Some((_, mult)) = UNITS.iter().find(|(u, _)| *u == unit) else {
+        bail!("invalid size {text:?}: unknown unit (use K, M, G, T or P)");
+    };
+    if num.is_empty() {
+        bail!("invalid size {text:?}: no number");
+    }
+    let bytes = if num.contains('.') {
+        let v: f64 = num
+            .parse()
+            .map_err(|_| anyhow::anyhow!("invalid size {text:?}"))?;
+        let b = v * *mult as f64;
+        if !b.is_finite() || b >= u64::MAX as f64 || b.fract() != 0.0 {
+            bail!("invalid size {text:?}: not a whole number of bytes");
+        }
+        b as u64
+    } else {
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(*mult))
+            .ok_or_else(|| anyhow::anyhow!("invalid size {text:?}: too large"))?
+    };
+    Ok(bytes)
+}
+
+/// `1.5 GiB`-style rendering for messages.
+pub fn format_bytes(n: u64) -> String {
+    let (name, mult) = [
+        ("PiB", 1u64 << 50),
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ]
+    .into_iter()
+    .find(|(_, m)| n >= *m)
+    .unwrap_or(("B", 1));
+    if mult == 1 {
+        format!("{n} B")
+    } else if n.is_multiple_of(mult) {
+        format!("{} {name}", n / mult)
+    } else {
+        format!("{:.1} {name}", n as f64 / mult as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("128K").unwrap(), 128 << 10);
+        assert_eq!(parse_size("100G").unwrap(), 100 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5t").unwrap(), 3 << 39);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999P").is_err());
+        assert_eq!(format_bytes(128 << 10), "128 KiB");
+        assert_eq!(format_bytes(1536 << 20), "1.5 GiB");
+    }
+}
