@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use opendal::layers::{RetryLayer, TimeoutLayer};
-use opendal::{ErrorKind, Operator};
+use opendal::{ErrorKind, HttpTransporter, OperationContext, Operator};
+use opendal_http_transport_reqwest::ReqwestTransport;
 
 use super::{ObjectInfo, ObjectStore, StoreError, StoreResult, sorted};
 
@@ -38,12 +39,13 @@ impl S3Store {
     /// Build the client. Credentials come from the standard AWS sources
     /// (environment variables, `~/.aws/credentials` and `config`, profiles).
     pub fn new(config: &S3Config) -> StoreResult<Self> {
-        opendal::install_default();
         let mut builder = opendal::services::S3::default()
             .bucket(&config.bucket)
             .root(&format!("/{}", config.prefix.trim_matches('/')));
         if let Some(endpoint) = &config.endpoint {
-            builder = builder.endpoint(endpoint);
+            // A custom endpoint is not AWS: never wait on the EC2 metadata
+            // service for credentials.
+            builder = builder.endpoint(endpoint).disable_ec2_metadata();
         }
         builder = builder.region(config.region.as_deref().unwrap_or("us-east-1"));
         if config.virtual_host_style {
@@ -58,7 +60,17 @@ impl S3Store {
                     .with_max_times(config.max_retries)
                     .with_min_delay(Duration::from_millis(100))
                     .with_max_delay(Duration::from_secs(5)),
-            );
+            )
+            // A client (and connection pool) per store, owned by the runtime
+            // that uses it, rather than one process-wide client.
+            .with_context(OperationContext::new().with_http_transport(HttpTransporter::new(
+                ReqwestTransport::new(
+                    reqwest::Client::builder()
+                        .connect_timeout(Duration::from_secs(10))
+                        .build()
+                        .map_err(|e| StoreError::Backend(format!("HTTP client: {e}")))?,
+                ),
+            )));
         let describe = format!(
             "s3://{}/{}{}",
             config.bucket,

@@ -1,0 +1,218 @@
+//! Shared test helpers: backends (including a real S3-compatible server
+//! started on 127.0.0.1), secrets, small volumes.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use zerofs_ublk::store::backend::{BucketOptions, DynStore, MemoryStore, open_bucket};
+use zerofs_ublk::store::keys::{Argon2Cost, Secret};
+use zerofs_ublk::store::{CreateParams, OpenMode, WriterOptions};
+use zerofs_ublk::volume::{OpenOptions, Volume, VolumeConfig};
+
+pub const CHUNK: u32 = 4096;
+
+pub fn key_bytes() -> Vec<u8> {
+    vec![0x42; 32]
+}
+
+pub fn secret() -> Secret {
+    Secret::key_file(key_bytes()).unwrap()
+}
+
+/// Cheap Argon2 so passphrase tests stay fast.
+pub fn cheap_argon() -> Argon2Cost {
+    Argon2Cost {
+        m_cost_kib: 256,
+        t_cost: 1,
+        p_cost: 1,
+    }
+}
+
+pub fn params(chunks: u64) -> CreateParams {
+    CreateParams {
+        chunk_size: CHUNK,
+        argon2: cheap_argon(),
+        ..CreateParams::new(chunks * CHUNK as u64)
+    }
+}
+
+pub fn test_config() -> VolumeConfig {
+    VolumeConfig {
+        dirty_limit: 64 << 20,
+        flush_bytes: 32 << 20,
+        segment_target: 3 * CHUNK as usize,
+        checkpoint_every: 3,
+        cache_bytes: 8 * CHUNK as usize,
+        background_flush: false,
+        ..VolumeConfig::default()
+    }
+}
+
+pub fn writer(force: bool) -> OpenOptions {
+    OpenOptions {
+        mode: OpenMode::Writer(WriterOptions {
+            force,
+            allow_unconditional: false,
+        }),
+    }
+}
+
+pub fn read_only() -> OpenOptions {
+    OpenOptions {
+        mode: OpenMode::ReadOnly,
+    }
+}
+
+pub async fn create_and_open(store: &DynStore, chunks: u64) -> Volume {
+    Volume::create(store, &params(chunks), &secret(), false)
+        .await
+        .unwrap();
+    Volume::open(store.clone(), &secret(), writer(false), test_config())
+        .await
+        .unwrap()
+}
+
+pub fn memory() -> DynStore {
+    Arc::new(MemoryStore::new())
+}
+
+pub fn local_dir() -> (tempfile::TempDir, DynStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bucket", dir.path().display());
+    let store = open_bucket(&BucketOptions::new(url)).unwrap();
+    (dir, store)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+// ---- A real S3-compatible server (moto) on 127.0.0.1 ----------------------
+
+pub struct S3Server {
+    _child: Child,
+    pub endpoint: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http(port: u16, request: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Dummy credentials for the local server; no metadata-service lookups.
+pub fn s3_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+}
+
+impl S3Server {
+    /// The process-wide server, started on first use. It dies with the
+    /// test process (PR_SET_PDEATHSIG).
+    pub fn shared() -> &'static S3Server {
+        static SERVER: OnceLock<S3Server> = OnceLock::new();
+        SERVER.get_or_init(S3Server::start)
+    }
+
+    fn start() -> S3Server {
+        for (k, v) in s3_env() {
+            // SAFETY: set once, before any S3 client thread reads them.
+            unsafe { std::env::set_var(k, v) };
+        }
+        let port = free_port();
+        let mut cmd = Command::new("moto_server");
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        // PDEATHSIG fires when the spawning *thread* exits, so spawn from a
+        // thread that lives as long as the test process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            tx.send(cmd.spawn()).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let child = rx.recv().unwrap().expect(
+            "moto_server is needed for the S3 tests: pip install 'moto[server]' \
+             (the README's test command installs it)",
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Server {
+            _child: child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.endpoint.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// A fresh bucket; returns its options (path-style, this endpoint).
+    pub fn bucket(&self, name: &str) -> BucketOptions {
+        let reply = http(
+            self.port(),
+            &format!("PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+        let mut o = BucketOptions::new(format!("s3://{name}/vol"));
+        o.endpoint = Some(self.endpoint.clone());
+        o.region = Some("us-east-1".into());
+        o
+    }
+
+    pub fn store(&self, name: &str) -> DynStore {
+        open_bucket(&self.bucket(name)).unwrap()
+    }
+}
+
+/// A bucket name unique within this test run.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,135 @@
+//! One conformance suite, run against every backend: memory, local
+//! directory, and a real S3-compatible server (moto) on 127.0.0.1.
+//! First the object-store contract the engine relies on, then the volume
+//! semantics end to end on that backend.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use zerofs_ublk::store::backend::{DynStore, StoreError};
+use zerofs_ublk::volume::Volume;
+use zerofs_ublk::Error;
+
+async fn object_store_contract(store: DynStore) {
+    // put / get / overwrite
+    store.put("a/one", Bytes::from_static(b"hello")).await.unwrap();
+    assert_eq!(store.get("a/one").await.unwrap().as_ref(), b"hello");
+    store.put("a/one", Bytes::from_static(b"world!")).await.unwrap();
+    assert_eq!(store.get("a/one").await.unwrap().as_ref(), b"world!");
+    // missing objects
+    assert!(matches!(store.get("a/missing").await, Err(StoreError::NotFound(_))));
+    assert!(!store.exists("a/missing").await.unwrap());
+    assert!(store.exists("a/one").await.unwrap());
+    // ranged reads are exact; out-of-range is an error, never short data
+    assert_eq!(store.get_range("a/one", 1..4).await.unwrap().as_ref(), b"orl");
+    assert_eq!(store.get_range("a/one", 0..6).await.unwrap().as_ref(), b"world!");
+    assert!(store.get_range("a/one", 2..99).await.is_err());
+    // listing: sorted, by prefix, with sizes
+    store.put("a/two", Bytes::from(vec![7u8; 1000])).await.unwrap();
+    store.put("b/three", Bytes::from_static(b"x")).await.unwrap();
+    let listed = store.list("a/").await.unwrap();
+    let keys: Vec<_> = listed.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(keys, ["a/one", "a/two"]);
+    assert_eq!(listed[1].size, 1000);
+    assert!(store.list("nothing/").await.unwrap().is_empty());
+    // conditional create: exactly once, the first content stays
+    assert!(store.put_if_absent("c/claim", Bytes::from_static(b"first")).await.unwrap());
+    assert!(!store.put_if_absent("c/claim", Bytes::from_static(b"second")).await.unwrap());
+    assert_eq!(store.get("c/claim").await.unwrap().as_ref(), b"first");
+    // concurrent conditional creates of one key: exactly one winner
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .put_if_absent("c/race", Bytes::from(vec![i as u8; 16]))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for r in racers {
+        winners += r.await.unwrap() as u32;
+    }
+    assert_eq!(winners, 1, "exactly one concurrent create wins");
+    // delete, including a missing key
+    store.delete("a/one").await.unwrap();
+    store.delete("a/one").await.unwrap();
+    assert!(!store.exists("a/one").await.unwrap());
+    assert!(store.supports_conditional_create());
+}
+
+async fn volume_semantics(store: DynStore) {
+    let chunks = 32u64;
+    let cs = CHUNK as u64;
+    let vol = create_and_open(&store, chunks).await;
+    // never-written space reads as zeros
+    assert_eq!(vol.read(0, 8192).await.unwrap(), vec![0u8; 8192]);
+    // a write spanning chunks, unaligned to chunks but sector-aligned
+    let a = pattern(1, 3 * cs as usize);
+    vol.write(cs / 2, &a).await.unwrap();
+    assert_eq!(vol.read(cs / 2, a.len()).await.unwrap(), a, "read your writes");
+    vol.flush().await.unwrap();
+    // partial overwrite after flush (read-modify-write from the store)
+    let b = pattern(2, 1024);
+    vol.write(cs + 512, &b).await.unwrap();
+    // zeroes and discard
+    vol.write_zeroes(10 * cs, 2 * cs).await.unwrap();
+    vol.write(20 * cs, &pattern(3, cs as usize)).await.unwrap();
+    vol.flush().await.unwrap();
+    vol.discard(20 * cs, cs).await.unwrap();
+    vol.write_zeroes(cs / 2, 512).await.unwrap();
+    let mut expect = vec![0u8; (chunks * cs) as usize];
+    expect[cs as usize / 2..cs as usize / 2 + a.len()].copy_from_slice(&a);
+    expect[(cs + 512) as usize..(cs + 512) as usize + b.len()].copy_from_slice(&b);
+    expect[cs as usize / 2..cs as usize / 2 + 512].fill(0);
+    assert_eq!(vol.read(0, expect.len()).await.unwrap(), expect);
+    vol.close().await.unwrap();
+    // everything came back from the bucket
+    let vol = Volume::open(store.clone(), &secret(), writer(false), test_config())
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, expect.len()).await.unwrap(), expect);
+    // bad requests are errors, not I/O
+    assert!(matches!(vol.read(100, 512).await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        vol.write(chunks * cs, &[0u8; 512]).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    vol.close().await.unwrap();
+    let ro = Volume::open(store.clone(), &secret(), read_only(), test_config())
+        .await
+        .unwrap();
+    assert_eq!(ro.read(0, expect.len()).await.unwrap(), expect);
+    assert!(ro.write(0, &[1u8; 512]).await.is_err(), "read-only refuses writes");
+}
+
+macro_rules! on_every_backend {
+    ($suite:ident) => {
+        mod $suite {
+            use super::*;
+
+            #[tokio::test]
+            async fn memory() {
+                super::$suite(common::memory()).await;
+            }
+
+            #[tokio::test]
+            async fn local_dir() {
+                let (_dir, store) = common::local_dir();
+                super::$suite(store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn s3() {
+                let store = S3Server::shared().store(&unique(stringify!($suite)).replace('_', "-"));
+                super::$suite(store).await;
+            }
+        }
+    };
+}
+
+on_every_backend!(object_store_contract);
+on_every_backend!(volume_semantics);
