@@ -321,6 +321,15 @@ impl Volume {
     }
 }
 
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("store", &self.inner.log.store().describe())
+            .field("epoch", &self.inner.log.epoch())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Volume {
     /// Dropping without `close` is a crash as far as the bucket is
     /// concerned: nothing more is written.
