@@ -19,7 +19,9 @@ pub enum Error {
     VolumeExists(String),
     #[error("volume is in use by {0}; if that writer is gone, pass --force to take over")]
     InUse(String),
-    #[error("this writer was fenced: epoch {0} was claimed by another writer; nothing more is acknowledged")]
+    #[error(
+        "this writer was fenced: epoch {0} was claimed by another writer; nothing more is acknowledged"
+    )]
     Fenced(u64),
     #[error("{0}")]
     InvalidArgument(String),

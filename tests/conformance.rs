@@ -7,35 +7,66 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
+use zerofs_ublk::Error;
 use zerofs_ublk::store::backend::{DynStore, StoreError};
 use zerofs_ublk::volume::Volume;
-use zerofs_ublk::Error;
 
 async fn object_store_contract(store: DynStore) {
     // put / get / overwrite
-    store.put("a/one", Bytes::from_static(b"hello")).await.unwrap();
+    store
+        .put("a/one", Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
     assert_eq!(store.get("a/one").await.unwrap().as_ref(), b"hello");
-    store.put("a/one", Bytes::from_static(b"world!")).await.unwrap();
+    store
+        .put("a/one", Bytes::from_static(b"world!"))
+        .await
+        .unwrap();
     assert_eq!(store.get("a/one").await.unwrap().as_ref(), b"world!");
     // missing objects
-    assert!(matches!(store.get("a/missing").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.get("a/missing").await,
+        Err(StoreError::NotFound(_))
+    ));
     assert!(!store.exists("a/missing").await.unwrap());
     assert!(store.exists("a/one").await.unwrap());
     // ranged reads are exact; out-of-range is an error, never short data
-    assert_eq!(store.get_range("a/one", 1..4).await.unwrap().as_ref(), b"orl");
-    assert_eq!(store.get_range("a/one", 0..6).await.unwrap().as_ref(), b"world!");
+    assert_eq!(
+        store.get_range("a/one", 1..4).await.unwrap().as_ref(),
+        b"orl"
+    );
+    assert_eq!(
+        store.get_range("a/one", 0..6).await.unwrap().as_ref(),
+        b"world!"
+    );
     assert!(store.get_range("a/one", 2..99).await.is_err());
     // listing: sorted, by prefix, with sizes
-    store.put("a/two", Bytes::from(vec![7u8; 1000])).await.unwrap();
-    store.put("b/three", Bytes::from_static(b"x")).await.unwrap();
+    store
+        .put("a/two", Bytes::from(vec![7u8; 1000]))
+        .await
+        .unwrap();
+    store
+        .put("b/three", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
     let listed = store.list("a/").await.unwrap();
     let keys: Vec<_> = listed.iter().map(|o| o.key.as_str()).collect();
     assert_eq!(keys, ["a/one", "a/two"]);
     assert_eq!(listed[1].size, 1000);
     assert!(store.list("nothing/").await.unwrap().is_empty());
     // conditional create: exactly once, the first content stays
-    assert!(store.put_if_absent("c/claim", Bytes::from_static(b"first")).await.unwrap());
-    assert!(!store.put_if_absent("c/claim", Bytes::from_static(b"second")).await.unwrap());
+    assert!(
+        store
+            .put_if_absent("c/claim", Bytes::from_static(b"first"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_if_absent("c/claim", Bytes::from_static(b"second"))
+            .await
+            .unwrap()
+    );
     assert_eq!(store.get("c/claim").await.unwrap().as_ref(), b"first");
     // concurrent conditional creates of one key: exactly one winner
     let racers: Vec<_> = (0..8)
@@ -70,7 +101,11 @@ async fn volume_semantics(store: DynStore) {
     // a write spanning chunks, unaligned to chunks but sector-aligned
     let a = pattern(1, 3 * cs as usize);
     vol.write(cs / 2, &a).await.unwrap();
-    assert_eq!(vol.read(cs / 2, a.len()).await.unwrap(), a, "read your writes");
+    assert_eq!(
+        vol.read(cs / 2, a.len()).await.unwrap(),
+        a,
+        "read your writes"
+    );
     vol.flush().await.unwrap();
     // partial overwrite after flush (read-modify-write from the store)
     let b = pattern(2, 1024);
@@ -93,7 +128,10 @@ async fn volume_semantics(store: DynStore) {
         .unwrap();
     assert_eq!(vol.read(0, expect.len()).await.unwrap(), expect);
     // bad requests are errors, not I/O
-    assert!(matches!(vol.read(100, 512).await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        vol.read(100, 512).await,
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(matches!(
         vol.write(chunks * cs, &[0u8; 512]).await,
         Err(Error::InvalidArgument(_))
@@ -103,7 +141,10 @@ async fn volume_semantics(store: DynStore) {
         .await
         .unwrap();
     assert_eq!(ro.read(0, expect.len()).await.unwrap(), expect);
-    assert!(ro.write(0, &[1u8; 512]).await.is_err(), "read-only refuses writes");
+    assert!(
+        ro.write(0, &[1u8; 512]).await.is_err(),
+        "read-only refuses writes"
+    );
 }
 
 macro_rules! on_every_backend {

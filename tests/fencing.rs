@@ -16,7 +16,9 @@ async fn second_opener_is_refused(store: DynStore) {
     let a = create_and_open(&store, 16).await;
     a.write(0, &pattern(1, 4096)).await.unwrap();
     a.flush().await.unwrap();
-    let err = open(&store, false).await.expect_err("second writer refused");
+    let err = open(&store, false)
+        .await
+        .expect_err("second writer refused");
     let msg = err.to_string();
     assert!(matches!(err, Error::InUse(_)), "{err:?}");
     assert!(
@@ -29,7 +31,10 @@ async fn second_opener_is_refused(store: DynStore) {
     a.close().await.unwrap();
     // After a clean close no --force is needed.
     let b = open(&store, false).await.unwrap();
-    assert_eq!(b.read(0, 8192).await.unwrap(), [pattern(1, 4096), pattern(2, 4096)].concat());
+    assert_eq!(
+        b.read(0, 8192).await.unwrap(),
+        [pattern(1, 4096), pattern(2, 4096)].concat()
+    );
 }
 
 async fn forced_takeover_fences_the_old_writer(store: DynStore) {
@@ -48,7 +53,10 @@ async fn forced_takeover_fences_the_old_writer(store: DynStore) {
     // A's next flush uploads its segment, then finds it was fenced.
     let err = a.flush().await.expect_err("fenced writer's flush fails");
     assert!(matches!(err, Error::Fenced(_)), "{err:?}");
-    assert!(matches!(a.write(0, &[1u8; 512]).await, Err(Error::Fenced(_))));
+    assert!(matches!(
+        a.write(0, &[1u8; 512]).await,
+        Err(Error::Fenced(_))
+    ));
     assert!(matches!(a.flush().await, Err(Error::Fenced(_))));
 
     // B writes on; A's late segment must never appear, now or after B.
@@ -57,9 +65,17 @@ async fn forced_takeover_fences_the_old_writer(store: DynStore) {
     b.close().await.unwrap();
     let c = open(&store, false).await.unwrap();
     assert_eq!(c.read(0, acked.len()).await.unwrap(), acked);
-    assert_eq!(c.read(8 * 4096, 4096).await.unwrap(), vec![0u8; 4096], "zombie ignored");
+    assert_eq!(
+        c.read(8 * 4096, 4096).await.unwrap(),
+        vec![0u8; 4096],
+        "zombie ignored"
+    );
     assert_eq!(c.read(9 * 4096, 4096).await.unwrap(), b_data);
-    assert_eq!(c.summary().ignored_segments, 1, "the fenced segment is in no seal");
+    assert_eq!(
+        c.summary().ignored_segments,
+        1,
+        "the fenced segment is in no seal"
+    );
     drop(a);
 }
 
@@ -89,7 +105,9 @@ async fn local_forced_takeover_fences_the_old_writer() {
 async fn concurrent_openers_one_wins() {
     // Two writers racing to claim the same epoch: exactly one succeeds.
     let store = memory();
-    Volume::create(&store, &params(8), &secret(), false).await.unwrap();
+    Volume::create(&store, &params(8), &secret(), false)
+        .await
+        .unwrap();
     let (a, b) = tokio::join!(open(&store, false), open(&store, false));
     assert!(a.is_ok() != b.is_ok(), "exactly one writer: {a:?} / {b:?}");
 }

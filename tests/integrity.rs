@@ -21,7 +21,9 @@ fn store_with_raw() -> (MemoryStore, DynStore) {
 fn flip(mem: &MemoryStore, key: &str, at: usize) {
     let objects = mem.raw_objects();
     let mut objects = objects.lock();
-    let data = objects.get_mut(key).unwrap_or_else(|| panic!("{key} exists"));
+    let data = objects
+        .get_mut(key)
+        .unwrap_or_else(|| panic!("{key} exists"));
     let mut bytes = data.to_vec();
     bytes[at] ^= 0x01;
     *data = Bytes::from(bytes);
@@ -45,7 +47,9 @@ async fn open(store: &DynStore) -> Result<Volume, Error> {
 async fn two_chunks(store: &DynStore) -> (Loc, Loc) {
     let vol = create_and_open(store, 8).await;
     vol.write(0, &pattern(1, CHUNK as usize)).await.unwrap();
-    vol.write(CHUNK as u64, &pattern(2, CHUNK as usize)).await.unwrap();
+    vol.write(CHUNK as u64, &pattern(2, CHUNK as usize))
+        .await
+        .unwrap();
     vol.flush().await.unwrap();
     let index = vol.index_snapshot();
     vol.close().await.unwrap();
@@ -134,7 +138,9 @@ async fn renamed_segment_is_rejected() {
 async fn flipped_checkpoint_fails_open() {
     let (mem, store) = store_with_raw();
     two_chunks(&store).await;
-    let cp = keys_with_prefix(&mem, "checkpoints/").pop().expect("close checkpoints");
+    let cp = keys_with_prefix(&mem, "checkpoints/")
+        .pop()
+        .expect("close checkpoints");
     flip(&mem, &cp, 12);
     assert_integrity(open(&store).await, "checkpoint");
 }
@@ -161,9 +167,15 @@ async fn rewritten_public_parameter_breaks_the_key() {
     let text = String::from_utf8(mem.raw_objects().lock()["superblock"].to_vec()).unwrap();
     let (body, _) = text.rsplit_once("\nsha256:").unwrap();
     let size = 8 * CHUNK as u64;
-    let body = body.replace(&format!("\"size\": {size}"), &format!("\"size\": {}", size * 2));
+    let body = body.replace(
+        &format!("\"size\": {size}"),
+        &format!("\"size\": {}", size * 2),
+    );
     use sha2::Digest;
-    let forged = format!("{body}\nsha256:{}\n", hex::encode(sha2::Sha256::digest(body.as_bytes())));
+    let forged = format!(
+        "{body}\nsha256:{}\n",
+        hex::encode(sha2::Sha256::digest(body.as_bytes()))
+    );
     mem.raw_objects()
         .lock()
         .insert("superblock".into(), Bytes::from(forged));

@@ -22,7 +22,9 @@ fn snapshot(mem: &MemoryStore) -> Vec<(String, Vec<u8>)> {
 async fn volume_with(secret: &Secret) -> (MemoryStore, DynStore) {
     let mem = MemoryStore::new();
     let store: DynStore = Arc::new(mem.clone());
-    Volume::create(&store, &params(8), secret, false).await.unwrap();
+    Volume::create(&store, &params(8), secret, false)
+        .await
+        .unwrap();
     let vol = Volume::open(store.clone(), secret, writer(false), test_config())
         .await
         .unwrap();
@@ -52,7 +54,12 @@ async fn wrong_key_file_is_refused_and_writes_nothing() {
 async fn wrong_passphrase_is_refused_and_writes_nothing() {
     let pass = Secret::passphrase(b"correct horse\n".to_vec()).unwrap();
     let (mem, store) = volume_with(&pass).await;
-    let err = refused(&store, &mem, Secret::passphrase(b"battery staple".to_vec()).unwrap()).await;
+    let err = refused(
+        &store,
+        &mem,
+        Secret::passphrase(b"battery staple".to_vec()).unwrap(),
+    )
+    .await;
     assert!(matches!(err, Error::WrongKey), "{err:?}");
     // The trailing newline of a passphrase file is not part of it.
     let ok = Secret::passphrase(b"correct horse".to_vec()).unwrap();
@@ -72,7 +79,10 @@ async fn key_kind_mismatch_is_explained() {
 #[test]
 fn weak_secrets_are_rejected() {
     assert!(Secret::key_file(vec![1; 31]).is_err(), "short key file");
-    assert!(Secret::passphrase(b"\n".to_vec()).is_err(), "empty passphrase");
+    assert!(
+        Secret::passphrase(b"\n".to_vec()).is_err(),
+        "empty passphrase"
+    );
 }
 
 #[tokio::test]

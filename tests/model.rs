@@ -28,13 +28,29 @@ const SECTORS: u64 = CHUNKS * SECTORS_PER_CHUNK;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { sector: u64, sectors: u64, seed: u64 },
-    Zeroes { sector: u64, sectors: u64 },
-    Discard { sector: u64, sectors: u64 },
-    Read { sector: u64, sectors: u64 },
+    Write {
+        sector: u64,
+        sectors: u64,
+        seed: u64,
+    },
+    Zeroes {
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    Read {
+        sector: u64,
+        sectors: u64,
+    },
     Flush,
     /// Arm faults: the next `after` store writes succeed, then they fail.
-    Faults { after: u64, land_then_fail: bool },
+    Faults {
+        after: u64,
+        land_then_fail: bool,
+    },
     Crash,
     CleanReopen,
 }
@@ -132,7 +148,11 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut model = Model::new();
     for op in ops {
         match op {
-            Op::Write { sector, sectors, seed } => {
+            Op::Write {
+                sector,
+                sectors,
+                seed,
+            } => {
                 let data = pattern(seed, (sectors * 512) as usize);
                 vol.write(sector * 512, &data).await.unwrap();
                 model.apply((sector * 512) as usize, &data);
@@ -147,7 +167,10 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.apply((sector * 512) as usize, &vec![0u8; len as usize]);
             }
             Op::Read { sector, sectors } => {
-                let got = vol.read(sector * 512, (sectors * 512) as usize).await.unwrap();
+                let got = vol
+                    .read(sector * 512, (sectors * 512) as usize)
+                    .await
+                    .unwrap();
                 let off = (sector * 512) as usize;
                 prop_assert!(got == model.current[off..off + got.len()], "read mismatch");
             }
@@ -157,7 +180,10 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     FAILED_FLUSHES.fetch_add(1, Ordering::Relaxed);
                 }
             },
-            Op::Faults { after, land_then_fail } => faulty.set_plan(FaultPlan {
+            Op::Faults {
+                after,
+                land_then_fail,
+            } => faulty.set_plan(FaultPlan {
                 writes_before_failure: Some(after),
                 land_then_fail,
                 all_fail: false,

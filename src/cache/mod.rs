@@ -86,7 +86,9 @@ impl ChunkCache {
         );
         inner.clock.push_back(loc);
         while inner.bytes > self.budget {
-            let Some(victim) = inner.clock.pop_front() else { break };
+            let Some(victim) = inner.clock.pop_front() else {
+                break;
+            };
             let entry = inner.map.get_mut(&victim).expect("clock and map agree");
             if entry.referenced {
                 entry.referenced = false;

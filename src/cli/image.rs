@@ -108,8 +108,8 @@ pub async fn import(a: ImportArgs) -> Result<()> {
     let (input, known_len): (Box<dyn Read + Send>, Option<u64>) = if a.source == "-" {
         (Box::new(std::io::stdin()), None)
     } else {
-        let file = File::open(&a.source)
-            .with_context(|| format!("cannot open image {}", a.source))?;
+        let file =
+            File::open(&a.source).with_context(|| format!("cannot open image {}", a.source))?;
         let len = file.metadata()?.len();
         (Box::new(file), Some(len))
     };
@@ -125,7 +125,10 @@ pub async fn import(a: ImportArgs) -> Result<()> {
             );
         }
         if !len.is_multiple_of(SECTOR) {
-            bail!("image {} is {len} bytes, not a multiple of {SECTOR}; nothing was written", a.source);
+            bail!(
+                "image {} is {len} bytes, not a multiple of {SECTOR}; nothing was written",
+                a.source
+            );
         }
     }
     let vol = Volume::open(

@@ -111,7 +111,11 @@ pub async fn run(a: InspectArgs) -> Result<()> {
     println!("volume id       {}", r.volume_id);
     println!("format          version {}, {}", r.format_version, r.codec);
     println!("key             {}", r.kdf);
-    println!("size            {} ({} bytes)", format_bytes(r.size), r.size);
+    println!(
+        "size            {} ({} bytes)",
+        format_bytes(r.size),
+        r.size
+    );
     println!("chunk size      {}", format_bytes(r.chunk_size as u64));
     println!(
         "written         {} chunks, {} logical",
@@ -127,7 +131,10 @@ pub async fn run(a: InspectArgs) -> Result<()> {
         format_bytes(r.checkpoint_bytes)
     );
     if r.ignored_segments > 0 {
-        println!("ignored         {} segments of fenced writers", r.ignored_segments);
+        println!(
+            "ignored         {} segments of fenced writers",
+            r.ignored_segments
+        );
     }
     println!("epoch           {}", r.epoch);
     println!("owner           {}", r.owner);

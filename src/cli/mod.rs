@@ -28,9 +28,10 @@ S3-compatible server, or a local directory) as encrypted, compressed chunks. \
 Secrets are read from files or the environment, never from the command line."
 )]
 struct Cli {
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, global = true, env = "ZEROFS_UBLK_LOG", default_value = "warn")]
-    log_level: tracing::Level,
+    /// Log to stderr at this level: error, warn, info, debug, trace. Off by
+    /// default for one-shot commands, whose outcome is their last line.
+    #[arg(long, global = true, env = "ZEROFS_UBLK_LOG", value_name = "LEVEL")]
+    log_level: Option<tracing::Level>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,10 +50,12 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_max_level(cli.log_level)
-        .with_writer(std::io::stderr)
-        .init();
+    if let Some(level) = cli.log_level {
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,9 +93,14 @@ async fn create(a: args::CreateArgs) -> Result<()> {
     params.validate()?;
     let secret = a.key.load()?;
     let store = open_store(&a.bucket)?;
-    let sb = Volume::create(&store, &params, &secret, a.allow_unsafe_no_conditional_create)
-        .await
-        .with_context(|| format!("cannot create a volume at {}", a.bucket.bucket))?;
+    let sb = Volume::create(
+        &store,
+        &params,
+        &secret,
+        a.allow_unsafe_no_conditional_create,
+    )
+    .await
+    .with_context(|| format!("cannot create a volume at {}", a.bucket.bucket))?;
     println!(
         "created volume {} at {}: {} in {} chunks",
         sb.params.volume_id,

@@ -118,7 +118,10 @@ impl Codec {
             other => return Err(fail(&format!("unknown frame flag {other}"))),
         };
         if data.len() != self.chunk_size {
-            return Err(fail(&format!("decodes to {} bytes, not a chunk", data.len())));
+            return Err(fail(&format!(
+                "decodes to {} bytes, not a chunk",
+                data.len()
+            )));
         }
         Ok(data)
     }
@@ -151,7 +154,11 @@ mod tests {
         let random: Vec<u8> = (0..4096).map(|_| rand::random()).collect();
         for (i, data) in [zeros, random].iter().enumerate() {
             let frame = c.encode(&key, 100 * i as u64, 9, data);
-            assert_eq!(&c.decode(loc(100 * i as u32, frame.len()), 9, &frame).unwrap(), data);
+            assert_eq!(
+                &c.decode(loc(100 * i as u32, frame.len()), 9, &frame)
+                    .unwrap(),
+                data
+            );
         }
     }
 
@@ -170,7 +177,10 @@ mod tests {
         let frame = c.encode(&c.frame_key(SEG), 64, 3, &data);
         let l = loc(64, frame.len());
         assert!(c.decode(l, 4, &frame).is_err(), "other chunk");
-        assert!(c.decode(loc(0, frame.len()), 3, &frame).is_err(), "other offset");
+        assert!(
+            c.decode(loc(0, frame.len()), 3, &frame).is_err(),
+            "other offset"
+        );
         let other_seg = Loc {
             segment: SegmentId { epoch: 1, seq: 3 },
             ..l

@@ -65,7 +65,10 @@ pub fn open_record<T: for<'de> Deserialize<'de>>(
         .subkey(kind, &epoch_name(epoch))
         .open_random(&aad(keys, kind, epoch), data)
         .ok_or_else(|| {
-            Error::Integrity(format!("{kind} record {} failed authentication", epoch_name(epoch)))
+            Error::Integrity(format!(
+                "{kind} record {} failed authentication",
+                epoch_name(epoch)
+            ))
         })?;
     serde_json::from_slice(&plain)
         .map_err(|e| Error::Integrity(format!("{kind} record {epoch}: malformed ({e})")))
@@ -89,7 +92,11 @@ fn read_trimmed(path: &str) -> String {
 
 pub fn hostname() -> String {
     let name = read_trimmed("/proc/sys/kernel/hostname");
-    if name.is_empty() { "unknown-host".into() } else { name }
+    if name.is_empty() {
+        "unknown-host".into()
+    } else {
+        name
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -201,7 +208,9 @@ impl SealChain {
         let mut chain = BTreeMap::new();
         let mut next = all.keys().next_back().copied();
         while let Some(epoch) = next {
-            let Some(seal) = all.remove(&epoch) else { break };
+            let Some(seal) = all.remove(&epoch) else {
+                break;
+            };
             next = (seal.covers_from > 0 && seal.covers_from < epoch).then_some(seal.covers_from);
             chain.insert(epoch, seal);
         }

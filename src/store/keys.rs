@@ -173,7 +173,9 @@ impl WrappedKey {
         let nonce = decode_hex(&self.nonce)?;
         let ct = decode_hex(&self.ciphertext)?;
         if nonce.len() != NONCE_LEN {
-            return Err(Error::Format("superblock key nonce has the wrong length".into()));
+            return Err(Error::Format(
+                "superblock key nonce has the wrong length".into(),
+            ));
         }
         let pt = Zeroizing::new(
             cipher

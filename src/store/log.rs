@@ -106,7 +106,12 @@ impl LogStore {
     ) -> Result<Superblock> {
         params.validate()?;
         require_conditional_create(store, allow_unconditional).await?;
-        if !store.list("").await?.iter().all(|o| o.key.starts_with("probe/")) {
+        if !store
+            .list("")
+            .await?
+            .iter()
+            .all(|o| o.key.starts_with("probe/"))
+        {
             return Err(Error::VolumeExists(store.describe()));
         }
         let (sb, _) = Superblock::new(params, secret)?;
@@ -154,7 +159,10 @@ impl LogStore {
     }
 
     async fn read_claim(&self, epoch: u64) -> Result<Claim> {
-        let data = self.store.get(&format!("{EPOCH_PREFIX}{}", epoch_name(epoch))).await?;
+        let data = self
+            .store
+            .get(&format!("{EPOCH_PREFIX}{}", epoch_name(epoch)))
+            .await?;
         open_record(&self.keys, "claim", epoch, &data)
     }
 
@@ -208,9 +216,14 @@ impl LogStore {
     async fn read_seals(&self, listed: &[ObjectInfo]) -> Result<BTreeMap<u64, Seal>> {
         let mut seals = BTreeMap::new();
         for (name, _) in names(listed, SEAL_PREFIX) {
-            let Some(epoch) = parse_epoch(&name) else { continue };
+            let Some(epoch) = parse_epoch(&name) else {
+                continue;
+            };
             let data = self.store.get(&format!("{SEAL_PREFIX}{name}")).await?;
-            seals.insert(epoch, open_record::<Seal>(&self.keys, "seal", epoch, &data)?);
+            seals.insert(
+                epoch,
+                open_record::<Seal>(&self.keys, "seal", epoch, &data)?,
+            );
         }
         Ok(seals)
     }
@@ -268,7 +281,11 @@ impl LogStore {
         };
         if self.epoch.is_none() && summary.epoch > 0 {
             summary.released = self.is_released(summary.epoch).await?;
-            summary.owner = self.read_claim(summary.epoch).await.ok().map(|c| c.describe());
+            summary.owner = self
+                .read_claim(summary.epoch)
+                .await
+                .ok()
+                .map(|c| c.describe());
         }
 
         let chunks = self.chunks();
@@ -319,7 +336,9 @@ impl LogStore {
         let tail = self.store.get_range(&id.key(), tail_start..size).await?;
         let (table_off, table_len) = segment::table_range(id, &tail, size)?;
         let sealed = if table_off >= tail_start {
-            tail.slice((table_off - tail_start) as usize..(table_off - tail_start + table_len) as usize)
+            tail.slice(
+                (table_off - tail_start) as usize..(table_off - tail_start + table_len) as usize,
+            )
         } else {
             self.store
                 .get_range(&id.key(), table_off..table_off + table_len)
@@ -386,7 +405,9 @@ impl LogStore {
     /// Write the index as of `position` (one of our own segments).
     pub async fn put_checkpoint(&self, position: SegmentId, index: Index) -> Result<()> {
         if Some(position.epoch) != self.epoch {
-            return Err(Error::InvalidArgument("checkpoint of a foreign epoch".into()));
+            return Err(Error::InvalidArgument(
+                "checkpoint of a foreign epoch".into(),
+            ));
         }
         let keys = self.keys.clone();
         let data = tokio::task::spawn_blocking(move || checkpoint::encode(&keys, position, &index))

@@ -160,13 +160,17 @@ pub fn decode_table(
     frames_len: u64,
 ) -> Result<(Vec<TableEntry>, u32)> {
     let plain = table_key(keys, id)
-        .open(&counter_nonce(domain::TABLE, 0), &table_aad(keys, id), sealed)
-        .ok_or_else(|| {
-            Error::Integrity(format!("segment {id}: table failed authentication"))
-        })?;
+        .open(
+            &counter_nonce(domain::TABLE, 0),
+            &table_aad(keys, id),
+            sealed,
+        )
+        .ok_or_else(|| Error::Integrity(format!("segment {id}: table failed authentication")))?;
     let mut d = Decoder::new(&plain, "segment table");
     if d.u32()? != VERSION {
-        return Err(Error::Integrity(format!("segment {id}: table version mismatch")));
+        return Err(Error::Integrity(format!(
+            "segment {id}: table version mismatch"
+        )));
     }
     let n = d.count(ENTRY_LEN)?;
     let mut entries = Vec::with_capacity(n);

@@ -123,7 +123,13 @@ impl Superblock {
         let key = DataKey::random();
         let kek = params.kdf.derive_kek(secret)?;
         let wrapped_key = WrappedKey::wrap(&kek, &key, &aad(&params));
-        Ok((Superblock { params, wrapped_key }, VolumeKeys::new(volume_id, key)))
+        Ok((
+            Superblock {
+                params,
+                wrapped_key,
+            },
+            VolumeKeys::new(volume_id, key),
+        ))
     }
 
     pub fn unlock(&self, secret: &Secret) -> Result<VolumeKeys> {
@@ -158,7 +164,9 @@ impl Superblock {
         let sb: Superblock =
             serde_json::from_str(body).map_err(|e| corrupt(&format!("unparsable ({e})")))?;
         if sb.params.magic != MAGIC {
-            return Err(Error::Format("object is not a zerofs-ublk superblock".into()));
+            return Err(Error::Format(
+                "object is not a zerofs-ublk superblock".into(),
+            ));
         }
         if sb.params.format_version != FORMAT_VERSION {
             return Err(Error::Unsupported(format!(

@@ -40,25 +40,35 @@ impl<'a> Decoder<'a> {
     }
 
     pub fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     pub fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     /// A count of `item_size`-byte items that must fit in what is left.
     pub fn count(&mut self, item_size: usize) -> Result<usize> {
         let n = self.u64()? as usize;
         if n.checked_mul(item_size).is_none_or(|b| b > self.buf.len()) {
-            return Err(Error::Integrity(format!("{} has an impossible count", self.what)));
+            return Err(Error::Integrity(format!(
+                "{} has an impossible count",
+                self.what
+            )));
         }
         Ok(n)
     }
 
     pub fn finish(self) -> Result<()> {
         if !self.buf.is_empty() {
-            return Err(Error::Integrity(format!("{} has trailing bytes", self.what)));
+            return Err(Error::Integrity(format!(
+                "{} has trailing bytes",
+                self.what
+            )));
         }
         Ok(())
     }

@@ -50,7 +50,11 @@ impl Inner {
         for c in captured {
             if current.is_none() {
                 let id = self.log.alloc_segment()?;
-                current = Some((SegmentBuilder::new(id), self.codec.frame_key(id), Vec::new()));
+                current = Some((
+                    SegmentBuilder::new(id),
+                    self.codec.frame_key(id),
+                    Vec::new(),
+                ));
             }
             let (builder, key, results) = current.as_mut().expect("set above");
             let loc = match c.data.as_deref() {

@@ -248,7 +248,10 @@ impl Volume {
                 let st = self.inner.state.lock();
                 match st.dirty.get(span.chunk) {
                     Some(data) => {
-                        copy_or_zero(out, data.as_deref().map(|d| &d[span.at..span.at + out.len()]));
+                        copy_or_zero(
+                            out,
+                            data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
+                        );
                         continue;
                     }
                     None => st.index.get(span.chunk),
@@ -374,7 +377,12 @@ impl Inner {
     /// chunk is still not dirty and still at that location (locations are
     /// never reused, so equality means nothing changed); otherwise retry,
     /// which then patches the dirty copy in place.
-    async fn write_chunk(self: &Arc<Self>, chunk: u64, at: usize, bytes: Option<&[u8]>) -> Result<()> {
+    async fn write_chunk(
+        self: &Arc<Self>,
+        chunk: u64,
+        at: usize,
+        bytes: Option<&[u8]>,
+    ) -> Result<()> {
         let cs = self.chunk_size;
         let n = bytes.map_or(cs - at, |b| b.len());
         if at == 0 && n == cs {
@@ -418,4 +426,3 @@ impl Inner {
         }
     }
 }
-

@@ -175,7 +175,10 @@ impl S3Server {
         );
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start in 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start in 60 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         S3Server {
@@ -192,7 +195,9 @@ impl S3Server {
     pub fn bucket(&self, name: &str) -> BucketOptions {
         let reply = http(
             self.port(),
-            &format!("PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+            &format!(
+                "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
         );
         assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
         let mut o = BucketOptions::new(format!("s3://{name}/vol"));

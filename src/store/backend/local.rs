@@ -37,7 +37,9 @@ impl LocalDirStore {
     fn path(&self, key: &str) -> StoreResult<PathBuf> {
         if key.is_empty()
             || key.starts_with('/')
-            || key.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
         {
             return Err(StoreError::Backend(format!("invalid object key {key:?}")));
         }

@@ -63,14 +63,16 @@ impl S3Store {
             )
             // A client (and connection pool) per store, owned by the runtime
             // that uses it, rather than one process-wide client.
-            .with_context(OperationContext::new().with_http_transport(HttpTransporter::new(
-                ReqwestTransport::new(
-                    reqwest::Client::builder()
-                        .connect_timeout(Duration::from_secs(10))
-                        .build()
-                        .map_err(|e| StoreError::Backend(format!("HTTP client: {e}")))?,
-                ),
-            )));
+            .with_context(
+                OperationContext::new().with_http_transport(HttpTransporter::new(
+                    ReqwestTransport::new(
+                        reqwest::Client::builder()
+                            .connect_timeout(Duration::from_secs(10))
+                            .build()
+                            .map_err(|e| StoreError::Backend(format!("HTTP client: {e}")))?,
+                    ),
+                )),
+            );
         let describe = format!(
             "s3://{}/{}{}",
             config.bucket,
@@ -113,7 +115,12 @@ impl ObjectStore for S3Store {
         // successful create comes back as 412 on retry; callers that must
         // tell "mine" from "someone else's" compare the stored content.
         for attempt in 0..5u32 {
-            match self.op.write_with(key, data.clone()).if_not_exists(true).await {
+            match self
+                .op
+                .write_with(key, data.clone())
+                .if_not_exists(true)
+                .await
+            {
                 Ok(_) => return Ok(true),
                 Err(e) if e.kind() == ErrorKind::ConditionNotMatch => return Ok(false),
                 Err(e) if e.kind() == ErrorKind::Conflict => {

@@ -42,7 +42,9 @@ pub fn open_bucket(opts: &BucketOptions) -> StoreResult<DynStore> {
     let invalid = |why: &str| StoreError::Backend(format!("invalid bucket URL {url:?}: {why}"));
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
-            return Err(invalid("file:// needs an absolute path, e.g. file:///var/lib/vol"));
+            return Err(invalid(
+                "file:// needs an absolute path, e.g. file:///var/lib/vol",
+            ));
         }
         return Ok(Arc::new(LocalDirStore::open(path)?));
     }
@@ -52,12 +54,17 @@ pub fn open_bucket(opts: &BucketOptions) -> StoreResult<DynStore> {
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(invalid("missing bucket name, e.g. s3://my-bucket/volumes/db"));
+            return Err(invalid(
+                "missing bucket name, e.g. s3://my-bucket/volumes/db",
+            ));
         }
         let config = S3Config {
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
-            endpoint: opts.endpoint.clone().or_else(|| env_var("AWS_ENDPOINT_URL")),
+            endpoint: opts
+                .endpoint
+                .clone()
+                .or_else(|| env_var("AWS_ENDPOINT_URL")),
             region: opts
                 .region
                 .clone()
@@ -69,5 +76,7 @@ pub fn open_bucket(opts: &BucketOptions) -> StoreResult<DynStore> {
         };
         return Ok(Arc::new(S3Store::new(&config)?));
     }
-    Err(invalid("expected s3://bucket/prefix, file:///path or memory://name"))
+    Err(invalid(
+        "expected s3://bucket/prefix, file:///path or memory://name",
+    ))
 }

@@ -1,0 +1,317 @@
+//! The command line end to end: the built binary against file:// buckets
+//! (and an unreachable S3 endpoint). Every failure is one line on stderr
+//! and a non-zero exit, and writes nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::pattern;
+
+const BIN: &str = env!("CARGO_BIN_EXE_zerofs-ublk");
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::write(env.path("key"), [7u8; 32]).unwrap();
+        env
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn bucket(&self) -> String {
+        format!("file://{}", self.path("bucket").display())
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env_remove("ZEROFS_UBLK_PASSPHRASE")
+            .env_remove("ZEROFS_UBLK_BUCKET")
+            .output()
+            .unwrap()
+    }
+
+    /// Run with `--bucket` and `--key-file` appended.
+    fn vol(&self, args: &[&str]) -> Output {
+        let bucket = self.bucket();
+        let key = self.path("key");
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--bucket", &bucket, "--key-file", key.to_str().unwrap()]);
+        self.run(&all)
+    }
+
+    fn create(&self, size: &str) {
+        ok(&self.vol(&["create", "--size", size, "--chunk-size", "64K"]));
+    }
+
+    fn bucket_files(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        walk(&self.path("bucket"), &mut out);
+        out.sort();
+        out
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A failure: non-zero exit and exactly one line on stderr containing `needle`.
+fn fails(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line of error, got: {stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "error {:?} should mention {needle:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn create_import_export_inspect_roundtrip() {
+    let env = Env::new();
+    env.create("8M");
+    let mut image = pattern(1, 3 << 20);
+    image.extend(vec![0u8; 1 << 20]);
+    image.extend(b"compressible ".repeat(80_000));
+    image.resize(5 << 20, 0);
+    std::fs::write(env.path("in.img"), &image).unwrap();
+    ok(&env.vol(&["import", env.path("in.img").to_str().unwrap()]));
+    ok(&env.vol(&["export", env.path("out.img").to_str().unwrap()]));
+    let out = std::fs::read(env.path("out.img")).unwrap();
+    assert_eq!(out.len(), 8 << 20);
+    assert_eq!(&out[..image.len()], &image[..]);
+    assert!(out[image.len()..].iter().all(|b| *b == 0));
+    // export to stdout gives the same bytes
+    let raw = env.vol(&["export", "-"]);
+    assert_eq!(raw.stdout, out);
+    // inspect reports what is there
+    let text = ok(&env.vol(&["inspect"]));
+    assert!(text.contains("format          version 1"), "{text}");
+    assert!(text.contains("chunk size      64 KiB"), "{text}");
+    assert!(text.contains("released cleanly"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&env.vol(&["inspect", "--json"]))).unwrap();
+    // 3 MiB random + ~1 MiB of text = 64 non-zero 64 KiB chunks.
+    assert_eq!(json["written_chunks"], 64, "{json}");
+    assert!(
+        json["segment_bytes"].as_u64().unwrap() < 4 << 20,
+        "text compressed: {json}"
+    );
+    assert_eq!(
+        json["epoch"], 1,
+        "import claimed epoch 1; inspect is read-only"
+    );
+}
+
+#[test]
+fn import_from_stdin() {
+    let env = Env::new();
+    env.create("1M");
+    let data = pattern(5, 256 << 10);
+    std::fs::write(env.path("in.img"), &data).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat {} | {BIN} import - --bucket {} --key-file {}",
+            env.path("in.img").display(),
+            env.bucket(),
+            env.path("key").display()
+        ))
+        .output()
+        .unwrap();
+    ok(&out);
+    let exported = env.vol(&["export", "-"]).stdout;
+    assert_eq!(&exported[..data.len()], &data[..]);
+}
+
+#[test]
+fn passphrase_from_environment() {
+    let env = Env::new();
+    let bucket = env.bucket();
+    let with_pass = |args: &[&str], pass: &str| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--bucket", &bucket])
+            .env("ZEROFS_UBLK_PASSPHRASE", pass)
+            .output()
+            .unwrap()
+    };
+    ok(&with_pass(
+        &[
+            "create",
+            "--size",
+            "1M",
+            "--kdf-memory-mib",
+            "1",
+            "--kdf-passes",
+            "1",
+        ],
+        "s3cret",
+    ));
+    ok(&with_pass(&["inspect"], "s3cret"));
+    fails(
+        &with_pass(&["inspect"], "wrong"),
+        "wrong passphrase or key file",
+    );
+}
+
+#[test]
+fn clear_errors_and_nothing_written() {
+    let env = Env::new();
+    // missing volume
+    fails(&env.vol(&["inspect"]), "no volume at");
+    // bad sizes: nothing created
+    fails(&env.vol(&["create", "--size", "12X"]), "invalid size");
+    fails(
+        &env.vol(&["create", "--size", "100K"]),
+        "multiple of the chunk size",
+    );
+    fails(
+        &env.vol(&["create", "--size", "1M", "--chunk-size", "3K"]),
+        "power of two",
+    );
+    assert!(
+        env.bucket_files()
+            .iter()
+            .all(|(p, _)| !p.ends_with("superblock"))
+    );
+    // no key
+    fails(
+        &env.run(&["create", "--bucket", &env.bucket(), "--size", "1M"]),
+        "no key given",
+    );
+    // existing volume
+    env.create("1M");
+    fails(&env.vol(&["create", "--size", "1M"]), "already exists");
+    // wrong key: refused, nothing written
+    let before = env.bucket_files();
+    std::fs::write(env.path("other"), [8u8; 32]).unwrap();
+    std::fs::write(env.path("small.img"), vec![1u8; 4096]).unwrap();
+    let out = env.run(&[
+        "import",
+        env.path("small.img").to_str().unwrap(),
+        "--bucket",
+        &env.bucket(),
+        "--key-file",
+        env.path("other").to_str().unwrap(),
+    ]);
+    fails(&out, "wrong passphrase or key file");
+    assert!(before == env.bucket_files(), "wrong key wrote nothing");
+    // image larger than the volume: refused before writing
+    std::fs::write(env.path("big.img"), vec![1u8; 2 << 20]).unwrap();
+    fails(
+        &env.vol(&["import", env.path("big.img").to_str().unwrap()]),
+        "larger than the volume",
+    );
+    assert!(
+        before == env.bucket_files(),
+        "oversized import wrote nothing"
+    );
+    // image not a whole number of sectors
+    std::fs::write(env.path("odd.img"), vec![1u8; 1000]).unwrap();
+    fails(
+        &env.vol(&["import", env.path("odd.img").to_str().unwrap()]),
+        "multiple of 512",
+    );
+    // bad bucket URL
+    fails(
+        &env.run(&["inspect", "--bucket", "ftp://x", "--key-file", "/dev/null"]),
+        "at least 32 random bytes",
+    );
+    fails(
+        &env.run(&[
+            "inspect",
+            "--bucket",
+            "ftp://x",
+            "--key-file",
+            env.path("key").to_str().unwrap(),
+        ]),
+        "invalid bucket URL",
+    );
+    // export refuses to clobber
+    std::fs::write(env.path("exists.img"), b"keep").unwrap();
+    fails(
+        &env.vol(&["export", env.path("exists.img").to_str().unwrap()]),
+        "--overwrite",
+    );
+    assert_eq!(std::fs::read(env.path("exists.img")).unwrap(), b"keep");
+}
+
+#[test]
+fn unreachable_endpoint_is_one_line() {
+    let env = Env::new();
+    // Port 1 on loopback: connection refused, bounded by retries.
+    let out = Command::new(BIN)
+        .args([
+            "inspect",
+            "--bucket",
+            "s3://nothing/here",
+            "--endpoint",
+            "http://127.0.0.1:1",
+            "--request-timeout",
+            "2",
+            "--key-file",
+            env.path("key").to_str().unwrap(),
+        ])
+        .envs(common::s3_env())
+        .output()
+        .unwrap();
+    fails(&out, "127.0.0.1:1");
+}
+
+#[test]
+fn integrity_failure_names_the_chunk() {
+    let env = Env::new();
+    env.create("1M");
+    std::fs::write(env.path("in.img"), pattern(3, 1 << 20)).unwrap();
+    ok(&env.vol(&["import", env.path("in.img").to_str().unwrap()]));
+    // Flip a byte in the middle of the first frame of the one segment.
+    let segs: Vec<_> = env
+        .bucket_files()
+        .into_iter()
+        .filter(|(p, _)| p.parent().unwrap().ends_with("segments"))
+        .collect();
+    assert_eq!(segs.len(), 1);
+    let (path, mut data) = segs.into_iter().next().unwrap();
+    data[100] ^= 0x80;
+    std::fs::write(&path, data).unwrap();
+    fails(
+        &env.vol(&["export", env.path("out.img").to_str().unwrap()]),
+        "chunk 0",
+    );
+}
