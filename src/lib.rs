@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod cli;
 pub mod codec;
+pub mod frontend;
 pub mod error;
 pub mod store;
 pub mod volume;

@@ -4,6 +4,8 @@
 //! usage errors exit 2 (clap's convention).
 
 mod args;
+mod config;
+mod device;
 mod image;
 mod inspect;
 mod units;
@@ -46,10 +48,25 @@ enum Command {
     Import(image::ImportArgs),
     /// Copy a volume out as a raw disk image (file or `-` for stdout).
     Export(image::ExportArgs),
+    /// Serve a volume as /dev/ublkbN (in the background unless --foreground).
+    /// `--config FILE` reads flags from a TOML file (keys = flag names).
+    Add(device::AddArgs),
+    /// Flush and remove a device.
+    Del(device::DelArgs),
+    /// List devices served by zerofs-ublk.
+    List,
+    /// Reattach a new server to a device whose server died.
+    Recover(device::RecoverArgs),
+    /// Per-device counters: requests, bytes, dirty data, last flush.
+    Status(device::StatusArgs),
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match config::expand(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let cli = Cli::parse_from(&args);
     if let Some(level) = cli.log_level {
         tracing_subscriber::fmt()
             .with_max_level(level)
@@ -63,7 +80,7 @@ pub fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
@@ -74,12 +91,25 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn run(command: Command) -> Result<()> {
+async fn run(command: Command, args: Vec<String>) -> Result<()> {
     match command {
+        Command::Add(a) => device::add(a, args).await,
+        Command::Del(a) => device::del(a).await,
+        Command::List => device::list(),
+        Command::Recover(a) => device::recover(a).await,
+        Command::Status(a) => device::status(a),
         Command::Create(a) => create(a).await,
         Command::Inspect(a) => inspect::run(a).await,
         Command::Import(a) => image::import(a).await,
         Command::Export(a) => image::export(a).await,
+    }
+}
+
+/// Parse a recorded `add` command line again (for `recover`).
+fn reparse_add(args: &[String]) -> Result<device::AddArgs> {
+    match Cli::try_parse_from(args)?.command {
+        Command::Add(a) => Ok(a),
+        _ => anyhow::bail!("recorded command is not `add`"),
     }
 }
 

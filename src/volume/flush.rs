@@ -113,6 +113,9 @@ impl Inner {
                 }
             }
         }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.last_flush_unix
+            .store(crate::store::fencing::unix_now(), Ordering::Relaxed);
         fs.segments_since_checkpoint += encoded.len() as u64;
         fs.last_segment = encoded.last().map(|e| e.id);
         if fs.segments_since_checkpoint >= self.cfg.checkpoint_every {

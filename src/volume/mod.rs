@@ -16,7 +16,7 @@ mod dirty;
 mod flush;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -82,6 +82,9 @@ pub struct VolumeStats {
     pub dirty_bytes: usize,
     pub cache: CacheStats,
     pub epoch: Option<u64>,
+    /// Unix time of the last flush that made data durable (0: none yet).
+    pub last_flush_unix: u64,
+    pub flushes: u64,
 }
 
 pub(crate) struct Inner {
@@ -94,6 +97,8 @@ pub(crate) struct Inner {
     wake_flusher: tokio::sync::Notify,
     fenced: AtomicBool,
     chunk_size: usize,
+    last_flush_unix: AtomicU64,
+    flushes: AtomicU64,
 }
 
 pub struct Volume {
@@ -165,6 +170,8 @@ impl Volume {
             flush: tokio::sync::Mutex::new(FlushState::new(replayed)),
             wake_flusher: tokio::sync::Notify::new(),
             fenced: AtomicBool::new(false),
+            last_flush_unix: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
             chunk_size: sb.chunk_size as usize,
             log,
             cfg,
@@ -206,6 +213,8 @@ impl Volume {
             dirty_bytes: st.dirty.bytes(),
             cache: self.inner.cache.stats(),
             epoch: self.inner.log.epoch(),
+            last_flush_unix: self.inner.last_flush_unix.load(Ordering::Relaxed),
+            flushes: self.inner.flushes.load(Ordering::Relaxed),
         }
     }
 

@@ -1,0 +1,64 @@
+//! `add --config FILE`: a TOML file whose keys are `add`'s long flags
+//! (`bucket = "s3://…"`, `key-file = "/etc/…"`, `queues = 2`,
+//! `create = true`). It is turned into flags placed before the command
+//! line's own, so the file and the flags mean exactly the same, and flags
+//! given on the command line win (clap keeps the last value).
+
+use anyhow::{Context, Result, bail};
+
+pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
+    let Some(pos) = args.iter().position(|a| a == "--config" || a.starts_with("--config=")) else {
+        return Ok(args);
+    };
+    if args.get(1).map(String::as_str) != Some("add") {
+        bail!("--config is only accepted by `add`");
+    }
+    let (path, consumed) = match args[pos].strip_prefix("--config=") {
+        Some(p) => (p.to_string(), 1),
+        None => (
+            args.get(pos + 1).cloned().context("--config needs a file")?,
+            2,
+        ),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config {path}"))?;
+    let table: toml::Table = text.parse().with_context(|| format!("invalid TOML in {path}"))?;
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            toml::Value::Boolean(true) => flags.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => flags.extend([flag, s]),
+            toml::Value::Integer(i) => flags.extend([flag, i.to_string()]),
+            other => bail!("{path}: {key} = {other} is not a string, number or boolean"),
+        }
+    }
+    let mut out: Vec<String> = args[..2].to_vec();
+    out.extend(flags);
+    out.extend(args[2..pos].iter().cloned());
+    out.extend(args[pos + consumed..].iter().cloned());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_becomes_flags_and_command_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.toml");
+        std::fs::write(&path, "bucket = \"file:///x\"\nqueues = 2\nforeground = true\ncreate = false\n").unwrap();
+        let args: Vec<String> = ["zerofs-ublk", "add", "--config", path.to_str().unwrap(), "--queues", "4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let out = expand(args).unwrap();
+        assert_eq!(out[..2], ["zerofs-ublk", "add"]);
+        let rest = out[2..].join(" ");
+        assert!(rest.contains("--bucket file:///x"));
+        assert!(rest.contains("--foreground"));
+        assert!(!rest.contains("--create"));
+        assert!(rest.ends_with("--queues 4"), "{rest}");
+    }
+}

@@ -1,0 +1,508 @@
+//! Device lifecycle: `add`, `del`, `list`, `recover`, `status`.
+//!
+//! `add` runs a server: in the foreground with `--foreground` (systemd),
+//! otherwise it starts itself in the background (a new session, logging to
+//! `<run dir>/<name>.log`) and returns once the device is live, printing
+//! its path, or fails with the server's reason. Each running device has a
+//! record `<run dir>/<id>.json` and a status socket `<run dir>/<id>.sock`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::args::{BucketArgs, KeyArgs, WriterArgs};
+use super::{format_bytes, open_store, parse_size};
+use crate::frontend::{self, Counters, DeviceInfo, DeviceOptions, Shared};
+use crate::store::LogStore;
+use crate::store::fencing::unix_now;
+use crate::store::superblock::CreateParams;
+use crate::volume::{OpenOptions, Volume, VolumeConfig};
+
+const READY: &str = "ZEROFS_UBLK_READY";
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("ZEROFS_UBLK_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/zerofs-ublk"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AddArgs {
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    #[command(flatten)]
+    pub writer: WriterArgs,
+    /// A name for the volume (udev: /dev/disk/by-zerofs/NAME). Default: the
+    /// last part of the bucket URL.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Create the volume first if the bucket holds none (needs --size).
+    #[arg(long)]
+    pub create: bool,
+    /// Size for --create, e.g. 100G.
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Chunk size for --create.
+    #[arg(long, default_value = "128K")]
+    pub chunk_size: String,
+    /// Hardware queues (threads); default: one per CPU.
+    #[arg(long)]
+    pub queues: Option<u16>,
+    /// Queue depth (requests in flight per queue).
+    #[arg(long, default_value_t = 128)]
+    pub depth: u16,
+    /// Logical block size: 4096 or 512.
+    #[arg(long, default_value_t = 4096)]
+    pub logical_block: u32,
+    /// Device id to request (default: the kernel picks).
+    #[arg(long, default_value_t = -1)]
+    pub id: i32,
+    /// Memory cache for clean chunks, e.g. 1G.
+    #[arg(long, default_value = "1G")]
+    pub cache_memory: String,
+    /// Run the server in this process instead of in the background.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Reattach to device ID whose server died (used by `recover`).
+    #[arg(long, hide = true)]
+    pub recover_id: Option<u32>,
+}
+
+/// What `list`, `del`, `recover` and `status` know about a device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: u32,
+    pub device: String,
+    pub name: String,
+    pub bucket: String,
+    pub pid: u32,
+    pub started_unix: u64,
+    /// The arguments the server was started with (no secrets: key and
+    /// passphrase are given as file paths or by environment).
+    pub args: Vec<String>,
+}
+
+fn record_path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.json"))
+}
+
+fn socket_path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.sock"))
+}
+
+fn read_record(id: u32) -> Result<DeviceRecord> {
+    let path = record_path(id);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no zerofs-ublk device {id} (no {})", path.display()))?;
+    Ok(serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?)
+}
+
+fn all_records() -> Vec<DeviceRecord> {
+    let mut out: Vec<DeviceRecord> = std::fs::read_dir(run_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id: u32 = name.strip_suffix(".json")?.parse().ok()?;
+            read_record(id).ok()
+        })
+        .collect();
+    out.sort_by_key(|r| r.id);
+    out
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn default_name(bucket: &str) -> String {
+    bucket
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("volume")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .collect()
+}
+
+/// `add`: in the foreground, or start ourselves in the background.
+pub async fn add(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
+    frontend::check_driver()?;
+    if a.foreground {
+        return serve(a, raw_args).await;
+    }
+    let name = a.name.clone().unwrap_or_else(|| default_name(&a.bucket.bucket));
+    std::fs::create_dir_all(run_dir())
+        .with_context(|| format!("cannot create {}", run_dir().display()))?;
+    let log_path = run_dir().join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log {}", log_path.display()))?;
+    let mut args: Vec<String> = raw_args;
+    args.push("--foreground".into());
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    if std::env::var_os("ZEROFS_UBLK_LOG").is_none() {
+        cmd.env("ZEROFS_UBLK_LOG", "info");
+    }
+    // SAFETY: setsid is async-signal-safe; detaches from our terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the server")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if let Some(rest) = line.strip_prefix(READY) {
+                let _ = tx.send(Some(rest.trim().to_string()));
+                return;
+            }
+        }
+        let _ = tx.send(None);
+    });
+    let outcome = tokio::task::spawn_blocking(move || rx.recv().ok().flatten()).await?;
+    match outcome {
+        Some(device) => {
+            println!("{device}");
+            Ok(())
+        }
+        None => {
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let reason = log
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("zerofs-ublk: error: "))
+                .unwrap_or("the server exited before the device was ready");
+            bail!("{reason} (log: {})", log_path.display())
+        }
+    }
+}
+
+async fn open_volume(a: &AddArgs) -> Result<Volume> {
+    let secret = a.key.load()?;
+    let store = open_store(&a.bucket)?;
+    if a.create {
+        match LogStore::read_superblock(&store).await {
+            Ok(sb) => {
+                if let Some(size) = &a.size
+                    && parse_size(size)? != sb.params.size
+                {
+                    bail!(
+                        "a volume of {} already exists at {} (not the --size given)",
+                        format_bytes(sb.params.size),
+                        a.bucket.bucket
+                    );
+                }
+            }
+            Err(crate::Error::NoVolume(_)) => {
+                let Some(size) = &a.size else {
+                    bail!("--create needs --size");
+                };
+                let mut params = CreateParams::new(parse_size(size)?);
+                params.chunk_size = parse_size(&a.chunk_size)? as u32;
+                Volume::create(&store, &params, &secret, a.writer.allow_unsafe_no_conditional_create)
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let cfg = VolumeConfig {
+        cache_bytes: parse_size(&a.cache_memory)? as usize,
+        ..VolumeConfig::default()
+    };
+    Ok(Volume::open(store, &secret, OpenOptions { mode: a.writer.mode() }, cfg).await?)
+}
+
+/// Answer `status` requests on the device's socket.
+fn spawn_status_server(id: u32, shared: Arc<Shared>, started: u64) -> Result<()> {
+    let path = socket_path(id);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot bind {}", path.display()))?;
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let stats = shared.volume.stats();
+            let reply = serde_json::json!({
+                "counters": shared.counters.snapshot(),
+                "dirty_bytes": stats.dirty_bytes,
+                "dirty_chunks": stats.dirty_chunks,
+                "mapped_chunks": stats.mapped_chunks,
+                "flushes": stats.flushes,
+                "last_flush_unix": stats.last_flush_unix,
+                "cache_bytes": stats.cache.bytes,
+                "cache_hits": stats.cache.hits,
+                "cache_misses": stats.cache.misses,
+                "epoch": stats.epoch,
+                "started_unix": started,
+            });
+            let _ = conn.write_all(reply.to_string().as_bytes()).await;
+        }
+    });
+    Ok(())
+}
+
+/// The server itself.
+async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
+    let volume = Arc::new(open_volume(&a).await?);
+    let name = a.name.clone().unwrap_or_else(|| default_name(&a.bucket.bucket));
+    let queues = a.queues.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(16) as u16)
+    });
+    let opts = DeviceOptions {
+        id: a.recover_id.map_or(a.id, |i| i as i32),
+        queues,
+        depth: a.depth,
+        logical_block: a.logical_block,
+        recover: a.recover_id.is_some(),
+        target_json: serde_json::json!({ "name": name, "bucket": a.bucket.bucket }),
+    };
+    let shared = Arc::new(Shared {
+        volume: volume.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        counters: Counters::default(),
+    });
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<DeviceInfo>();
+    let serve_shared = shared.clone();
+    let server = std::thread::spawn(move || {
+        frontend::serve(serve_shared, &opts, move |info| {
+            let _ = ready_tx.send(info);
+        })
+    });
+    let started = unix_now();
+    let info = match ready_rx.await {
+        Ok(info) => info,
+        Err(_) => {
+            let err = server.join().expect("server thread");
+            return Err(err.err().map_or_else(
+                || anyhow::anyhow!("the device stopped before it was ready"),
+                Into::into,
+            ));
+        }
+    };
+    std::fs::create_dir_all(run_dir())?;
+    let record = DeviceRecord {
+        id: info.id,
+        device: info.block_device.clone(),
+        name: name.clone(),
+        bucket: a.bucket.bucket.clone(),
+        pid: std::process::id(),
+        started_unix: started,
+        args: raw_args.clone(),
+    };
+    std::fs::write(record_path(info.id), serde_json::to_vec_pretty(&record)?)?;
+    spawn_status_server(info.id, shared.clone(), started)?;
+    tracing::info!("serving {} as {}", a.bucket.bucket, info.block_device);
+    println!("{READY} {}", info.block_device);
+    let _ = std::io::stdout().flush();
+
+    // Run until SIGTERM/SIGINT (then stop the device) or until the device
+    // is stopped from outside.
+    let id = info.id;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let server = tokio::task::spawn_blocking(move || server.join());
+    tokio::pin!(server);
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping device {id}"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping device {id}"),
+        r = &mut server => {
+            tracing::info!("device {id} stopped: {:?}", r.as_ref().map(|_| ()));
+        }
+    }
+    let _ = frontend::stop(id);
+    if !server.is_finished() {
+        let _ = server.await;
+    }
+    drop(shared);
+    let _ = std::fs::remove_file(socket_path(id));
+    // Flush, checkpoint and release; only then drop the device record.
+    let volume = wait_unique(volume).await;
+    let closed = volume.close().await;
+    let _ = frontend::delete(id);
+    let _ = std::fs::remove_file(record_path(id));
+    closed?;
+    tracing::info!("device {id} flushed and removed");
+    Ok(())
+}
+
+/// The queues hold clones of the volume until their threads end.
+async fn wait_unique(mut v: Arc<Volume>) -> Volume {
+    loop {
+        match Arc::try_unwrap(v) {
+            Ok(vol) => return vol,
+            Err(back) => {
+                v = back;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SelectArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", required_unless_present = "all")]
+    pub id: Option<u32>,
+    /// Every zerofs-ublk device.
+    #[arg(long, conflicts_with = "id")]
+    pub all: bool,
+}
+
+impl SelectArgs {
+    fn records(&self) -> Result<Vec<DeviceRecord>> {
+        match self.id {
+            Some(id) => Ok(vec![read_record(id)?]),
+            None => Ok(all_records()),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DelArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Seconds to wait for the server to flush and exit.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+/// `del`: ask the server to flush and remove its device, and wait.
+pub async fn del(a: DelArgs) -> Result<()> {
+    for r in a.select.records()? {
+        if pid_alive(r.pid) {
+            // SAFETY: plain kill(2) of a pid we recorded.
+            unsafe { libc::kill(r.pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(a.timeout);
+            while pid_alive(r.pid) {
+                if Instant::now() > deadline {
+                    bail!("server pid {} of device {} did not exit in {} s", r.pid, r.id, a.timeout);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        } else {
+            eprintln!(
+                "device {}: server pid {} is gone; removing the device (writes it had not flushed are lost)",
+                r.id, r.pid
+            );
+            let _ = frontend::delete(r.id);
+            let _ = std::fs::remove_file(record_path(r.id));
+            let _ = std::fs::remove_file(socket_path(r.id));
+        }
+        if record_path(r.id).exists() {
+            bail!("device {} was not removed cleanly; see its log in {}", r.id, run_dir().display());
+        }
+        println!("removed {} ({})", r.device, r.name);
+    }
+    Ok(())
+}
+
+/// `list`: one line per device.
+pub fn list() -> Result<()> {
+    println!("{:<4} {:<14} {:<16} {:<9} {:<8} BUCKET", "ID", "DEVICE", "NAME", "STATE", "PID");
+    for r in all_records() {
+        let state = frontend::device_state(r.id).unwrap_or_else(|| "gone".into());
+        let pid = if pid_alive(r.pid) { r.pid.to_string() } else { format!("{}(dead)", r.pid) };
+        println!("{:<4} {:<14} {:<16} {:<9} {:<8} {}", r.id, r.device, r.name, state, pid, r.bucket);
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// Device id whose server died.
+    #[arg(short = 'n', long = "number")]
+    pub id: u32,
+}
+
+/// `recover`: start a new server for a device whose server died.
+pub async fn recover(a: RecoverArgs) -> Result<()> {
+    let r = read_record(a.id)?;
+    if pid_alive(r.pid) {
+        bail!("device {} is still served by pid {}", r.id, r.pid);
+    }
+    let state = frontend::device_state(r.id).unwrap_or_else(|| "gone".into());
+    if state != "quiesced" && state != "fail-io" {
+        bail!("device {} is {state}, not waiting for recovery", r.id);
+    }
+    let mut args: Vec<String> = r
+        .args
+        .iter()
+        .filter(|s| s.as_str() != "--foreground")
+        .cloned()
+        .collect();
+    args.extend(["--recover-id".into(), r.id.to_string()]);
+    let parsed = super::reparse_add(&args)?;
+    add(parsed, args).await
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `status`: counters from each running server.
+pub fn status(a: StatusArgs) -> Result<()> {
+    for r in a.select.records()? {
+        let mut reply = String::new();
+        std::os::unix::net::UnixStream::connect(socket_path(r.id))
+            .and_then(|mut s| s.read_to_string(&mut reply))
+            .with_context(|| format!("device {}: server not answering (pid {})", r.id, r.pid))?;
+        let v: serde_json::Value = serde_json::from_str(&reply)?;
+        if a.json {
+            println!("{}", serde_json::json!({ "id": r.id, "device": r.device, "status": v }));
+            continue;
+        }
+        let c = &v["counters"];
+        let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+        let last = n(&v["last_flush_unix"]);
+        println!("{} ({}), {}", r.device, r.name, r.bucket);
+        println!(
+            "  requests  reads {} writes {} flushes {} discards {} errors {}",
+            n(&c["reads"]), n(&c["writes"]), n(&c["flushes"]), n(&c["discards"]), n(&c["errors"])
+        );
+        println!(
+            "  bytes     read {} written {}",
+            format_bytes(n(&c["bytes_read"])),
+            format_bytes(n(&c["bytes_written"]))
+        );
+        println!(
+            "  dirty     {} in {} chunks; last flush {}",
+            format_bytes(n(&v["dirty_bytes"])),
+            n(&v["dirty_chunks"]),
+            if last == 0 { "never".to_string() } else { format!("{} s ago", unix_now().saturating_sub(last)) }
+        );
+        println!(
+            "  cache     {} (hits {} misses {})",
+            format_bytes(n(&v["cache_bytes"])),
+            n(&v["cache_hits"]),
+            n(&v["cache_misses"])
+        );
+    }
+    Ok(())
+}
