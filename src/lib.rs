@@ -8,8 +8,8 @@
 pub mod cache;
 pub mod cli;
 pub mod codec;
-pub mod frontend;
 pub mod error;
+pub mod frontend;
 pub mod store;
 pub mod volume;
 

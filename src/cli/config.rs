@@ -7,7 +7,10 @@
 use anyhow::{Context, Result, bail};
 
 pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
-    let Some(pos) = args.iter().position(|a| a == "--config" || a.starts_with("--config=")) else {
+    let Some(pos) = args
+        .iter()
+        .position(|a| a == "--config" || a.starts_with("--config="))
+    else {
         return Ok(args);
     };
     if args.get(1).map(String::as_str) != Some("add") {
@@ -16,12 +19,17 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
     let (path, consumed) = match args[pos].strip_prefix("--config=") {
         Some(p) => (p.to_string(), 1),
         None => (
-            args.get(pos + 1).cloned().context("--config needs a file")?,
+            args.get(pos + 1)
+                .cloned()
+                .context("--config needs a file")?,
             2,
         ),
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config {path}"))?;
-    let table: toml::Table = text.parse().with_context(|| format!("invalid TOML in {path}"))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read config {path}"))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("invalid TOML in {path}"))?;
     let mut flags = Vec::new();
     for (key, value) in table {
         let flag = format!("--{}", key.replace('_', "-"));
@@ -48,11 +56,22 @@ mod tests {
     fn config_becomes_flags_and_command_line_wins() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.toml");
-        std::fs::write(&path, "bucket = \"file:///x\"\nqueues = 2\nforeground = true\ncreate = false\n").unwrap();
-        let args: Vec<String> = ["zerofs-ublk", "add", "--config", path.to_str().unwrap(), "--queues", "4"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        std::fs::write(
+            &path,
+            "bucket = \"file:///x\"\nqueues = 2\nforeground = true\ncreate = false\n",
+        )
+        .unwrap();
+        let args: Vec<String> = [
+            "zerofs-ublk",
+            "add",
+            "--config",
+            path.to_str().unwrap(),
+            "--queues",
+            "4",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let out = expand(args).unwrap();
         assert_eq!(out[..2], ["zerofs-ublk", "add"]);
         let rest = out[2..].join(" ");

@@ -133,7 +133,13 @@ fn default_name(bucket: &str) -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or("volume")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -143,7 +149,10 @@ pub async fn add(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     if a.foreground {
         return serve(a, raw_args).await;
     }
-    let name = a.name.clone().unwrap_or_else(|| default_name(&a.bucket.bucket));
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(&a.bucket.bucket));
     std::fs::create_dir_all(run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let log_path = run_dir().join(format!("{name}.log"));
@@ -222,8 +231,13 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
                 };
                 let mut params = CreateParams::new(parse_size(size)?);
                 params.chunk_size = parse_size(&a.chunk_size)? as u32;
-                Volume::create(&store, &params, &secret, a.writer.allow_unsafe_no_conditional_create)
-                    .await?;
+                Volume::create(
+                    &store,
+                    &params,
+                    &secret,
+                    a.writer.allow_unsafe_no_conditional_create,
+                )
+                .await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -232,16 +246,28 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
         cache_bytes: parse_size(&a.cache_memory)? as usize,
         ..VolumeConfig::default()
     };
-    Ok(Volume::open(store, &secret, OpenOptions { mode: a.writer.mode() }, cfg).await?)
+    Ok(Volume::open(
+        store,
+        &secret,
+        OpenOptions {
+            mode: a.writer.mode(),
+        },
+        cfg,
+    )
+    .await?)
 }
 
 /// Answer `status` requests on the device's socket.
-fn spawn_status_server(id: u32, shared: Arc<Shared>, started: u64) -> Result<()> {
+fn spawn_status_server(
+    id: u32,
+    shared: Arc<Shared>,
+    started: u64,
+) -> Result<tokio::task::JoinHandle<()>> {
     let path = socket_path(id);
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("cannot bind {}", path.display()))?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
         while let Ok((mut conn, _)) = listener.accept().await {
             let stats = shared.volume.stats();
@@ -260,14 +286,22 @@ fn spawn_status_server(id: u32, shared: Arc<Shared>, started: u64) -> Result<()>
             });
             let _ = conn.write_all(reply.to_string().as_bytes()).await;
         }
-    });
-    Ok(())
+    }))
 }
 
 /// The server itself.
 async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
-    let volume = Arc::new(open_volume(&a).await?);
-    let name = a.name.clone().unwrap_or_else(|| default_name(&a.bucket.bucket));
+    let volume = open_volume(&a).await?;
+    // Acknowledged writes must outlive this process (kill -9 + recover).
+    volume
+        .attach_journal(&run_dir().join("journal"))
+        .await
+        .context("cannot set up the write journal")?;
+    let volume = Arc::new(volume);
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(&a.bucket.bucket));
     let queues = a.queues.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(16) as u16)
     });
@@ -313,7 +347,7 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
         args: raw_args.clone(),
     };
     std::fs::write(record_path(info.id), serde_json::to_vec_pretty(&record)?)?;
-    spawn_status_server(info.id, shared.clone(), started)?;
+    let status = spawn_status_server(info.id, shared.clone(), started)?;
     tracing::info!("serving {} as {}", a.bucket.bucket, info.block_device);
     println!("{READY} {}", info.block_device);
     let _ = std::io::stdout().flush();
@@ -335,11 +369,18 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     if !server.is_finished() {
         let _ = server.await;
     }
+    status.abort();
+    let _ = status.await;
     drop(shared);
     let _ = std::fs::remove_file(socket_path(id));
     // Flush, checkpoint and release; only then drop the device record.
-    let volume = wait_unique(volume).await;
-    let closed = volume.close().await;
+    let closed = match wait_unique(volume).await {
+        Ok(volume) => volume.close().await,
+        Err(volume) => {
+            tracing::error!("volume still in use at shutdown; flushing without release");
+            volume.flush().await
+        }
+    };
     let _ = frontend::delete(id);
     let _ = std::fs::remove_file(record_path(id));
     closed?;
@@ -348,10 +389,12 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
 }
 
 /// The queues hold clones of the volume until their threads end.
-async fn wait_unique(mut v: Arc<Volume>) -> Volume {
+async fn wait_unique(mut v: Arc<Volume>) -> Result<Volume, Arc<Volume>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Arc::try_unwrap(v) {
-            Ok(vol) => return vol,
+            Ok(vol) => return Ok(vol),
+            Err(back) if Instant::now() > deadline => return Err(back),
             Err(back) => {
                 v = back;
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -397,7 +440,12 @@ pub async fn del(a: DelArgs) -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(a.timeout);
             while pid_alive(r.pid) {
                 if Instant::now() > deadline {
-                    bail!("server pid {} of device {} did not exit in {} s", r.pid, r.id, a.timeout);
+                    bail!(
+                        "server pid {} of device {} did not exit in {} s",
+                        r.pid,
+                        r.id,
+                        a.timeout
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -411,7 +459,11 @@ pub async fn del(a: DelArgs) -> Result<()> {
             let _ = std::fs::remove_file(socket_path(r.id));
         }
         if record_path(r.id).exists() {
-            bail!("device {} was not removed cleanly; see its log in {}", r.id, run_dir().display());
+            bail!(
+                "device {} was not removed cleanly; see its log in {}",
+                r.id,
+                run_dir().display()
+            );
         }
         println!("removed {} ({})", r.device, r.name);
     }
@@ -420,11 +472,21 @@ pub async fn del(a: DelArgs) -> Result<()> {
 
 /// `list`: one line per device.
 pub fn list() -> Result<()> {
-    println!("{:<4} {:<14} {:<16} {:<9} {:<8} BUCKET", "ID", "DEVICE", "NAME", "STATE", "PID");
+    println!(
+        "{:<4} {:<14} {:<16} {:<9} {:<8} BUCKET",
+        "ID", "DEVICE", "NAME", "STATE", "PID"
+    );
     for r in all_records() {
         let state = frontend::device_state(r.id).unwrap_or_else(|| "gone".into());
-        let pid = if pid_alive(r.pid) { r.pid.to_string() } else { format!("{}(dead)", r.pid) };
-        println!("{:<4} {:<14} {:<16} {:<9} {:<8} {}", r.id, r.device, r.name, state, pid, r.bucket);
+        let pid = if pid_alive(r.pid) {
+            r.pid.to_string()
+        } else {
+            format!("{}(dead)", r.pid)
+        };
+        println!(
+            "{:<4} {:<14} {:<16} {:<9} {:<8} {}",
+            r.id, r.device, r.name, state, pid, r.bucket
+        );
     }
     Ok(())
 }
@@ -475,7 +537,10 @@ pub fn status(a: StatusArgs) -> Result<()> {
             .with_context(|| format!("device {}: server not answering (pid {})", r.id, r.pid))?;
         let v: serde_json::Value = serde_json::from_str(&reply)?;
         if a.json {
-            println!("{}", serde_json::json!({ "id": r.id, "device": r.device, "status": v }));
+            println!(
+                "{}",
+                serde_json::json!({ "id": r.id, "device": r.device, "status": v })
+            );
             continue;
         }
         let c = &v["counters"];
@@ -484,7 +549,11 @@ pub fn status(a: StatusArgs) -> Result<()> {
         println!("{} ({}), {}", r.device, r.name, r.bucket);
         println!(
             "  requests  reads {} writes {} flushes {} discards {} errors {}",
-            n(&c["reads"]), n(&c["writes"]), n(&c["flushes"]), n(&c["discards"]), n(&c["errors"])
+            n(&c["reads"]),
+            n(&c["writes"]),
+            n(&c["flushes"]),
+            n(&c["discards"]),
+            n(&c["errors"])
         );
         println!(
             "  bytes     read {} written {}",
@@ -495,7 +564,11 @@ pub fn status(a: StatusArgs) -> Result<()> {
             "  dirty     {} in {} chunks; last flush {}",
             format_bytes(n(&v["dirty_bytes"])),
             n(&v["dirty_chunks"]),
-            if last == 0 { "never".to_string() } else { format!("{} s ago", unix_now().saturating_sub(last)) }
+            if last == 0 {
+                "never".to_string()
+            } else {
+                format!("{} s ago", unix_now().saturating_sub(last))
+            }
         );
         println!(
             "  cache     {} (hits {} misses {})",

@@ -109,9 +109,12 @@ pub fn serve(
     let volume = shared.volume.clone();
     check_driver()?;
     if ![512, 4096].contains(&opts.logical_block) {
-        return Err(Error::InvalidArgument("logical block size must be 512 or 4096".into()));
+        return Err(Error::InvalidArgument(
+            "logical block size must be 512 or 4096".into(),
+        ));
     }
-    let flags = (libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    let flags =
+        (libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
     let dev_flags = if opts.recover {
         let old = UblkCtrl::new_simple(opts.id).map_err(|e| ublk_error("open device", e))?;
         old.start_user_recover()

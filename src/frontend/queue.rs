@@ -39,7 +39,13 @@ fn errno(e: &Error, counters: &Counters) -> i32 {
 }
 
 /// Serve one request; returns the ublk result (bytes done or -errno).
-async fn serve(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], shared: &Shared, wake: &Arc<EventFd>) -> i32 {
+async fn serve(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf: &mut [u8],
+    shared: &Shared,
+    wake: &Arc<EventFd>,
+) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let fua = iod.op_flags & libublk::sys::UBLK_IO_F_FUA != 0;
@@ -111,7 +117,12 @@ async fn serve(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], shared: &Shared, wak
     }
 }
 
-async fn tag_task(q: &UblkQueue<'_>, tag: u16, shared: &Shared, wake: &Arc<EventFd>) -> Result<(), UblkError> {
+async fn tag_task(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    shared: &Shared,
+    wake: &Arc<EventFd>,
+) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;

@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::journal::{Journal, Record};
 use crate::cache::ChunkData;
+use crate::error::Result;
 use crate::store::{Index, Loc};
 
 /// What a zeroed chunk counts against the dirty limit (it holds no data,
@@ -67,6 +69,8 @@ pub struct State {
     next_generation: u64,
     /// When the oldest unflushed write happened.
     pub oldest_dirty: Option<Instant>,
+    /// Where acknowledged writes outlive this process (daemon only).
+    pub journal: Option<Journal>,
 }
 
 impl State {
@@ -76,6 +80,7 @@ impl State {
             dirty: DirtyTable::default(),
             next_generation: 1,
             oldest_dirty: None,
+            journal: None,
         }
     }
 
@@ -92,6 +97,14 @@ impl State {
             self.dirty.bytes -= cost(&old.data);
         }
         self.dirty.bytes += new_cost;
+    }
+
+    /// Record a write in the journal (if any) before it is applied.
+    pub fn journal(&mut self, record: impl FnOnce() -> Record) -> Result<()> {
+        match self.journal.as_mut() {
+            Some(j) => j.append(&record()),
+            None => Ok(()),
+        }
     }
 
     /// Patch a chunk that is already dirty; false if it is not.

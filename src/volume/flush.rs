@@ -82,12 +82,20 @@ impl Inner {
     pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
         let mut fs = self.flush.lock().await;
         self.check_writable()?;
-        let captured = self.state.lock().capture();
-        if captured.is_empty() {
-            // Every earlier write was acknowledged by an earlier flush that
-            // also confirmed ownership: nothing to do, no request.
-            return Ok(());
-        }
+        let (captured, journal_mark) = {
+            let mut st = self.state.lock();
+            let captured = st.capture();
+            if captured.is_empty() {
+                // Every earlier write was acknowledged by an earlier flush
+                // that also confirmed ownership: nothing to do, no request.
+                return Ok(());
+            }
+            // Later writes go to a new journal segment; the captured ones
+            // are all in the segments before it.
+            let id = self.log.keys().volume_id;
+            let mark = st.journal.as_mut().map(|j| j.rotate(&id));
+            (captured, mark)
+        };
         // Compression and encryption are CPU work: off the async workers.
         let this = Arc::clone(self);
         let encoded = tokio::task::spawn_blocking(move || this.encode(&captured))
@@ -111,6 +119,11 @@ impl Inner {
                 if let (Some(loc), Some(data)) = (loc, data) {
                     self.cache.insert(*loc, data.clone());
                 }
+            }
+            match (&st.journal, journal_mark) {
+                (Some(j), Some(Ok(mark))) => j.release_before(mark),
+                (Some(_), Some(Err(e))) => tracing::warn!("journal rotation failed: {e}"),
+                _ => {}
             }
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);

@@ -14,6 +14,7 @@
 
 mod dirty;
 mod flush;
+pub mod journal;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -297,7 +298,15 @@ impl Volume {
             self.inner.wait_for_space().await?;
             let n = span.buf.len();
             if n == self.inner.chunk_size {
-                self.inner.state.lock().zero_chunk(span.chunk);
+                let mut st = self.inner.state.lock();
+                if st.holds_data(span.chunk) {
+                    let offset = span.chunk * n as u64;
+                    st.journal(|| journal::Record::Zeroes {
+                        offset,
+                        len: n as u64,
+                    })?;
+                    st.zero_chunk(span.chunk);
+                }
             } else if self.inner.state.lock().holds_data(span.chunk) {
                 let zeros = vec![0u8; n];
                 self.inner
@@ -319,6 +328,50 @@ impl Volume {
         self.inner.flush().await
     }
 
+    /// Keep acknowledged writes in a journal under `dir` (tmpfs) so they
+    /// outlive this process, after first replaying the journal the
+    /// previous writer (epoch − 1) left behind, if any, and flushing it.
+    /// Call before serving I/O. Returns how many records were replayed.
+    pub async fn attach_journal(&self, dir: &std::path::Path) -> Result<usize> {
+        let Some(epoch) = self.inner.log.epoch() else {
+            return Err(Error::InvalidArgument("volume is open read-only".into()));
+        };
+        let id = self.inner.log.keys().volume_id;
+        let found = journal::find(dir, &id);
+        let previous: Vec<_> = found.iter().filter(|(e, _, _)| *e + 1 == epoch).collect();
+        let mut replayed = 0;
+        for (i, (e, _, path)) in previous.iter().enumerate() {
+            let last = i + 1 == previous.len();
+            for record in journal::read_segment(path, &id, *e, last)? {
+                match record {
+                    journal::Record::Data { offset, data } => self.write(offset, &data).await?,
+                    journal::Record::Zeroes { offset, len } => {
+                        self.write_zeroes(offset, len).await?
+                    }
+                }
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            self.flush().await?;
+            tracing::warn!(
+                "replayed {replayed} acknowledged writes from the journal of the server that died (epoch {})",
+                epoch - 1
+            );
+        }
+        for (e, _, path) in &found {
+            if *e < epoch {
+                if *e + 1 != epoch {
+                    tracing::warn!("discarding stale journal {} (epoch {e})", path.display());
+                }
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let j = journal::Journal::create(dir, &id, epoch)?;
+        self.inner.state.lock().journal = Some(j);
+        Ok(replayed)
+    }
+
     /// Flush, checkpoint and release ownership (a clean shutdown).
     pub async fn close(mut self) -> Result<()> {
         if let Some(task) = self.flusher.take() {
@@ -328,6 +381,9 @@ impl Volume {
             return Ok(());
         }
         self.inner.flush().await?;
+        if let Some(j) = self.inner.state.lock().journal.take() {
+            j.remove();
+        }
         self.inner.checkpoint_now().await?;
         self.inner.log.release().await
     }
@@ -394,15 +450,30 @@ impl Inner {
     ) -> Result<()> {
         let cs = self.chunk_size;
         let n = bytes.map_or(cs - at, |b| b.len());
+        let offset = chunk * cs as u64 + at as u64;
+        let record = || match bytes {
+            Some(b) => journal::Record::Data {
+                offset,
+                data: b.to_vec(),
+            },
+            None => journal::Record::Zeroes {
+                offset,
+                len: n as u64,
+            },
+        };
         if at == 0 && n == cs {
             let data = bytes.map(|b| Arc::new(b.to_vec()));
-            self.state.lock().set_dirty(chunk, data);
+            let mut st = self.state.lock();
+            st.journal(record)?;
+            st.set_dirty(chunk, data);
             return Ok(());
         }
         loop {
             let loc = {
                 let mut st = self.state.lock();
-                if st.patch_dirty(chunk, at, bytes, cs) {
+                if st.dirty.get(chunk).is_some() {
+                    st.journal(record)?;
+                    st.patch_dirty(chunk, at, bytes, cs);
                     return Ok(());
                 }
                 st.index.get(chunk)
@@ -419,6 +490,7 @@ impl Inner {
                 Some(b) => base[at..at + n].copy_from_slice(b),
                 None => base[at..at + n].fill(0),
             }
+            st.journal(record)?;
             st.set_dirty(chunk, Some(Arc::new(base)));
             return Ok(());
         }

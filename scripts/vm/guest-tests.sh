@@ -1,0 +1,136 @@
+#!/bin/sh
+# The guest test suite (runs as /tests/main.sh inside the QEMU guest).
+# Against a file:// bucket on tmpfs and, when s3s-fs is present, an
+# S3-compatible server on 127.0.0.1 inside the guest.
+set -eu
+T=/usr/local/bin
+Z=$T/zerofs-ublk
+export ZEROFS_UBLK_RUN_DIR=/run/zerofs-ublk
+export ZEROFS_UBLK_LOG=info
+head -c 32 /dev/urandom > /tmp/key
+
+step() { echo "---- $*"; }
+fail() {
+  echo "FAIL: $*"
+  for f in "$ZEROFS_UBLK_RUN_DIR"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 30 "$f"; }; done
+  exit 1
+}
+server_pid() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$ZEROFS_UBLK_RUN_DIR/$1.json"; }
+dev_sum() { dd if="$1" bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1; }
+
+suite() {
+  label=$1; shift
+  B="$* --key-file /tmp/key"
+  step "[$label] add --create"
+  DEV=$($Z add $B --create --size 256M --queues 2 --depth 64 --name "vol-$label") || fail "add"
+  [ -b "$DEV" ] || fail "add printed $DEV, not a block device"
+  ID=${DEV#/dev/ublkb}
+  $Z list
+
+  step "[$label] ext4: mkfs, files, fsck, remount, checksums"
+  # The filesystem takes the first 48 MiB; raw-device tests below use 64M+.
+  $T/mkfs.ext4 -q -F "$DEV" 48M || fail "mkfs.ext4"
+  mount -t ext4 "$DEV" /mnt || fail "mount"
+  mkdir -p /mnt/tree/a/b
+  i=1
+  while [ $i -le 30 ]; do
+    dd if=/dev/urandom of=/mnt/tree/f$i bs=4k count=$((i * 5)) 2>/dev/null
+    i=$((i + 1))
+  done
+  yes "compressible line of text" | head -c 3000000 > /mnt/tree/a/b/text || true
+  (cd /mnt/tree && find . -type f | sort | xargs sha256sum > /tmp/sums-$label)
+  sync
+  umount /mnt
+  $T/fsck.ext4 -f -n "$DEV" || fail "fsck.ext4 found errors"
+  mount -t ext4 "$DEV" /mnt || fail "remount"
+  (cd /mnt/tree && sha256sum -c -s /tmp/sums-$label) || fail "checksums after remount"
+  umount /mnt
+
+  step "[$label] fio verify: 4k random and 128k sequential writes, iodepth 16"
+  $T/fio --name=rand4k --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite \
+    --bs=4k --offset=64M --size=16M --iodepth=16 --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --output-format=terse >/dev/null || fail "fio 4k random verify"
+  $T/fio --name=seq128k --filename="$DEV" --ioengine=io_uring --direct=1 --rw=write \
+    --bs=128k --offset=96M --size=48M --iodepth=16 --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --output-format=terse >/dev/null || fail "fio 128k sequential verify"
+  $Z status -n "$ID"
+
+  step "[$label] kill -9 the server under a write+fsync load, recover"
+  mkdir -p /tmp/blocks-$label
+  : > /tmp/done-$label
+  i=0
+  while [ $i -lt 120 ]; do
+    head -c 65536 /dev/urandom > /tmp/blocks-$label/$i
+    i=$((i + 1))
+  done
+  (
+    i=0
+    while [ $i -lt 120 ]; do
+      if dd if=/tmp/blocks-$label/$i of="$DEV" bs=64k seek=$((2000 + i)) count=1 conv=notrunc,fsync 2>/dev/null; then
+        echo $i >> /tmp/done-$label
+      fi
+      i=$((i + 1))
+    done
+  ) &
+  WRITER=$!
+  sleep 4
+  PID=$(server_pid "$ID")
+  kill -9 "$PID"
+  echo "killed server $PID after $(wc -l < /tmp/done-$label) fsynced blocks"
+  sleep 1
+  $Z list
+  DEV2=$($Z recover -n "$ID") || fail "recover"
+  [ "$DEV2" = "$DEV" ] || fail "recover gave $DEV2, expected $DEV"
+  wait $WRITER
+  DONE=$(wc -l < /tmp/done-$label)
+  [ "$DONE" -gt 0 ] || fail "no block completed"
+  echo 3 > /proc/sys/vm/drop_caches
+  for i in $(cat /tmp/done-$label); do
+    a=$(dd if="$DEV" bs=64k skip=$((2000 + i)) count=1 2>/dev/null | sha256sum | cut -d' ' -f1)
+    b=$(sha256sum < /tmp/blocks-$label/$i | cut -d' ' -f1)
+    [ "$a" = "$b" ] || fail "fsynced block $i differs after kill -9 and recover"
+  done
+  echo "all $DONE fsynced blocks intact after recovery"
+  $T/fio --name=after --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite \
+    --bs=4k --offset=160M --size=4M --iodepth=16 --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --output-format=terse >/dev/null || fail "fio after recovery"
+  mount -t ext4 "$DEV" /mnt && (cd /mnt/tree && sha256sum -c -s /tmp/sums-$label) || fail "files after recovery"
+  umount /mnt
+
+  step "[$label] del, add again from the bucket: identical contents"
+  echo 3 > /proc/sys/vm/drop_caches
+  SUM1=$(dev_sum "$DEV")
+  $Z del --timeout 60 -n "$ID" || fail "del"
+  [ ! -e "$DEV" ] || fail "$DEV still exists after del"
+  DEV=$($Z add $B --name "vol-$label") || fail "re-add"
+  ID=${DEV#/dev/ublkb}
+  SUM2=$(dev_sum "$DEV")
+  [ "$SUM1" = "$SUM2" ] || fail "device contents changed across del/add ($SUM1 vs $SUM2)"
+  echo "contents identical after del + add: $SUM1"
+
+  step "[$label] blkdiscard reads zeros; a second add is refused"
+  $T/blkdiscard -f -o $((200 << 20)) -l $((8 << 20)) "$DEV" || fail "blkdiscard"
+  echo 3 > /proc/sys/vm/drop_caches
+  Z1=$(dd if="$DEV" bs=1M skip=200 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)
+  Z2=$(dd if=/dev/zero bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "$Z1" = "$Z2" ] || fail "discarded range does not read zeros"
+  if OUT=$($Z add $B --name "dup-$label" 2>&1); then fail "second add of the same volume succeeded: $OUT"; fi
+  echo "$OUT" | grep -q "in use" || fail "second add failed for the wrong reason: $OUT"
+  echo "second add refused: $OUT"
+  $Z del --timeout 60 -n "$ID" || fail "final del"
+  echo "PASS [$label]"
+}
+
+suite file --bucket file:///tmp/bucket
+
+if [ -x $T/s3s-fs ]; then
+  mkdir -p /tmp/s3root/vols
+  $T/s3s-fs --host 127.0.0.1 --port 9000 --access-key test --secret-key testsecret /tmp/s3root \
+    > /tmp/s3s.log 2>&1 &
+  sleep 2
+  export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testsecret AWS_REGION=us-east-1
+  suite s3 --bucket s3://vols/db --endpoint http://127.0.0.1:9000
+else
+  echo "s3s-fs not in the guest image: S3 suite not run"
+  exit 1
+fi
