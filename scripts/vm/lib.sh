@@ -49,6 +49,9 @@ vm_base_initramfs() {
   ln -sf mke2fs "$root/usr/local/bin/mkfs.ext4"
   ln -sf e2fsck "$root/usr/local/bin/fsck.ext4"
   touch "$root/etc/mtab"
+  # TLS clients want the system's CA store even for plain-http endpoints.
+  mkdir -p "$root/etc/ssl/certs"
+  cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/" 2>/dev/null || true
   (cd "$root" && find . | cpio -o -H newc --quiet) > "$BASE_CPIO.tmp"
   mv "$BASE_CPIO.tmp" "$BASE_CPIO"
   rm -rf "$root"
