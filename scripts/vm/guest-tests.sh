@@ -26,6 +26,7 @@ suite() {
   [ -b "$DEV" ] || fail "add printed $DEV, not a block device"
   ID=${DEV#/dev/ublkb}
   $Z list
+  [ "$($Z udev-name "ublkb$ID")" = "ZEROFS_UBLK_NAME=vol-$label" ] || fail "udev-name"
 
   step "[$label] ext4: mkfs, files, fsck, remount, checksums"
   # The filesystem takes the first 48 MiB; raw-device tests below use 64M+.
@@ -95,6 +96,14 @@ suite() {
     --bs=4k --offset=160M --size=4M --iodepth=16 --verify=crc32c --verify_fatal=1 \
     --do_verify=1 --output-format=terse >/dev/null || fail "fio after recovery"
   mount -t ext4 "$DEV" /mnt && (cd /mnt/tree && sha256sum -c -s /tmp/sums-$label) || fail "files after recovery"
+  umount /mnt
+
+  step "[$label] kill -9 again; a plain add of the same name recovers the device"
+  kill -9 "$(server_pid "$ID")"
+  sleep 1
+  DEV3=$($Z add $B --name "vol-$label") || fail "add after crash"
+  [ "$DEV3" = "$DEV" ] || fail "add after crash made $DEV3, not recovered $DEV"
+  mount -t ext4 "$DEV" /mnt && (cd /mnt/tree && sha256sum -c -s /tmp/sums-$label) || fail "files after re-add"
   umount /mnt
 
   step "[$label] del, add again from the bucket: identical contents"

@@ -36,7 +36,7 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
         match value {
             toml::Value::Boolean(true) => flags.push(flag),
             toml::Value::Boolean(false) => {}
-            toml::Value::String(s) => flags.extend([flag, s]),
+            toml::Value::String(s) => flags.extend([flag, expand_credentials(&s)?]),
             toml::Value::Integer(i) => flags.extend([flag, i.to_string()]),
             other => bail!("{path}: {key} = {other} is not a string, number or boolean"),
         }
@@ -46,6 +46,18 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
     out.extend(args[2..pos].iter().cloned());
     out.extend(args[pos + consumed..].iter().cloned());
     Ok(out)
+}
+
+/// `${CREDENTIALS_DIRECTORY}` in a value becomes systemd's credentials
+/// directory (for `LoadCredential=`), so secrets never sit in the file.
+fn expand_credentials(value: &str) -> Result<String> {
+    const VAR: &str = "${CREDENTIALS_DIRECTORY}";
+    if !value.contains(VAR) {
+        return Ok(value.to_string());
+    }
+    let dir = std::env::var("CREDENTIALS_DIRECTORY")
+        .context("config uses ${CREDENTIALS_DIRECTORY} but systemd set none (LoadCredential=)")?;
+    Ok(value.replace(VAR, &dir))
 }
 
 #[cfg(test)]

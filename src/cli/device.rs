@@ -103,7 +103,7 @@ fn read_record(id: u32) -> Result<DeviceRecord> {
     let path = record_path(id);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("no zerofs-ublk device {id} (no {})", path.display()))?;
-    Ok(serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?)
+    serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))
 }
 
 fn all_records() -> Vec<DeviceRecord> {
@@ -144,8 +144,33 @@ fn default_name(bucket: &str) -> String {
 }
 
 /// `add`: in the foreground, or start ourselves in the background.
-pub async fn add(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
+pub async fn add(mut a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     frontend::check_driver()?;
+    // A device of this name whose server died is waiting for recovery:
+    // reattach to it instead of making a second device (this is what a
+    // systemd restart after a crash does).
+    if a.recover_id.is_none() {
+        let name = a
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(&a.bucket.bucket));
+        let waiting = all_records().into_iter().find(|r| {
+            r.name == name
+                && !pid_alive(r.pid)
+                && matches!(
+                    frontend::device_state(r.id).as_deref(),
+                    Some("quiesced" | "fail-io")
+                )
+        });
+        if let Some(r) = waiting {
+            tracing::warn!("device {} ({name}) lost its server: recovering it", r.id);
+            eprintln!(
+                "zerofs-ublk: recovering device {} ({name}) whose server died",
+                r.id
+            );
+            a.recover_id = Some(r.id);
+        }
+    }
     if a.foreground {
         return serve(a, raw_args).await;
     }
@@ -351,6 +376,7 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     tracing::info!("serving {} as {}", a.bucket.bucket, info.block_device);
     println!("{READY} {}", info.block_device);
     let _ = std::io::stdout().flush();
+    sd_notify(&format!("READY=1\nSTATUS=serving {}", info.block_device));
 
     // Run until SIGTERM/SIGINT (then stop the device) or until the device
     // is stopped from outside.
@@ -365,6 +391,7 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
             tracing::info!("device {id} stopped: {:?}", r.as_ref().map(|_| ()));
         }
     }
+    sd_notify("STOPPING=1\nSTATUS=flushing");
     let _ = frontend::stop(id);
     if !server.is_finished() {
         let _ = server.await;
@@ -388,6 +415,47 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// Tell systemd (Type=notify) about our state, if it is listening.
+pub fn sd_notify(message: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(message.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("sd_notify to {path} failed: {e}");
+    }
+}
+
+/// For the udev rule: `ZEROFS_UBLK_NAME=<name>` of block device `ublkbN`,
+/// from the json libublk writes before the device starts.
+pub fn udev_name(kernel_name: &str) -> Result<()> {
+    let id: u32 = kernel_name
+        .trim_start_matches("/dev/")
+        .strip_prefix("ublkb")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{kernel_name} is not a ublk block device"))?;
+    let ctrl = libublk::ctrl::UblkCtrl::new_simple(id as i32)
+        .map_err(|e| anyhow::anyhow!("ublk device {id}: {e}"))?;
+    let data = ctrl
+        .get_target_data_from_json()
+        .with_context(|| format!("ublk device {id} has no target data"))?;
+    let name = data["name"]
+        .as_str()
+        .with_context(|| format!("ublk device {id} is not a zerofs-ublk volume"))?;
+    println!("ZEROFS_UBLK_NAME={name}");
+    Ok(())
+}
+
 /// The queues hold clones of the volume until their threads end.
 async fn wait_unique(mut v: Arc<Volume>) -> Result<Volume, Arc<Volume>> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -400,6 +468,29 @@ async fn wait_unique(mut v: Arc<Volume>) -> Result<Volume, Arc<Volume>> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sd_notify_reaches_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        // SAFETY: test-local; no other thread reads NOTIFY_SOCKET here.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        super::sd_notify("READY=1");
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+    }
+
+    #[test]
+    fn default_names_are_safe_for_udev() {
+        assert_eq!(super::default_name("s3://bucket/pg/main/"), "main");
+        assert_eq!(super::default_name("file:///var/lib/x y"), "x_y");
     }
 }
 

@@ -59,6 +59,9 @@ enum Command {
     Recover(device::RecoverArgs),
     /// Per-device counters: requests, bytes, dirty data, last flush.
     Status(device::StatusArgs),
+    /// For the udev rule: print ZEROFS_UBLK_NAME of a ublkbN device.
+    #[command(hide = true)]
+    UdevName { kernel_name: String },
 }
 
 pub fn main() -> ExitCode {
@@ -98,6 +101,7 @@ async fn run(command: Command, args: Vec<String>) -> Result<()> {
         Command::List => device::list(),
         Command::Recover(a) => device::recover(a).await,
         Command::Status(a) => device::status(a),
+        Command::UdevName { kernel_name } => device::udev_name(&kernel_name),
         Command::Create(a) => create(a).await,
         Command::Inspect(a) => inspect::run(a).await,
         Command::Import(a) => image::import(a).await,
