@@ -75,7 +75,7 @@ vm_run() {
   local log="$run/console.log"
   set +e
   timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 \
-    -accel tcg,thread=multi -cpu max -m 2G -smp 2 \
+    -accel tcg,thread=multi -cpu max -m "${VM_MEM:-2G}" -smp 2 \
     -nographic -no-reboot -nic none \
     -kernel "$KERNEL" -initrd "$run/initrd" \
     -append "console=ttyS0 panic=-1 quiet loglevel=3" < /dev/null 2>&1 | tee "$log"

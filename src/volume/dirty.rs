@@ -100,7 +100,7 @@ impl State {
     }
 
     /// Record a write in the journal (if any) before it is applied.
-    pub fn journal(&mut self, record: impl FnOnce() -> Record) -> Result<()> {
+    pub fn journal<'a>(&mut self, record: impl FnOnce() -> Record<'a>) -> Result<()> {
         match self.journal.as_mut() {
             Some(j) => j.append(&record()),
             None => Ok(()),

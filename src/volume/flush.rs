@@ -79,6 +79,28 @@ impl Inner {
         Ok(out)
     }
 
+    async fn encode_parallel(self: &Arc<Self>, captured: Vec<Captured>) -> Result<Vec<Encoded>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Small flushes stay in one segment: parts of at least 8 chunks.
+        let parts = threads.min(captured.len().div_ceil(8)).max(1);
+        let per_part = captured.len().div_ceil(parts);
+        let captured = Arc::new(captured);
+        let tasks: Vec<_> = (0..parts)
+            .map(|p| {
+                let (this, captured) = (Arc::clone(self), Arc::clone(&captured));
+                tokio::task::spawn_blocking(move || {
+                    let end = ((p + 1) * per_part).min(captured.len());
+                    this.encode(&captured[p * per_part..end])
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.extend(t.await.expect("encode task")?);
+        }
+        Ok(out)
+    }
+
     pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
         let mut fs = self.flush.lock().await;
         self.check_writable()?;
@@ -96,11 +118,10 @@ impl Inner {
             let mark = st.journal.as_mut().map(|j| j.rotate(&id));
             (captured, mark)
         };
-        // Compression and encryption are CPU work: off the async workers.
-        let this = Arc::clone(self);
-        let encoded = tokio::task::spawn_blocking(move || this.encode(&captured))
-            .await
-            .expect("encode task")?;
+        // Compression and encryption are CPU work: off the async workers,
+        // on all cores. Each part holds distinct chunks, so the order of
+        // its segments relative to the other parts' does not matter.
+        let encoded = self.encode_parallel(captured).await?;
         let uploads = encoded
             .iter()
             .map(|e| self.log.put_segment(e.id, e.bytes.clone()));

@@ -18,6 +18,7 @@
 //! the end of the newest segment (the process died mid-append, before the
 //! write was acknowledged) ends the replay.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,9 +32,16 @@ const KIND_DATA: u8 = 1;
 const KIND_ZEROES: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
-    Data { offset: u64, data: Vec<u8> },
-    Zeroes { offset: u64, len: u64 },
+pub enum Record<'a> {
+    /// Borrowed when appending (no copy), owned when read back.
+    Data {
+        offset: u64,
+        data: Cow<'a, [u8]>,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+    },
 }
 
 pub struct Journal {
@@ -185,7 +193,7 @@ pub fn read_segment(
     volume_id: &[u8; 16],
     epoch: u64,
     last: bool,
-) -> Result<Vec<Record>> {
+) -> Result<Vec<Record<'static>>> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -204,7 +212,7 @@ pub fn read_segment(
     let mut records = Vec::new();
     let mut pos = HEADER_LEN;
     while pos < bytes.len() {
-        let torn = |records: Vec<Record>| {
+        let torn = |records: Vec<Record<'static>>| {
             if last {
                 Ok(records)
             } else {
@@ -230,7 +238,7 @@ pub fn read_segment(
         records.push(match kind {
             KIND_DATA => Record::Data {
                 offset,
-                data: data.to_vec(),
+                data: Cow::Owned(data.to_vec()),
             },
             KIND_ZEROES => Record::Zeroes { offset, len },
             _ => return Err(bad("unknown record kind")),
@@ -251,7 +259,7 @@ mod tests {
         let mut j = Journal::create(dir.path(), &id, 7).unwrap();
         let a = Record::Data {
             offset: 4096,
-            data: vec![9; 1000],
+            data: vec![9; 1000].into(),
         };
         let z = Record::Zeroes {
             offset: 0,

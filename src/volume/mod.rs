@@ -454,7 +454,7 @@ impl Inner {
         let record = || match bytes {
             Some(b) => journal::Record::Data {
                 offset,
-                data: b.to_vec(),
+                data: std::borrow::Cow::Borrowed(b),
             },
             None => journal::Record::Zeroes {
                 offset,

@@ -1,0 +1,50 @@
+#!/bin/sh
+# Guest side of scripts/bench-vm.sh: the same fio jobs against zerofs-ublk
+# (file:// bucket on tmpfs, warm memory cache) and against `rublk add loop`
+# on a tmpfs file of the same size, in one boot. Prints one
+# "BENCH <target> <job> <fio terse line>" per job.
+set -eu
+T=/usr/local/bin
+export ZEROFS_UBLK_RUN_DIR=/run/zerofs-ublk
+SIZE_MB=${BENCH_SIZE_MB:-512}
+RUNTIME=${BENCH_RUNTIME:-10}
+QUEUES=${BENCH_QUEUES:-1}
+head -c 32 /dev/urandom > /tmp/key
+
+jobs() {
+  target=$1 dev=$2
+  common="--filename=$dev --ioengine=io_uring --direct=1 --iodepth=32 --refill_buffers --output-format=terse --terse-version=3"
+  # Fill the whole device first so reads read data, not holes.
+  echo "BENCH $target fill $($T/fio --name=fill $common --rw=write --bs=1M --size=${SIZE_MB}M)"
+  for job in "randread 4k" "randwrite 4k" "write 1M" "read 1M"; do
+    set -- $job
+    echo "BENCH $target $1-$2 $($T/fio --name=$1 $common --rw=$1 --bs=$2 --size=${SIZE_MB}M --time_based --runtime=$RUNTIME)"
+  done
+}
+
+echo "---- engine alone (import of 128 MiB random data, no ublk)"
+head -c 128M /dev/urandom > /tmp/rand.img
+$T/zerofs-ublk create --bucket file:///tmp/engine --key-file /tmp/key --size 128M
+s=$(date +%s%N)
+$T/zerofs-ublk import --bucket file:///tmp/engine --key-file /tmp/key /tmp/rand.img
+e=$(date +%s%N)
+echo "BENCH-ENGINE import-128M-random $(( (e - s) / 1000000 )) ms"
+s=$(date +%s%N); cp /tmp/rand.img /tmp/copy.img; e=$(date +%s%N)
+echo "BENCH-ENGINE cp-128M-tmpfs $(( (e - s) / 1000000 )) ms"
+rm -rf /tmp/engine /tmp/copy.img /tmp/rand.img
+
+echo "---- zerofs-ublk"
+DEV=$($T/zerofs-ublk add --bucket file:///tmp/bucket --key-file /tmp/key --create --size ${SIZE_MB}M \
+  --queues $QUEUES --cache-memory $((SIZE_MB * 2))M --name bench)
+jobs zerofs-ublk "$DEV"
+$T/zerofs-ublk status -n "${DEV#/dev/ublkb}"
+MEM=$(grep VmHWM /proc/$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' $ZEROFS_UBLK_RUN_DIR/*.json)/status)
+echo "BENCH-MEM zerofs-ublk $MEM"
+$T/zerofs-ublk del --all
+echo "---- rublk loop"
+truncate -s ${SIZE_MB}M /tmp/loop.img
+$T/rublk add loop -f /tmp/loop.img -q $QUEUES --quiet
+sleep 1
+DEV=$(ls /dev/ublkb* | head -n1)
+jobs rublk-loop "$DEV"
+$T/rublk del -a
