@@ -68,7 +68,11 @@ impl Codec {
         plain.push(FLAG_ZSTD);
         let bound = zstd::zstd_safe::compress_bound(data.len());
         plain.resize(1 + bound, 0);
-        let compressed = zstd::bulk::compress_to_buffer(data, &mut plain[1..], self.level);
+        let compressed = if self.looks_incompressible(data) {
+            Err(std::io::Error::other("skipped"))
+        } else {
+            zstd::bulk::compress_to_buffer(data, &mut plain[1..], self.level)
+        };
         match compressed {
             // Keep zstd only when it saves at least 1/64 of the chunk.
             Ok(n) if n < data.len() - data.len() / 64 => plain.truncate(1 + n),
@@ -81,6 +85,21 @@ impl Codec {
         let nonce = counter_nonce(domain::FRAME, offset);
         let aad = aad(&self.keys.volume_id, key.segment, offset, chunk);
         key.key.seal(&nonce, &aad, &plain)
+    }
+
+    /// Compressing the first 4 KiB predicts the rest: random or already
+    /// compressed data (media, encrypted files, compressed filesystems)
+    /// then skips the full zstd attempt, which would be thrown away.
+    fn looks_incompressible(&self, data: &[u8]) -> bool {
+        const SAMPLE: usize = 4096;
+        if data.len() <= 2 * SAMPLE {
+            return false;
+        }
+        let mut out = [0u8; SAMPLE + 128];
+        match zstd::bulk::compress_to_buffer(&data[..SAMPLE], &mut out, self.level) {
+            Ok(n) => n >= SAMPLE - SAMPLE / 32,
+            Err(_) => true,
+        }
     }
 
     /// Authenticate, decrypt and decompress one frame. Any failure is an
@@ -160,6 +179,18 @@ mod tests {
                 data
             );
         }
+    }
+
+    #[test]
+    fn compressible_tail_behind_a_random_head_still_roundtrips() {
+        let c = Codec::new(VolumeKeys::new([7; 16], DataKey::random()), 1, 65536);
+        let mut data: Vec<u8> = (0..4096).map(|_| rand::random()).collect();
+        data.resize(65536, 0);
+        let frame = c.encode(&c.frame_key(SEG), 0, 1, &data);
+        assert_eq!(c.decode(loc(0, frame.len()), 1, &frame).unwrap(), data);
+        let text = b"all work and no play ".repeat(4000)[..65536].to_vec();
+        let frame = c.encode(&c.frame_key(SEG), 0, 2, &text);
+        assert!(frame.len() < 8192, "text compresses: {}", frame.len());
     }
 
     #[test]
