@@ -174,3 +174,32 @@ macro_rules! on_every_backend {
 
 on_every_backend!(object_store_contract);
 on_every_backend!(volume_semantics);
+
+/// The frontend's hot path: a read served from memory must equal the
+/// normal read, and must decline (not guess) when the store is needed.
+#[tokio::test]
+async fn cached_reads_match_and_decline_on_miss() {
+    let store = common::memory();
+    let vol = create_and_open(&store, 16).await;
+    let cs = CHUNK as u64;
+    let data = pattern(7, 3 * cs as usize);
+    vol.write(cs, &data).await.unwrap();
+    let mut buf = vec![0u8; 4 * cs as usize];
+    // Dirty data and unmapped zeros are in memory.
+    assert!(vol.try_read_cached(0, &mut buf).unwrap());
+    assert_eq!(buf, vol.read(0, buf.len()).await.unwrap());
+    vol.close().await.unwrap();
+    // A cold volume: the chunks are only in the store.
+    let vol = Volume::open(store.clone(), &secret(), writer(false), test_config())
+        .await
+        .unwrap();
+    assert!(
+        !vol.try_read_cached(cs, &mut buf[..512]).unwrap(),
+        "declines on a miss"
+    );
+    vol.read(cs, cs as usize).await.unwrap(); // warms the cache for chunk 1
+    let mut hot = vec![0u8; 1024];
+    assert!(vol.try_read_cached(cs + 512, &mut hot).unwrap());
+    assert_eq!(hot, data[512..1536]);
+    assert!(vol.try_read_cached(3, &mut hot).is_err(), "misaligned");
+}

@@ -278,6 +278,38 @@ impl Volume {
         Ok(())
     }
 
+    /// Serve a read from memory only — dirty table, clean cache, zeros —
+    /// without waiting for anything. `Ok(false)` when some part would need
+    /// the store (the buffer is then partly filled; read it normally).
+    /// Lets the frontend answer hot reads on its own thread.
+    pub fn try_read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.check_range(offset, buf.len() as u64)?;
+        for span in spans(offset, buf.len(), self.inner.chunk_size) {
+            let out = &mut buf[span.buf.clone()];
+            let loc = {
+                let st = self.inner.state.lock();
+                match st.dirty.get(span.chunk) {
+                    Some(data) => {
+                        copy_or_zero(
+                            out,
+                            data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
+                        );
+                        continue;
+                    }
+                    None => st.index.get(span.chunk),
+                }
+            };
+            match loc {
+                None => out.fill(0),
+                Some(loc) => match self.inner.cache.get(&loc) {
+                    Some(data) => out.copy_from_slice(&data[span.at..span.at + out.len()]),
+                    None => return Ok(false),
+                },
+            }
+        }
+        Ok(true)
+    }
+
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
         for span in spans(offset, data.len(), self.inner.chunk_size) {
