@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::args::{BucketArgs, KeyArgs, WriterArgs};
 use super::{format_bytes, open_store};
-use crate::store::{LogStore, OpenMode};
+use crate::store::LogStore;
 use crate::volume::{OpenOptions, SECTOR, Volume, VolumeConfig};
 
 /// Chunks read concurrently by `export`.
@@ -229,20 +229,11 @@ impl Sink {
 }
 
 pub async fn export(a: ExportArgs) -> Result<()> {
-    let secret = a.key.load()?;
-    let store = open_store(&a.bucket)?;
-    let vol = Volume::open(
-        store,
-        &secret,
-        OpenOptions {
-            mode: OpenMode::ReadOnly,
-        },
-        VolumeConfig {
-            cache_bytes: 0,
-            ..VolumeConfig::default()
-        },
-    )
-    .await?;
+    let cfg = VolumeConfig {
+        cache_bytes: 0,
+        ..VolumeConfig::default()
+    };
+    let vol = super::open_read_only(&a.bucket, &a.key, cfg).await?;
     let mut sink = Sink::open(&a.dest, a.overwrite)?;
     let (size, cs) = (vol.size(), vol.chunk_size() as u64);
     let bar = progress(Some(size), a.no_progress || a.dest == "-");

@@ -5,9 +5,8 @@ use clap::Args;
 use serde::Serialize;
 
 use super::args::{BucketArgs, KeyArgs};
-use super::{format_bytes, open_store};
-use crate::store::OpenMode;
-use crate::volume::{OpenOptions, Volume, VolumeConfig};
+use super::format_bytes;
+use crate::volume::VolumeConfig;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -43,17 +42,7 @@ struct Report {
 }
 
 pub async fn run(a: InspectArgs) -> Result<()> {
-    let secret = a.key.load()?;
-    let store = open_store(&a.bucket)?;
-    let vol = Volume::open(
-        store,
-        &secret,
-        OpenOptions {
-            mode: OpenMode::ReadOnly,
-        },
-        VolumeConfig::default(),
-    )
-    .await?;
+    let vol = super::open_read_only(&a.bucket, &a.key, VolumeConfig::default()).await?;
     let p = &vol.superblock().params;
     let stats = vol.stats();
     let s = vol.summary();

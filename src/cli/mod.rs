@@ -117,6 +117,20 @@ fn reparse_add(args: &[String]) -> Result<device::AddArgs> {
     }
 }
 
+/// Open a volume read-only (inspect, export): no claim, nothing written.
+pub async fn open_read_only(
+    bucket: &BucketArgs,
+    key: &KeyArgs,
+    cfg: crate::volume::VolumeConfig,
+) -> Result<Volume> {
+    let secret = key.load()?;
+    let store = open_store(bucket)?;
+    let opts = crate::volume::OpenOptions {
+        mode: crate::store::OpenMode::ReadOnly,
+    };
+    Ok(Volume::open(store, &secret, opts, cfg).await?)
+}
+
 /// Open the object store named by `--bucket`.
 pub fn open_store(bucket: &BucketArgs) -> Result<DynStore> {
     Ok(open_bucket(&bucket.options())?)

@@ -254,18 +254,8 @@ impl Volume {
         self.check_range(offset, buf.len() as u64)?;
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
-            let loc = {
-                let st = self.inner.state.lock();
-                match st.dirty.get(span.chunk) {
-                    Some(data) => {
-                        copy_or_zero(
-                            out,
-                            data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
-                        );
-                        continue;
-                    }
-                    None => st.index.get(span.chunk),
-                }
+            let Some(loc) = self.inner.from_dirty(&span, out) else {
+                continue;
             };
             match loc {
                 None => out.fill(0),
@@ -286,18 +276,8 @@ impl Volume {
         self.check_range(offset, buf.len() as u64)?;
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
-            let loc = {
-                let st = self.inner.state.lock();
-                match st.dirty.get(span.chunk) {
-                    Some(data) => {
-                        copy_or_zero(
-                            out,
-                            data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
-                        );
-                        continue;
-                    }
-                    None => st.index.get(span.chunk),
-                }
+            let Some(loc) = self.inner.from_dirty(&span, out) else {
+                continue;
             };
             match loc {
                 None => out.fill(0),
@@ -453,6 +433,22 @@ impl Inner {
             None => Err(Error::InvalidArgument("volume is open read-only".into())),
             Some(epoch) if self.fenced.load(Ordering::SeqCst) => Err(Error::Fenced(epoch)),
             Some(_) => Ok(()),
+        }
+    }
+
+    /// Copy a span out of the dirty table if the chunk is dirty (`None`);
+    /// otherwise return where the clean chunk lives (`Some(None)`: zeros).
+    fn from_dirty(&self, span: &Span, out: &mut [u8]) -> Option<Option<Loc>> {
+        let st = self.state.lock();
+        match st.dirty.get(span.chunk) {
+            Some(data) => {
+                copy_or_zero(
+                    out,
+                    data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
+                );
+                None
+            }
+            None => Some(st.index.get(span.chunk)),
         }
     }
 
