@@ -254,7 +254,7 @@ impl Volume {
         self.check_range(offset, buf.len() as u64)?;
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
-            let Some(loc) = self.inner.from_dirty(&span, out) else {
+            let Some(loc) = self.inner.copy_if_dirty(&span, out) else {
                 continue;
             };
             match loc {
@@ -276,7 +276,7 @@ impl Volume {
         self.check_range(offset, buf.len() as u64)?;
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
-            let Some(loc) = self.inner.from_dirty(&span, out) else {
+            let Some(loc) = self.inner.copy_if_dirty(&span, out) else {
                 continue;
             };
             match loc {
@@ -438,7 +438,7 @@ impl Inner {
 
     /// Copy a span out of the dirty table if the chunk is dirty (`None`);
     /// otherwise return where the clean chunk lives (`Some(None)`: zeros).
-    fn from_dirty(&self, span: &Span, out: &mut [u8]) -> Option<Option<Loc>> {
+    fn copy_if_dirty(&self, span: &Span, out: &mut [u8]) -> Option<Option<Loc>> {
         let st = self.state.lock();
         match st.dirty.get(span.chunk) {
             Some(data) => {
