@@ -317,3 +317,22 @@ fn integrity_failure_names_the_chunk() {
         "integrity error: chunk ",
     );
 }
+
+#[test]
+fn add_without_ublk_driver_says_so_and_claims_nothing() {
+    let env = Env::new();
+    env.create("1M");
+    let before = env.bucket_files();
+    let out = env.vol(&["add", "--foreground"]);
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        // A machine with ublk: this test is about machines without it.
+        // The device suite (scripts/vm-test.sh) covers the other case.
+        assert!(out.status.success() || !out.stderr.is_empty());
+        return;
+    }
+    fails(
+        &out,
+        "ublk_drv is not loaded (/dev/ublk-control is missing; run: modprobe ublk_drv)",
+    );
+    assert!(before == env.bucket_files(), "no epoch was claimed");
+}
