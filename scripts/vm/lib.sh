@@ -11,7 +11,11 @@ mkdir -p "$VM_CACHE"
 # rename the versioned package) and unpack it; never installed on the host.
 vm_kernel() {
   local pkg
-  pkg=$(apt-cache depends linux-image-6.12-cloud-amd64 | awk '/Depends:/{print $2; exit}')
+  pkg=$(apt-cache depends linux-image-6.12-cloud-amd64 2>/dev/null | awk '/Depends:/{print $2; exit}' || true)
+  if [ -z "$pkg" ]; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    pkg=$(apt-cache depends linux-image-6.12-cloud-amd64 | awk '/Depends:/{print $2; exit}')
+  fi
   [ -n "$pkg" ] || { echo "cannot resolve linux-image-6.12-cloud-amd64 (apt-get update?)" >&2; return 1; }
   if [ ! -d "$VM_CACHE/$pkg" ]; then
     local tmp; tmp=$(mktemp -d "$VM_CACHE/dl.XXXX")
