@@ -308,6 +308,7 @@ fn spawn_status_server(
                 "cache_misses": stats.cache.misses,
                 "epoch": stats.epoch,
                 "started_unix": started,
+                "store_requests": shared.volume.request_stats(),
             });
             let _ = conn.write_all(reply.to_string().as_bytes()).await;
         }
@@ -660,6 +661,19 @@ pub fn status(a: StatusArgs) -> Result<()> {
             } else {
                 format!("{} s ago", unix_now().saturating_sub(last))
             }
+        );
+        let r = &v["store_requests"];
+        println!(
+            "  store     GET {} ranged GET {} PUT {} conditional PUT {} HEAD {} LIST {} DELETE {}; in {} out {}",
+            n(&r["get"]),
+            n(&r["ranged_get"]),
+            n(&r["put"]),
+            n(&r["conditional_put"]),
+            n(&r["head"]),
+            n(&r["list"]),
+            n(&r["delete"]),
+            format_bytes(n(&r["bytes_in"])),
+            format_bytes(n(&r["bytes_out"]))
         );
         println!(
             "  cache     {} (hits {} misses {})",

@@ -3,12 +3,13 @@
 //! is acknowledged.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::backend::{DynStore, ObjectInfo, StoreError};
+use super::backend::{CountingStore, DynStore, ObjectInfo, RequestStats, StoreError};
 use super::checkpoint::{self, CHECKPOINT_PREFIX, checkpoint_key};
 use super::fencing::{
     Claim, EPOCH_PREFIX, RELEASE_PREFIX, SEAL_PREFIX, Seal, SealChain, epoch_name, open_record,
@@ -57,6 +58,7 @@ pub struct LogSummary {
 
 pub struct LogStore {
     store: DynStore,
+    counting: CountingStore,
     superblock: Superblock,
     keys: VolumeKeys,
     /// Our epoch when writing; None when read-only.
@@ -139,10 +141,13 @@ impl LogStore {
         secret: &Secret,
         mode: OpenMode,
     ) -> Result<(LogStore, Index, LogSummary)> {
+        let counting = CountingStore::new(store);
+        let store: DynStore = Arc::new(counting.clone());
         let superblock = Self::read_superblock(&store).await?;
         let keys = superblock.unlock(secret)?;
         let mut log = LogStore {
             store,
+            counting,
             superblock,
             keys,
             epoch: None,
@@ -346,6 +351,11 @@ impl LogStore {
         };
         let (entries, _crc) = segment::decode_table(&self.keys, id, &sealed, table_off)?;
         Ok((id, entries))
+    }
+
+    /// Every request this volume made of the store since it was opened.
+    pub fn request_stats(&self) -> RequestStats {
+        self.counting.stats()
     }
 
     pub fn superblock(&self) -> &Superblock {

@@ -219,6 +219,11 @@ impl Volume {
         }
     }
 
+    /// Store requests and bytes by kind since open.
+    pub fn request_stats(&self) -> crate::store::backend::RequestStats {
+        self.inner.log.request_stats()
+    }
+
     /// A copy of the current index (for tools and tests).
     pub fn index_snapshot(&self) -> Index {
         self.inner.state.lock().index.clone()

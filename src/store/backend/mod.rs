@@ -11,6 +11,7 @@
 //!   (read-after-write and list-after-write consistency);
 //! - `get_range` returns exactly the requested bytes.
 
+mod counting;
 mod faulty;
 mod local;
 mod memory;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use counting::{CountingStore, RequestStats};
 pub use faulty::{FaultPlan, FaultyStore};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;

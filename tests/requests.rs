@@ -1,0 +1,90 @@
+//! Request accounting: what workloads cost in store requests, counted by
+//! the log store's own accounting layer.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use zerofs_ublk::volume::{Volume, VolumeConfig};
+
+#[tokio::test]
+async fn open_flush_and_read_cost_what_they_should() {
+    let store = memory();
+    let vol = create_and_open(&store, 64).await;
+    let opened = vol.request_stats();
+    // Probe (2 conditional creates + delete), claim, seal.
+    assert_eq!(opened.conditional_put, 4, "{opened:?}");
+    assert_eq!(opened.delete, 1);
+    assert_eq!(opened.put, 0, "opening writes no data");
+
+    // 4k random writes with a flush every 50: every PUT is a segment or a
+    // checkpoint that is really in the bucket, and one HEAD per flush.
+    for i in 0..500u64 {
+        let chunk = (i * 37) % 64;
+        vol.write(chunk * CHUNK as u64, &pattern(i, 4096))
+            .await
+            .unwrap();
+        if i % 50 == 49 {
+            vol.flush().await.unwrap();
+        }
+    }
+    let s = vol.request_stats();
+    let segments = store.list("segments/").await.unwrap().len() as u64;
+    let checkpoints = store.list("checkpoints/").await.unwrap().len() as u64;
+    assert_eq!(s.put, segments + checkpoints, "{s:?}");
+    assert_eq!(s.head - opened.head, 10, "one ownership check per flush");
+
+    // A flush with nothing dirty costs nothing.
+    let before = vol.request_stats();
+    vol.flush().await.unwrap();
+    assert_eq!(vol.request_stats(), before);
+    vol.close().await.unwrap();
+
+    // Cold read: one ranged GET for the chunk; the second read is cached.
+    let vol = Volume::open(store.clone(), &secret(), read_only(), test_config())
+        .await
+        .unwrap();
+    let before = vol.request_stats();
+    vol.read(5 * CHUNK as u64, 4096).await.unwrap();
+    let after = vol.request_stats();
+    assert_eq!(after.ranged_get - before.ranged_get, 1);
+    assert_eq!(after.total() - before.total(), 1, "{after:?}");
+    vol.read(5 * CHUNK as u64 + 512, 1024).await.unwrap();
+    assert_eq!(vol.request_stats(), after, "cache hit: no request");
+    // Never-written space costs no request at all.
+    let empty = memory();
+    let v = create_and_open(&empty, 8).await;
+    let b = v.request_stats();
+    v.read(0, 8 * CHUNK as usize).await.unwrap();
+    assert_eq!(v.request_stats(), b);
+}
+
+#[tokio::test]
+async fn an_idle_volume_makes_no_requests() {
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let cfg = VolumeConfig {
+        background_flush: true,
+        flush_age: Duration::from_millis(40),
+        ..test_config()
+    };
+    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg)
+        .await
+        .unwrap();
+    vol.write(0, &pattern(1, 8192)).await.unwrap();
+    // The background flusher makes it durable on its own (bounded wait)...
+    for _ in 0..200 {
+        if vol.stats().dirty_chunks == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(vol.stats().dirty_chunks, 0, "background flush by age");
+    // ...and then, idle for many flush periods, asks nothing of the store.
+    let idle = vol.request_stats();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(vol.request_stats(), idle);
+}
