@@ -13,6 +13,7 @@
 
 mod counting;
 mod faulty;
+mod latency;
 mod local;
 mod memory;
 mod s3;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 
 pub use counting::{CountingStore, RequestStats};
 pub use faulty::{FaultPlan, FaultyStore};
+pub use latency::{LatencyPlan, LatencyStore};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
 pub use s3::S3Store;
