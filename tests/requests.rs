@@ -88,3 +88,75 @@ async fn an_idle_volume_makes_no_requests() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(vol.request_stats(), idle);
 }
+
+/// A volume of `chunks` chunks of random data behind a store with 25 ms
+/// per request, reopened cold (empty cache).
+async fn cold_volume_behind_latency(chunks: u64, readahead: u64) -> Volume {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::{DynStore, LatencyPlan, LatencyStore};
+    let store = memory();
+    let vol = create_and_open(&store, chunks).await;
+    vol.write(0, &pattern(9, (chunks * CHUNK as u64) as usize))
+        .await
+        .unwrap();
+    vol.close().await.unwrap();
+    let slow: DynStore = Arc::new(LatencyStore::new(
+        store,
+        LatencyPlan {
+            latency: Duration::from_millis(25),
+            ..LatencyPlan::default()
+        },
+    ));
+    let cfg = VolumeConfig {
+        readahead_chunks: readahead,
+        cache_bytes: 64 << 20,
+        ..test_config()
+    };
+    Volume::open(slow, &secret(), read_only(), cfg)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_misses_share_one_get() {
+    let vol = cold_volume_behind_latency(8, 0).await;
+    let before = vol.request_stats();
+    let (a, b, c) = tokio::join!(
+        vol.read(3 * CHUNK as u64, 512),
+        vol.read(3 * CHUNK as u64 + 1024, 512),
+        vol.read(3 * CHUNK as u64 + 2048, 2048),
+    );
+    a.unwrap();
+    b.unwrap();
+    c.unwrap();
+    let after = vol.request_stats();
+    assert_eq!(after.ranged_get - before.ranged_get, 1, "{after:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequential_cold_read_overlaps_requests() {
+    // Virtual clock: elapsed time counts simulated store latency only.
+    let chunks = 64u64;
+    let without = cold_volume_behind_latency(chunks, 0).await;
+    let t = tokio::time::Instant::now();
+    for c in 0..chunks {
+        without
+            .read(c * CHUNK as u64, CHUNK as usize)
+            .await
+            .unwrap();
+    }
+    let serial = t.elapsed();
+    let with = cold_volume_behind_latency(chunks, 32).await;
+    let before = with.request_stats();
+    let t = tokio::time::Instant::now();
+    for c in 0..chunks {
+        with.read(c * CHUNK as u64, CHUNK as usize).await.unwrap();
+    }
+    let ahead = t.elapsed();
+    let gets = with.request_stats().ranged_get - before.ranged_get;
+    assert_eq!(gets, chunks, "each chunk fetched exactly once");
+    assert!(
+        ahead * 4 < serial,
+        "readahead overlaps requests: {ahead:?} vs {serial:?} one at a time"
+    );
+}

@@ -68,6 +68,11 @@ impl ChunkCache {
         }
     }
 
+    /// Presence check that does not count as a hit or miss.
+    pub fn contains(&self, loc: &Loc) -> bool {
+        self.inner.lock().map.contains_key(loc)
+    }
+
     pub fn insert(&self, loc: Loc, data: ChunkData) {
         if data.len() > self.budget {
             return;

@@ -13,6 +13,7 @@
 //!   flushes (back-pressure), and a background task flushes by size and age.
 
 mod dirty;
+mod fetch;
 mod flush;
 pub mod journal;
 
@@ -23,7 +24,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::cache::{CacheStats, ChunkCache, ChunkData};
+use crate::cache::{CacheStats, ChunkCache};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::store::backend::DynStore;
@@ -51,6 +52,8 @@ pub struct VolumeConfig {
     pub cache_bytes: usize,
     /// Run the background flusher (off in tests that control every flush).
     pub background_flush: bool,
+    /// Most chunks read ahead of a sequential reader (0: no readahead).
+    pub readahead_chunks: u64,
 }
 
 impl Default for VolumeConfig {
@@ -63,6 +66,7 @@ impl Default for VolumeConfig {
             checkpoint_every: 64,
             cache_bytes: 256 << 20,
             background_flush: true,
+            readahead_chunks: 32,
         }
     }
 }
@@ -100,6 +104,9 @@ pub(crate) struct Inner {
     chunk_size: usize,
     last_flush_unix: AtomicU64,
     flushes: AtomicU64,
+    fetch: fetch::Fetcher,
+    /// The engine runtime (readahead is spawned here, from any thread).
+    runtime: tokio::runtime::Handle,
 }
 
 pub struct Volume {
@@ -173,6 +180,8 @@ impl Volume {
             fenced: AtomicBool::new(false),
             last_flush_unix: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            fetch: fetch::Fetcher::default(),
+            runtime: tokio::runtime::Handle::current(),
             chunk_size: sb.chunk_size as usize,
             log,
             cfg,
@@ -257,6 +266,7 @@ impl Volume {
 
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.note_read(offset, buf.len());
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
             let Some(loc) = self.inner.copy_if_dirty(&span, out) else {
@@ -279,6 +289,7 @@ impl Volume {
     /// Lets the frontend answer hot reads on its own thread.
     pub fn try_read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         self.check_range(offset, buf.len() as u64)?;
+        self.note_read(offset, buf.len());
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
             let Some(loc) = self.inner.copy_if_dirty(&span, out) else {
@@ -293,6 +304,14 @@ impl Volume {
             }
         }
         Ok(true)
+    }
+
+    fn note_read(&self, offset: u64, len: usize) {
+        if len > 0 {
+            let cs = self.inner.chunk_size as u64;
+            self.inner
+                .note_read(offset / cs, (offset + len as u64 - 1) / cs);
+        }
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
@@ -455,17 +474,6 @@ impl Inner {
             }
             None => Some(st.index.get(span.chunk)),
         }
-    }
-
-    /// A clean chunk's data: cache, else one ranged GET and decode.
-    async fn load(&self, chunk: u64, loc: Loc) -> Result<ChunkData> {
-        if let Some(data) = self.cache.get(&loc) {
-            return Ok(data);
-        }
-        let frame = self.log.read_frame(loc).await?;
-        let data = Arc::new(self.codec.decode(loc, chunk, &frame)?);
-        self.cache.insert(loc, data.clone());
-        Ok(data)
     }
 
     /// Put `bytes` (None = zeros) at `at` inside `chunk`.

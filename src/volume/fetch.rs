@@ -1,0 +1,104 @@
+//! Reading clean chunks from the store: concurrent misses on one chunk
+//! share one ranged GET, and sequential reading triggers readahead of the
+//! following chunks in parallel, so a cold sequential read runs at the
+//! store's bandwidth instead of one request's latency at a time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::OnceCell;
+
+use super::Inner;
+use crate::cache::ChunkData;
+use crate::error::{Error, Result};
+use crate::store::Loc;
+
+#[derive(Default)]
+pub struct Fetcher {
+    inflight: Mutex<HashMap<Loc, Arc<OnceCell<ChunkData>>>>,
+    sequence: Mutex<Sequence>,
+}
+
+/// The sequential-read detector.
+#[derive(Default)]
+struct Sequence {
+    /// Chunk after the last read.
+    next: u64,
+    /// Chunks are prefetched up to (excluding) this one.
+    prefetched_to: u64,
+    /// Current readahead window in chunks (0: not sequential).
+    window: u64,
+}
+
+impl Inner {
+    /// A clean chunk's data: cache, else one ranged GET (shared with any
+    /// concurrent reader of the same chunk) and decode.
+    pub(super) async fn load(&self, chunk: u64, loc: Loc) -> Result<ChunkData> {
+        if let Some(data) = self.cache.get(&loc) {
+            return Ok(data);
+        }
+        let cell = self.fetch.inflight.lock().entry(loc).or_default().clone();
+        let result = cell
+            .get_or_try_init(|| async {
+                let frame = self.log.read_frame(loc).await?;
+                let data = Arc::new(self.codec.decode(loc, chunk, &frame)?);
+                self.cache.insert(loc, data.clone());
+                Ok::<_, Error>(data)
+            })
+            .await
+            .cloned();
+        let mut inflight = self.fetch.inflight.lock();
+        if inflight.get(&loc).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(&loc);
+        }
+        result
+    }
+
+    /// Note a read of chunks `first..=last`; when reads are sequential,
+    /// prefetch a window (doubling up to the configured maximum) ahead.
+    pub(super) fn note_read(self: &Arc<Self>, first: u64, last: u64) {
+        let max = self.cfg.readahead_chunks;
+        if max == 0 {
+            return;
+        }
+        let range = {
+            let mut s = self.fetch.sequence.lock();
+            let sequential =
+                first >= s.next.saturating_sub(1) && first <= s.prefetched_to.max(s.next);
+            s.window = if sequential {
+                (s.window * 2).clamp(2, max)
+            } else {
+                0
+            };
+            s.next = last + 1;
+            if s.window == 0 {
+                s.prefetched_to = last + 1;
+                return;
+            }
+            let end = (last + 1 + s.window).min(self.log.chunks());
+            let start = s.prefetched_to.max(last + 1);
+            s.prefetched_to = s.prefetched_to.max(end);
+            start..end
+        };
+        for chunk in range {
+            let loc = {
+                let st = self.state.lock();
+                if st.dirty.get(chunk).is_some() {
+                    continue;
+                }
+                st.index.get(chunk)
+            };
+            let Some(loc) = loc else { continue };
+            if self.cache.contains(&loc) {
+                continue;
+            }
+            let this = Arc::clone(self);
+            self.runtime.spawn(async move {
+                if let Err(e) = this.load(chunk, loc).await {
+                    tracing::debug!("readahead of chunk {chunk} failed: {e}");
+                }
+            });
+        }
+    }
+}
