@@ -36,6 +36,9 @@ cargo test --locked -- --skip random_crashes_preserve_the_durability_contract
 echo "== model checker (crash points)"
 cargo test --locked --test model -- --nocapture
 
+echo "== engine benchmark smoke (not a measurement; see BENCHMARKS.md)"
+cargo run --release --locked --quiet -- bench --quick
+
 if [ -x scripts/vm-test.sh ]; then
   echo "== ublk frontend in a QEMU guest"
   scripts/vm-test.sh

@@ -4,6 +4,7 @@
 //! usage errors exit 2 (clap's convention).
 
 mod args;
+mod bench;
 mod config;
 mod device;
 mod image;
@@ -59,6 +60,8 @@ enum Command {
     Recover(device::RecoverArgs),
     /// Per-device counters: requests, bytes, dirty data, last flush.
     Status(device::StatusArgs),
+    /// Measure the engine (P1–P5) as ratios against same-run baselines.
+    Bench(bench::BenchArgs),
     /// For the udev rule: print ZEROFS_UBLK_NAME of a ublkbN device.
     #[command(hide = true)]
     UdevName { kernel_name: String },
@@ -101,6 +104,7 @@ async fn run(command: Command, args: Vec<String>) -> Result<()> {
         Command::List => device::list(),
         Command::Recover(a) => device::recover(a).await,
         Command::Status(a) => device::status(a),
+        Command::Bench(a) => bench::run(a).await,
         Command::UdevName { kernel_name } => device::udev_name(&kernel_name),
         Command::Create(a) => create(a).await,
         Command::Inspect(a) => inspect::run(a).await,

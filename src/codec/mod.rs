@@ -63,6 +63,26 @@ impl Codec {
     /// Compress (when it pays) and encrypt one chunk as the frame stored at
     /// `offset` of the key's segment.
     pub fn encode(&self, key: &FrameKey, offset: u64, chunk: u64, data: &[u8]) -> Vec<u8> {
+        let plain = self.compress(data);
+        self.seal(key, offset, chunk, &plain)
+    }
+
+    /// Bytes a frame of this plaintext takes.
+    pub fn sealed_len(plain: &[u8]) -> usize {
+        plain.len() + TAG_LEN
+    }
+
+    /// Encrypt a frame plaintext from `compress` for `offset` of the key's
+    /// segment. Split from `compress` so a flush can compress in parallel,
+    /// lay frames out, then encrypt in parallel.
+    pub fn seal(&self, key: &FrameKey, offset: u64, chunk: u64, plain: &[u8]) -> Vec<u8> {
+        let nonce = counter_nonce(domain::FRAME, offset);
+        let aad = aad(&self.keys.volume_id, key.segment, offset, chunk);
+        key.key.seal(&nonce, &aad, plain)
+    }
+
+    /// The frame plaintext: flag byte, then zstd output or the raw chunk.
+    pub fn compress(&self, data: &[u8]) -> Vec<u8> {
         assert_eq!(data.len(), self.chunk_size, "whole chunks only");
         let mut plain = Vec::with_capacity(data.len() + 1 + TAG_LEN);
         plain.push(FLAG_ZSTD);
@@ -82,9 +102,7 @@ impl Codec {
                 plain.extend_from_slice(data);
             }
         }
-        let nonce = counter_nonce(domain::FRAME, offset);
-        let aad = aad(&self.keys.volume_id, key.segment, offset, chunk);
-        key.key.seal(&nonce, &aad, &plain)
+        plain
     }
 
     /// Compressing the first 4 KiB predicts the rest: random or already

@@ -29,6 +29,8 @@ struct Sequence {
     prefetched_to: u64,
     /// Current readahead window in chunks (0: not sequential).
     window: u64,
+    /// Whether any read was seen (the first read is never "sequential").
+    started: bool,
 }
 
 impl Inner {
@@ -64,8 +66,10 @@ impl Inner {
         }
         let range = {
             let mut s = self.fetch.sequence.lock();
-            let sequential =
-                first >= s.next.saturating_sub(1) && first <= s.prefetched_to.max(s.next);
+            let sequential = s.started
+                && first >= s.next.saturating_sub(1)
+                && first <= s.prefetched_to.max(s.next);
+            s.started = true;
             s.window = if sequential {
                 (s.window * 2).clamp(2, max)
             } else {

@@ -42,63 +42,100 @@ fn is_zero(data: &[u8]) -> bool {
     data.iter().all(|b| *b == 0)
 }
 
+/// Run `f` over `items` on all cores (scoped threads), keeping order.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads == 1 || items.len() < 2 {
+        return items.iter().map(&f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("encode thread"))
+            .collect()
+    })
+}
+
+/// Where one captured chunk goes: its segment (index into the layout) and
+/// frame offset, or a zero record.
+struct Placement {
+    segment: usize,
+    offset: Option<u64>,
+}
+
 impl Inner {
-    /// Encode captured chunks into segments of about `segment_target` bytes.
+    /// Encode captured chunks into as few segments as the size target
+    /// allows: compress in parallel, lay the frames out (offsets are known
+    /// once sizes are), then encrypt in parallel and assemble.
     fn encode(&self, captured: &[Captured]) -> Result<Vec<Encoded>> {
-        let mut out = Vec::new();
-        let mut current: Option<(SegmentBuilder, crate::codec::FrameKey, Vec<_>)> = None;
-        for c in captured {
-            if current.is_none() {
-                let id = self.log.alloc_segment()?;
-                current = Some((
-                    SegmentBuilder::new(id),
-                    self.codec.frame_key(id),
-                    Vec::new(),
-                ));
-            }
-            let (builder, key, results) = current.as_mut().expect("set above");
-            let loc = match c.data.as_deref() {
-                Some(data) if !is_zero(data) => {
-                    let frame = self.codec.encode(key, builder.next_offset(), c.chunk, data);
+        let plains: Vec<Option<Vec<u8>>> = par_map(captured, |c| match c.data.as_deref() {
+            Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
+            _ => None,
+        });
+        let mut ids = vec![self.log.alloc_segment()?];
+        let mut size = 0usize;
+        let mut placements = Vec::with_capacity(captured.len());
+        for plain in &plains {
+            let offset = match plain {
+                Some(p) => {
+                    let len = crate::codec::Codec::sealed_len(p);
+                    if size > 0 && size + len > self.cfg.segment_target {
+                        ids.push(self.log.alloc_segment()?);
+                        size = 0;
+                    }
+                    size += len;
+                    Some((size - len) as u64)
+                }
+                None => None,
+            };
+            placements.push(Placement {
+                segment: ids.len() - 1,
+                offset,
+            });
+        }
+        let keys: Vec<_> = ids.iter().map(|id| self.codec.frame_key(*id)).collect();
+        let work: Vec<(usize, &Placement)> = placements.iter().enumerate().collect();
+        let frames: Vec<Option<Vec<u8>>> = par_map(&work, |(i, p)| {
+            let plain = plains[*i].as_ref()?;
+            Some(
+                self.codec
+                    .seal(&keys[p.segment], p.offset?, captured[*i].chunk, plain),
+            )
+        });
+        let mut builders: Vec<(SegmentBuilder, Vec<Result4>)> = ids
+            .iter()
+            .map(|id| (SegmentBuilder::new(*id), Vec::new()))
+            .collect();
+        for ((c, p), frame) in captured.iter().zip(&placements).zip(frames) {
+            let (builder, results) = &mut builders[p.segment];
+            let loc = match frame {
+                Some(frame) => {
+                    debug_assert_eq!(Some(builder.next_offset()), p.offset);
                     Some(builder.push_frame(c.chunk, &frame))
                 }
-                _ => {
+                None => {
                     builder.push_zero(c.chunk);
                     None
                 }
             };
             results.push((c.chunk, c.generation, loc, c.data.clone()));
-            if builder.len() >= self.cfg.segment_target {
-                let (builder, _, results) = current.take().expect("set above");
-                out.push(finish(self, builder, results));
-            }
         }
-        if let Some((builder, _, results)) = current {
-            out.push(finish(self, builder, results));
-        }
-        Ok(out)
+        Ok(builders
+            .into_iter()
+            .map(|(b, results)| finish(self, b, results))
+            .collect())
     }
 
-    async fn encode_parallel(self: &Arc<Self>, captured: Vec<Captured>) -> Result<Vec<Encoded>> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // Small flushes stay in one segment: parts of at least 8 chunks.
-        let parts = threads.min(captured.len().div_ceil(8)).max(1);
-        let per_part = captured.len().div_ceil(parts);
-        let captured = Arc::new(captured);
-        let tasks: Vec<_> = (0..parts)
-            .map(|p| {
-                let (this, captured) = (Arc::clone(self), Arc::clone(&captured));
-                tokio::task::spawn_blocking(move || {
-                    let end = ((p + 1) * per_part).min(captured.len());
-                    this.encode(&captured[p * per_part..end])
-                })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.extend(t.await.expect("encode task")?);
-        }
-        Ok(out)
+    async fn encode_off_runtime(self: &Arc<Self>, captured: Vec<Captured>) -> Result<Vec<Encoded>> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.encode(&captured))
+            .await
+            .expect("encode task")
     }
 
     pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
@@ -119,9 +156,8 @@ impl Inner {
             (captured, mark)
         };
         // Compression and encryption are CPU work: off the async workers,
-        // on all cores. Each part holds distinct chunks, so the order of
-        // its segments relative to the other parts' does not matter.
-        let encoded = self.encode_parallel(captured).await?;
+        // on all cores.
+        let encoded = self.encode_off_runtime(captured).await?;
         let uploads = encoded
             .iter()
             .map(|e| self.log.put_segment(e.id, e.bytes.clone()));

@@ -267,18 +267,27 @@ impl Volume {
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.note_read(offset, buf.len());
+        // Dirty and unmapped spans first; the chunks to fetch are fetched
+        // concurrently (a 1 MiB read of cold 128 KiB chunks is 8 GETs at
+        // once, not one after another).
+        let mut fetch = Vec::new();
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
-            let Some(loc) = self.inner.copy_if_dirty(&span, out) else {
-                continue;
-            };
-            match loc {
-                None => out.fill(0),
-                Some(loc) => {
-                    let data = self.inner.load(span.chunk, loc).await?;
-                    out.copy_from_slice(&data[span.at..span.at + out.len()]);
-                }
+            match self.inner.copy_if_dirty(&span, out) {
+                None => {}
+                Some(None) => out.fill(0),
+                Some(Some(loc)) => fetch.push((span, loc)),
             }
+        }
+        let loaded = futures::future::try_join_all(
+            fetch
+                .iter()
+                .map(|(span, loc)| self.inner.load(span.chunk, *loc)),
+        )
+        .await?;
+        for ((span, _), data) in fetch.iter().zip(loaded) {
+            let out = &mut buf[span.buf.clone()];
+            out.copy_from_slice(&data[span.at..span.at + out.len()]);
         }
         Ok(())
     }

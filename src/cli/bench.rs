@@ -1,0 +1,392 @@
+//! `bench`: the engine benchmarks P1–P5 (issue 5), each a ratio against a
+//! baseline measured in the same run. Prints a markdown table; nothing
+//! here asserts a time (the test suite runs it with `--quick` as a smoke).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::codec::Codec;
+use crate::store::backend::{DynStore, LatencyPlan, LatencyStore, MemoryStore};
+use crate::store::keys::{DataKey, Secret, VolumeKeys};
+use crate::store::superblock::CreateParams;
+use crate::store::{OpenMode, SegmentId, WriterOptions};
+use crate::volume::{OpenOptions, Volume, VolumeConfig};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Data per throughput test (P1), e.g. 1G.
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Small sizes and short runs: a smoke test, not a measurement.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+const CHUNK: usize = 128 << 10;
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// Compressible (text-like) or random data of `len` bytes.
+fn data(len: usize, compressible: bool) -> Vec<u8> {
+    if compressible {
+        b"zerofs-ublk benchmark line: the quick brown fox jumps over 13 lazy dogs\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect()
+    } else {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    }
+}
+
+fn secret() -> Secret {
+    Secret::key_file(vec![7u8; 32]).expect("32 bytes")
+}
+
+fn writer() -> OpenOptions {
+    OpenOptions {
+        mode: OpenMode::Writer(WriterOptions::default()),
+    }
+}
+
+async fn new_volume(store: &DynStore, size: u64, cfg: VolumeConfig) -> Result<Volume> {
+    let mut params = CreateParams::new(size);
+    params.chunk_size = CHUNK as u32;
+    Volume::create(store, &params, &secret(), false).await?;
+    Ok(Volume::open(store.clone(), &secret(), writer(), cfg).await?)
+}
+
+/// Codec alone over `buf`, on all cores like the engine's flush.
+fn codec_baseline(buf: &[u8]) -> (Duration, Duration) {
+    let codec = Codec::new(VolumeKeys::new([1; 16], DataKey::random()), 1, CHUNK as u32);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = buf.len().div_ceil(threads * CHUNK) * CHUNK;
+    let t = Instant::now();
+    let frames: Vec<Vec<(crate::store::Loc, Vec<u8>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = buf
+            .chunks(per.max(CHUNK))
+            .enumerate()
+            .map(|(i, part)| {
+                let codec = codec.clone();
+                s.spawn(move || {
+                    let seg = SegmentId {
+                        epoch: 1,
+                        seq: i as u64,
+                    };
+                    let key = codec.frame_key(seg);
+                    let mut off = 0u64;
+                    part.chunks(CHUNK)
+                        .enumerate()
+                        .map(|(c, chunk)| {
+                            let f = codec.encode(&key, off, c as u64, chunk);
+                            let loc = crate::store::Loc {
+                                segment: seg,
+                                offset: off as u32,
+                                len: f.len() as u32,
+                            };
+                            off += f.len() as u64;
+                            (loc, f)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("encode"))
+            .collect()
+    });
+    let encode = t.elapsed();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for part in &frames {
+            let codec = codec.clone();
+            s.spawn(move || {
+                for (c, (loc, f)) in part.iter().enumerate() {
+                    codec.decode(*loc, c as u64, f).expect("decode");
+                }
+            });
+        }
+    });
+    (encode, t.elapsed())
+}
+
+async fn p1(size: u64) -> Result<Vec<String>> {
+    let mut rows = Vec::new();
+    for compressible in [true, false] {
+        let buf = data(size as usize, compressible);
+        let (enc, dec) = tokio::task::spawn_blocking({
+            let b = buf.clone();
+            move || codec_baseline(&b)
+        })
+        .await?;
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let cfg = VolumeConfig {
+            cache_bytes: 0,
+            readahead_chunks: 0,
+            background_flush: false,
+            ..VolumeConfig::default()
+        };
+        let vol = new_volume(&store, size, cfg.clone()).await?;
+        let t = Instant::now();
+        for (i, piece) in buf.chunks(1 << 20).enumerate() {
+            vol.write(i as u64 * (1 << 20), piece).await?;
+        }
+        vol.flush().await?;
+        let write = t.elapsed();
+        vol.close().await?;
+        let vol = Volume::open(store.clone(), &secret(), writer(), cfg).await?;
+        let t = Instant::now();
+        for i in 0..size / (1 << 20) {
+            vol.read(i * (1 << 20), 1 << 20).await?;
+        }
+        let read = t.elapsed();
+        let kind = if compressible {
+            "compressible"
+        } else {
+            "random"
+        };
+        rows.push(format!(
+            "| P1 seq write, {kind} | {:.0} MiB/s | codec encode {:.0} MiB/s | {:.2} | ≥ 0.85 |",
+            mib_s(size, write),
+            mib_s(size, enc),
+            enc.as_secs_f64() / write.as_secs_f64()
+        ));
+        rows.push(format!(
+            "| P1 seq read (cold, memory store), {kind} | {:.0} MiB/s | codec decode {:.0} MiB/s | {:.2} | ≥ 0.85 |",
+            mib_s(size, read),
+            mib_s(size, dec),
+            dec.as_secs_f64() / read.as_secs_f64()
+        ));
+    }
+    Ok(rows)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+async fn p2(working_set: u64, reads: usize) -> Result<Vec<String>> {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let cfg = VolumeConfig {
+        cache_bytes: (working_set * 2) as usize,
+        ..VolumeConfig::default()
+    };
+    let vol = new_volume(&store, working_set, cfg).await?;
+    vol.write(0, &data(working_set as usize, false)).await?;
+    vol.flush().await?;
+    let blocks = working_set / 4096;
+    let mut x = 12345u64;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % blocks
+    };
+    let mut lat = Vec::with_capacity(reads);
+    let mut buf = vec![0u8; 4096];
+    let t = Instant::now();
+    for _ in 0..reads {
+        let s = Instant::now();
+        vol.read_into(next() * 4096, &mut buf).await?;
+        lat.push(s.elapsed());
+    }
+    let engine = t.elapsed();
+    // Baseline: a bare HashMap of chunks, lookup + memcpy of 4 KiB.
+    let map: HashMap<u64, Vec<u8>> = (0..working_set / CHUNK as u64)
+        .map(|c| (c, data(CHUNK, false)))
+        .collect();
+    let t = Instant::now();
+    for _ in 0..reads {
+        let b = next();
+        let chunk = &map[&(b * 4096 / CHUNK as u64)];
+        let at = (b * 4096 % CHUNK as u64) as usize;
+        buf.copy_from_slice(&chunk[at..at + 4096]);
+        std::hint::black_box(&buf);
+    }
+    let base = t.elapsed();
+    lat.sort();
+    Ok(vec![format!(
+        "| P2 hot 4 KiB random read (async API, 1 core) | {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs | HashMap+memcpy {:.0} IOPS | {:.2} | ≥ 0.5 |",
+        reads as f64 / engine.as_secs_f64(),
+        percentile(&lat, 0.5).as_secs_f64() * 1e6,
+        percentile(&lat, 0.99).as_secs_f64() * 1e6,
+        reads as f64 / base.as_secs_f64(),
+        base.as_secs_f64() / engine.as_secs_f64()
+    )])
+}
+
+async fn p3(size: u64) -> Result<Vec<String>> {
+    let bandwidth = 100u64 << 20;
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = new_volume(&mem, size, VolumeConfig::default()).await?;
+    vol.write(0, &data(size as usize, false)).await?;
+    vol.close().await?;
+    let slow: DynStore = Arc::new(LatencyStore::new(
+        mem,
+        LatencyPlan {
+            latency: Duration::from_millis(25),
+            bandwidth: Some(bandwidth),
+            error_rate: 0.0,
+        },
+    ));
+    let ro = OpenOptions {
+        mode: OpenMode::ReadOnly,
+    };
+    let vol = Volume::open(slow.clone(), &secret(), ro, VolumeConfig::default()).await?;
+    let t = Instant::now();
+    for i in 0..size / (1 << 20) {
+        vol.read(i * (1 << 20), 1 << 20).await?;
+    }
+    let seq = t.elapsed();
+    let vol = Volume::open(slow, &secret(), ro, VolumeConfig::default()).await?;
+    let before = vol.request_stats();
+    let n = 16u64;
+    let t = Instant::now();
+    for i in 0..n {
+        vol.read((i * 7 % (size / CHUNK as u64)) * CHUNK as u64 + 4096, 4096)
+            .await?;
+    }
+    let per_read = t.elapsed() / n as u32;
+    let gets = vol.request_stats().ranged_get - before.ranged_get;
+    Ok(vec![
+        format!(
+            "| P3 cold seq read, 25 ms/request, {} MiB/s cap | {:.1} MiB/s | the cap | {:.2} | ≥ 0.8 |",
+            bandwidth >> 20,
+            mib_s(size, seq),
+            mib_s(size, seq) / (bandwidth >> 20) as f64
+        ),
+        format!(
+            "| P3 cold 4 KiB random read | {:.1} ms each, {:.2} GETs/read | one request: ≈ 25 ms + transfer | {:.2} GETs | 1 GET |",
+            per_read.as_secs_f64() * 1e3,
+            gets as f64 / n as f64,
+            gets as f64 / n as f64
+        ),
+    ])
+}
+
+async fn p4(size: u64) -> Result<Vec<String>> {
+    let mut rows = Vec::new();
+    for random in [true, false] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let vol = new_volume(&store, size, VolumeConfig::default()).await?;
+        let base = vol.request_stats();
+        let block = data(if random { 4096 } else { 1 << 20 }, false);
+        let writes = size / block.len() as u64;
+        let mut x = 777u64;
+        for i in 0..writes {
+            let off = if random {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 33) % (size / 4096) * 4096
+            } else {
+                i * block.len() as u64
+            };
+            vol.write(off, &block).await?;
+            // fsync every 1,000 random writes / every 64 MiB sequential.
+            if (random && i % 1000 == 999) || (!random && i % 64 == 63) {
+                vol.flush().await?;
+            }
+        }
+        vol.flush().await?;
+        let s = vol.request_stats();
+        let gib = (writes * block.len() as u64) as f64 / (1u64 << 30) as f64;
+        let puts = (s.put + s.conditional_put - base.put - base.conditional_put) as f64;
+        let kind = if random {
+            "4 KiB random + fsync/1000"
+        } else {
+            "1 MiB sequential"
+        };
+        rows.push(format!(
+            "| P4 PUTs per GiB written, {kind} | {:.1} | — | — | ≤ 64 |",
+            puts / gib
+        ));
+        if !random {
+            let idle = vol.request_stats();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after = vol.request_stats();
+            rows.push(format!(
+                "| P4 store requests while idle (3 s, background flusher on) | {} | — | — | 0 |",
+                after.total() - idle.total()
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn p5(size: u64) -> Result<Vec<String>> {
+    let cache = 256u64 << 20;
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let cfg = VolumeConfig {
+        cache_bytes: cache as usize,
+        ..VolumeConfig::default()
+    };
+    let vol = new_volume(&store, size, cfg).await?;
+    let before = rss_kib("VmRSS:");
+    let piece = data(1 << 20, false);
+    for i in 0..size / (1 << 20) {
+        vol.write(i << 20, &piece).await?;
+    }
+    vol.flush().await?;
+    for i in 0..size / (1 << 20) {
+        vol.read(i << 20, 1 << 20).await?;
+    }
+    let after = rss_kib("VmRSS:");
+    let index = vol.stats().mapped_chunks * 48;
+    // The memory store holds the bucket itself in this process: subtract it.
+    let bucket = store.list("").await?.iter().map(|o| o.size).sum::<u64>() / 1024;
+    let engine = after.saturating_sub(before).saturating_sub(bucket);
+    Ok(vec![format!(
+        "| P5 engine memory after {} written+read, cache {} MiB | {} MiB | budget {} MiB + 64 MiB + index {} KiB | {:.2} | ≤ 1.00 |",
+        super::format_bytes(size),
+        cache >> 20,
+        engine / 1024,
+        cache >> 20,
+        index / 1024,
+        engine as f64 / ((cache + (64 << 20) + index) / 1024) as f64
+    )])
+}
+
+pub async fn run(a: BenchArgs) -> Result<()> {
+    let size = if a.quick {
+        16 << 20
+    } else {
+        super::parse_size(&a.size)?
+    };
+    let size = size.max(8 << 20) / (1 << 20) * (1 << 20);
+    println!("| benchmark | engine | baseline (same run) | ratio | target |");
+    println!("|---|---|---|---|---|");
+    let reads = if a.quick { 20_000 } else { 1_000_000 };
+    let mut rows = p1(size).await?;
+    rows.extend(p2(if a.quick { 8 << 20 } else { 256 << 20 }, reads).await?);
+    rows.extend(p3(if a.quick { 8 << 20 } else { 256 << 20 }).await?);
+    rows.extend(p4(if a.quick { 16 << 20 } else { 1 << 30 }).await?);
+    rows.extend(p5(if a.quick { 64 << 20 } else { 4 << 30 }).await?);
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
