@@ -14,6 +14,11 @@ use opendal_http_transport_reqwest::ReqwestTransport;
 
 use super::{ObjectInfo, ObjectStore, StoreError, StoreResult, sorted};
 
+/// Objects at least this large are uploaded in parts.
+const MULTIPART_THRESHOLD: usize = 16 << 20;
+const MULTIPART_PART: usize = 8 << 20;
+const MULTIPART_CONCURRENCY: usize = 4;
+
 /// How to reach an S3-compatible bucket.
 #[derive(Debug, Clone, Default)]
 pub struct S3Config {
@@ -102,8 +107,27 @@ fn map_error(key: &str, e: opendal::Error) -> StoreError {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        self.op
-            .write(key, data)
+        if data.len() < MULTIPART_THRESHOLD {
+            return self
+                .op
+                .write(key, data)
+                .await
+                .map(|_| ())
+                .map_err(|e| map_error(key, e));
+        }
+        // Large segments: multipart, parts uploaded concurrently. The object
+        // appears only when the upload completes, so readers still see all
+        // of it or nothing.
+        let mut writer = self
+            .op
+            .writer_with(key)
+            .chunk(MULTIPART_PART)
+            .concurrent(MULTIPART_CONCURRENCY)
+            .await
+            .map_err(|e| map_error(key, e))?;
+        writer.write(data).await.map_err(|e| map_error(key, e))?;
+        writer
+            .close()
             .await
             .map(|_| ())
             .map_err(|e| map_error(key, e))
