@@ -8,6 +8,10 @@
 //!
 //! Eviction is CLOCK (second chance) over a byte budget.
 
+mod disk;
+
+pub use disk::DiskCache;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 

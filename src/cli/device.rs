@@ -69,6 +69,13 @@ pub struct AddArgs {
     /// Memory cache for clean chunks, e.g. 1G.
     #[arg(long, default_value = "1G")]
     pub cache_memory: String,
+    /// SSD cache tier directory (holds only encrypted frames; kept across
+    /// restarts). No SSD tier without it.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// SSD cache tier size.
+    #[arg(long, default_value = "10G")]
+    pub cache_disk: String,
     /// Run the server in this process instead of in the background.
     #[arg(long)]
     pub foreground: bool,
@@ -269,6 +276,8 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
     }
     let cfg = VolumeConfig {
         cache_bytes: parse_size(&a.cache_memory)? as usize,
+        disk_cache_dir: a.cache_dir.clone(),
+        disk_cache_bytes: parse_size(&a.cache_disk)?,
         ..VolumeConfig::default()
     };
     Ok(Volume::open(

@@ -43,8 +43,7 @@ impl Inner {
         let cell = self.fetch.inflight.lock().entry(loc).or_default().clone();
         let result = cell
             .get_or_try_init(|| async {
-                let frame = self.log.read_frame(loc).await?;
-                let data = Arc::new(self.codec.decode(loc, chunk, &frame)?);
+                let data = Arc::new(self.fetch_and_decode(chunk, loc).await?);
                 self.cache.insert(loc, data.clone());
                 Ok::<_, Error>(data)
             })
@@ -55,6 +54,31 @@ impl Inner {
             inflight.remove(&loc);
         }
         result
+    }
+
+    /// SSD tier, else the store (which then fills the SSD tier). A frame
+    /// from the SSD tier that fails to decode is dropped there and read
+    /// from the store: the cache disk is never trusted over the bucket.
+    async fn fetch_and_decode(&self, chunk: u64, loc: Loc) -> Result<Vec<u8>> {
+        if let Some(disk) = &self.disk
+            && let Some(frame) = disk.get(&loc).await
+        {
+            match self.codec.decode(loc, chunk, &frame) {
+                Ok(data) => return Ok(data),
+                Err(e) => {
+                    tracing::warn!(
+                        "SSD cache entry for chunk {chunk} is bad ({e}); reading the store"
+                    );
+                    disk.remove(&loc);
+                }
+            }
+        }
+        let frame = self.log.read_frame(loc).await?;
+        let data = self.codec.decode(loc, chunk, &frame)?;
+        if let Some(disk) = &self.disk {
+            disk.insert(&loc, frame.to_vec());
+        }
+        Ok(data)
     }
 
     /// Note a read of chunks `first..=last`; when reads are sequential,

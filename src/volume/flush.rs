@@ -171,10 +171,16 @@ impl Inner {
         }
         {
             let mut st = self.state.lock();
-            for (chunk, generation, loc, data) in encoded.iter().flat_map(|e| &e.results) {
-                st.complete(*chunk, *generation, *loc);
-                if let (Some(loc), Some(data)) = (loc, data) {
-                    self.cache.insert(*loc, data.clone());
+            for e in &encoded {
+                for (chunk, generation, loc, data) in &e.results {
+                    st.complete(*chunk, *generation, *loc);
+                    if let (Some(loc), Some(data)) = (loc, data) {
+                        self.cache.insert(*loc, data.clone());
+                        if let Some(disk) = &self.disk {
+                            let at = loc.offset as usize;
+                            disk.insert(loc, e.bytes[at..at + loc.len as usize].to_vec());
+                        }
+                    }
                 }
             }
             match (&st.journal, journal_mark) {

@@ -54,6 +54,10 @@ pub struct VolumeConfig {
     pub background_flush: bool,
     /// Most chunks read ahead of a sequential reader (0: no readahead).
     pub readahead_chunks: u64,
+    /// SSD cache tier (ciphertext frames): directory, or None for none.
+    pub disk_cache_dir: Option<std::path::PathBuf>,
+    /// SSD cache tier capacity in bytes.
+    pub disk_cache_bytes: u64,
 }
 
 impl Default for VolumeConfig {
@@ -67,6 +71,8 @@ impl Default for VolumeConfig {
             cache_bytes: 256 << 20,
             background_flush: true,
             readahead_chunks: 32,
+            disk_cache_dir: None,
+            disk_cache_bytes: 10 << 30,
         }
     }
 }
@@ -105,6 +111,8 @@ pub(crate) struct Inner {
     last_flush_unix: AtomicU64,
     flushes: AtomicU64,
     fetch: fetch::Fetcher,
+    /// The SSD tier, if configured.
+    disk: Option<crate::cache::DiskCache>,
     /// The engine runtime (readahead is spawned here, from any thread).
     runtime: tokio::runtime::Handle,
 }
@@ -170,6 +178,13 @@ impl Volume {
         let sb = log.superblock().params.clone();
         let codec = Codec::new(log.keys().clone(), sb.codec.zstd_level, sb.chunk_size);
         let replayed = summary.replayed_segments as u64;
+        let disk = match &cfg.disk_cache_dir {
+            Some(dir) => Some(
+                crate::cache::DiskCache::open(dir, cfg.disk_cache_bytes, &log.keys().volume_id)
+                    .await?,
+            ),
+            None => None,
+        };
         let inner = Arc::new(Inner {
             codec,
             cache: ChunkCache::new(cfg.cache_bytes),
@@ -181,6 +196,7 @@ impl Volume {
             last_flush_unix: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             fetch: fetch::Fetcher::default(),
+            disk,
             runtime: tokio::runtime::Handle::current(),
             chunk_size: sb.chunk_size as usize,
             log,
@@ -422,6 +438,14 @@ impl Volume {
         if let Some(task) = self.flusher.take() {
             task.abort();
         }
+        let result = self.shutdown().await;
+        if let Some(disk) = &self.inner.disk {
+            disk.close().await;
+        }
+        result
+    }
+
+    async fn shutdown(&self) -> Result<()> {
         if self.inner.log.epoch().is_none() {
             return Ok(());
         }
