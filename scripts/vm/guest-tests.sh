@@ -126,6 +126,18 @@ suite() {
   if OUT=$($Z add $B --name "dup-$label" 2>&1); then fail "second add of the same volume succeeded: $OUT"; fi
   echo "$OUT" | grep -q "in use" || fail "second add failed for the wrong reason: $OUT"
   echo "second add refused: $OUT"
+  SUM3=$(dev_sum "$DEV")
+  $Z del --timeout 60 -n "$ID" || fail "del before SSD-tier runs"
+
+  step "[$label] SSD cache tier: cold fill, then a warm restart reads the same"
+  DEV=$($Z add $B --name "vol-$label" --cache-dir /tmp/ssd-$label --cache-disk 128M) || fail "add --cache-dir"
+  [ "$(dev_sum "$DEV")" = "$SUM3" ] || fail "contents differ with the SSD tier (cold)"
+  $Z del --timeout 60 -n "${DEV#/dev/ublkb}" || fail "del (SSD tier)"
+  DEV=$($Z add $B --name "vol-$label" --cache-dir /tmp/ssd-$label --cache-disk 128M) || fail "add --cache-dir (warm)"
+  echo 3 > /proc/sys/vm/drop_caches
+  [ "$(dev_sum "$DEV")" = "$SUM3" ] || fail "contents differ with the SSD tier (warm)"
+  $Z status -n "${DEV#/dev/ublkb}" | grep store
+  ID=${DEV#/dev/ublkb}
   $Z del --timeout 60 -n "$ID" || fail "final del"
   echo "PASS [$label]"
 }
