@@ -76,3 +76,40 @@ async fn next_writer_replays_and_flushes_the_journal() {
         .unwrap();
     assert_eq!(c.read(0, 16 * 4096).await.unwrap(), expect);
 }
+
+#[tokio::test]
+async fn rewriting_one_chunk_keeps_the_journal_bounded() {
+    use zerofs_ublk::volume::VolumeConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let limit = 8 * CHUNK as usize;
+    let cfg = VolumeConfig {
+        dirty_limit: limit,
+        flush_bytes: limit,
+        ..test_config()
+    };
+    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg)
+        .await
+        .unwrap();
+    vol.attach_journal(dir.path()).await.unwrap();
+    // The dirty table never grows past one chunk, the journal would.
+    let journal_size = || -> u64 {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let mut largest = 0;
+    for i in 0..2000u64 {
+        vol.write(0, &pattern(i, 4096)).await.unwrap();
+        largest = largest.max(journal_size());
+    }
+    assert!(
+        largest <= 2 * limit as u64 + 8192,
+        "journal reached {largest} bytes with a {limit}-byte dirty limit"
+    );
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(1999, 4096));
+}

@@ -183,7 +183,7 @@ impl Inner {
                     }
                 }
             }
-            match (&st.journal, journal_mark) {
+            match (&mut st.journal, journal_mark) {
                 (Some(j), Some(Ok(mark))) => j.release_before(mark),
                 (Some(_), Some(Err(e))) => tracing::warn!("journal rotation failed: {e}"),
                 _ => {}

@@ -50,6 +50,9 @@ pub struct Journal {
     epoch: u64,
     segment: u64,
     file: File,
+    /// Bytes in each segment not yet released (the journal's footprint in
+    /// tmpfs, which is memory).
+    sizes: std::collections::BTreeMap<u64, u64>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> Error {
@@ -103,6 +106,7 @@ impl Journal {
             epoch,
             segment: 0,
             file,
+            sizes: [(0, HEADER_LEN as u64)].into(),
         })
     }
 
@@ -145,7 +149,14 @@ impl Journal {
                     .join(file_name(&self.volume, self.epoch, self.segment)),
                 e,
             )
-        })
+        })?;
+        *self.sizes.entry(self.segment).or_default() += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes the journal holds now (segments not yet released).
+    pub fn live_bytes(&self) -> u64 {
+        self.sizes.values().sum()
     }
 
     /// Start a new segment; records before this point are in segments
@@ -154,18 +165,21 @@ impl Journal {
         let next = self.segment + 1;
         self.file = Self::open_segment(&self.dir, &self.volume, volume_id, self.epoch, next)?;
         self.segment = next;
+        self.sizes.insert(next, HEADER_LEN as u64);
         Ok(next)
     }
 
     /// A flush made everything in segments below `segment` durable.
-    pub fn release_before(&self, segment: u64) {
-        for s in 0..segment {
+    pub fn release_before(&mut self, segment: u64) {
+        let released: Vec<u64> = self.sizes.range(..segment).map(|(s, _)| *s).collect();
+        for s in released {
             let _ = std::fs::remove_file(self.dir.join(file_name(&self.volume, self.epoch, s)));
+            self.sizes.remove(&s);
         }
     }
 
     /// Clean shutdown: everything is durable.
-    pub fn remove(self) {
+    pub fn remove(mut self) {
         self.release_before(self.segment + 1);
     }
 }

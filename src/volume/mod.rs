@@ -571,10 +571,18 @@ impl Inner {
     }
 
     /// Back-pressure: above the dirty limit, the writer flushes first.
+    /// Also bounds the journal: rewriting the same chunks keeps the dirty
+    /// table small but appends to the journal (memory, on tmpfs) each time.
     async fn wait_for_space(self: &Arc<Self>) -> Result<()> {
         self.check_writable()?;
         loop {
-            if self.state.lock().dirty.bytes() < self.cfg.dirty_limit {
+            let full = {
+                let st = self.state.lock();
+                let journal = st.journal.as_ref().map_or(0, |j| j.live_bytes());
+                st.dirty.bytes() >= self.cfg.dirty_limit
+                    || (journal >= 2 * self.cfg.dirty_limit as u64 && !st.dirty.is_empty())
+            };
+            if !full {
                 return Ok(());
             }
             self.flush().await?;
