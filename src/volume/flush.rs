@@ -176,10 +176,6 @@ impl Inner {
                     st.complete(*chunk, *generation, *loc);
                     if let (Some(loc), Some(data)) = (loc, data) {
                         self.cache.insert(*loc, data.clone());
-                        if let Some(disk) = &self.disk {
-                            let at = loc.offset as usize;
-                            disk.insert(loc, e.bytes[at..at + loc.len as usize].to_vec());
-                        }
                     }
                 }
             }
@@ -187,6 +183,15 @@ impl Inner {
                 (Some(j), Some(Ok(mark))) => j.release_before(mark),
                 (Some(_), Some(Err(e))) => tracing::warn!("journal rotation failed: {e}"),
                 _ => {}
+            }
+        }
+        // Fill the SSD tier with the new frames, outside the state lock.
+        if let Some(disk) = &self.disk {
+            for e in &encoded {
+                for loc in e.results.iter().filter_map(|r| r.2) {
+                    let at = loc.offset as usize;
+                    disk.insert(&loc, e.bytes[at..at + loc.len as usize].to_vec());
+                }
             }
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
