@@ -107,19 +107,15 @@ impl State {
         }
     }
 
-    /// Patch a chunk that is already dirty; false if it is not.
-    pub fn patch_dirty(
-        &mut self,
-        chunk: u64,
-        at: usize,
-        bytes: Option<&[u8]>,
-        chunk_size: usize,
-    ) -> bool {
-        if !self.dirty.map.contains_key(&chunk) {
-            return false;
-        }
+    /// Patch a chunk that is already dirty (the caller checked, under this
+    /// same lock, and journaled the patch first).
+    pub fn patch_dirty(&mut self, chunk: u64, at: usize, bytes: Option<&[u8]>, chunk_size: usize) {
         let generation = self.bump();
-        let entry = self.dirty.map.get_mut(&chunk).expect("checked");
+        let entry = self
+            .dirty
+            .map
+            .get_mut(&chunk)
+            .expect("caller checked it is dirty");
         let before = cost(&entry.data);
         let data = entry
             .data
@@ -133,7 +129,6 @@ impl State {
         entry.generation = generation;
         let after = cost(&entry.data);
         self.dirty.bytes = self.dirty.bytes - before + after;
-        true
     }
 
     /// Whether the chunk currently has (possibly) non-zero content.

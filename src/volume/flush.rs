@@ -241,15 +241,11 @@ fn finish(inner: &Inner, builder: SegmentBuilder, results: Vec<Result4>) -> Enco
 /// Flush in the background by size and by age, while the volume lives.
 pub async fn background(inner: Weak<Inner>) {
     loop {
-        let (tick, wake) = match inner.upgrade() {
-            Some(i) => (i.cfg.flush_age / 4, Arc::clone(&i)),
-            None => return,
+        // Hold no reference while sleeping: the volume may go away.
+        let Some(tick) = inner.upgrade().map(|i| i.cfg.flush_age / 4) else {
+            return;
         };
-        tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
-            _ = wake.wake_flusher.notified() => {}
-        }
-        drop(wake);
+        tokio::time::sleep(tick).await;
         let Some(inner) = inner.upgrade() else { return };
         let due = {
             let st = inner.state.lock();

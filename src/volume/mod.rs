@@ -105,7 +105,6 @@ pub(crate) struct Inner {
     cfg: VolumeConfig,
     state: Mutex<State>,
     flush: tokio::sync::Mutex<FlushState>,
-    wake_flusher: tokio::sync::Notify,
     fenced: AtomicBool,
     chunk_size: usize,
     last_flush_unix: AtomicU64,
@@ -191,7 +190,6 @@ impl Volume {
             state: Mutex::new(State::new(index)),
             // A long replay tail is checkpointed at the first opportunity.
             flush: tokio::sync::Mutex::new(FlushState::new(replayed)),
-            wake_flusher: tokio::sync::Notify::new(),
             fenced: AtomicBool::new(false),
             last_flush_unix: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
