@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Small sizes and short runs: a smoke test, not a measurement.
     #[arg(long)]
     pub quick: bool,
+    /// Run only these benchmarks (comma-separated, e.g. `p1,p4`).
+    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5"])]
+    pub only: Vec<String>,
 }
 
 const CHUNK: usize = 128 << 10;
@@ -380,11 +383,24 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     println!("| benchmark | engine | baseline (same run) | ratio | target |");
     println!("|---|---|---|---|---|");
     let reads = if a.quick { 20_000 } else { 1_000_000 };
-    let mut rows = p1(size).await?;
-    rows.extend(p2(if a.quick { 8 << 20 } else { 256 << 20 }, reads).await?);
-    rows.extend(p3(if a.quick { 8 << 20 } else { 256 << 20 }).await?);
-    rows.extend(p4(if a.quick { 16 << 20 } else { 1 << 30 }).await?);
-    rows.extend(p5(if a.quick { 64 << 20 } else { 4 << 30 }).await?);
+    let run = |name: &str| a.only.is_empty() || a.only.iter().any(|o| o == name);
+    let small = if a.quick { 8 << 20 } else { 256 << 20 };
+    let mut rows = Vec::new();
+    if run("p1") {
+        rows.extend(p1(size).await?);
+    }
+    if run("p2") {
+        rows.extend(p2(small, reads).await?);
+    }
+    if run("p3") {
+        rows.extend(p3(small).await?);
+    }
+    if run("p4") {
+        rows.extend(p4(if a.quick { 16 << 20 } else { 1 << 30 }).await?);
+    }
+    if run("p5") {
+        rows.extend(p5(if a.quick { 64 << 20 } else { 4 << 30 }).await?);
+    }
     for r in rows {
         println!("{r}");
     }
