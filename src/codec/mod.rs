@@ -1,13 +1,24 @@
 //! The chunk codec: zstd, then AES-256-GCM.
 //!
-//! A frame is `AES-256-GCM(K_seg, nonce, aad, flag || payload)` where
+//! A frame is `AES-256-GCM(K_seg, nonce, aad, payload || flag)` where
 //! - `K_seg` = HKDF(data key, salt = volume id, "segment-frames/<segment>"),
 //! - nonce = (domain FRAME, frame offset in the segment): unique per frame,
 //!   since frames of one segment never share an offset and a segment name
 //!   is never reused for different content,
 //! - aad = "frame" || volume id || chunk number || segment name || offset,
 //!   so a frame moved to another chunk, segment, offset or volume fails,
-//! - flag = 1 for zstd payload, 0 for raw (incompressible) payload.
+//! - flag (the last plaintext byte) = 1 for zstd payload, 0 for the raw
+//!   chunk. Trailing, so a raw frame decrypts in place into exactly the
+//!   chunk's bytes, with no shift.
+//!
+//! Encryption and decryption work in place: a flush lays a whole segment
+//! out first and encrypts each frame inside the object's own buffer, and a
+//! read decrypts inside the buffer it returns. zstd contexts are kept per
+//! thread rather than created per chunk.
+
+use std::cell::RefCell;
+
+use zstd::zstd_safe::{CCtx, DCtx};
 
 use crate::error::{Error, Result};
 use crate::store::keys::{SubKey, TAG_LEN, VolumeKeys, counter_nonce, domain};
@@ -28,6 +39,19 @@ pub struct Codec {
 pub struct FrameKey {
     segment: SegmentId,
     key: SubKey,
+}
+
+/// What compression decided for one chunk: store it raw, or these zstd
+/// bytes.
+pub enum Plain {
+    Raw,
+    Zstd(Vec<u8>),
+}
+
+thread_local! {
+    /// zstd contexts cost more to create than to compress a small chunk.
+    static ZSTD: RefCell<(CCtx<'static>, DCtx<'static>, Vec<u8>)> =
+        RefCell::new((CCtx::create(), DCtx::create(), Vec::new()));
 }
 
 fn aad(volume_id: &[u8; 16], segment: SegmentId, offset: u64, chunk: u64) -> Vec<u8> {
@@ -64,45 +88,66 @@ impl Codec {
     /// `offset` of the key's segment.
     pub fn encode(&self, key: &FrameKey, offset: u64, chunk: u64, data: &[u8]) -> Vec<u8> {
         let plain = self.compress(data);
-        self.seal(key, offset, chunk, &plain)
+        let mut frame = vec![0u8; self.frame_len(&plain)];
+        self.seal_into(key, offset, chunk, data, &plain, &mut frame);
+        frame
     }
 
-    /// Bytes a frame of this plaintext takes.
-    pub fn sealed_len(plain: &[u8]) -> usize {
-        plain.len() + TAG_LEN
-    }
-
-    /// Encrypt a frame plaintext from `compress` for `offset` of the key's
-    /// segment. Split from `compress` so a flush can compress in parallel,
-    /// lay frames out, then encrypt in parallel.
-    pub fn seal(&self, key: &FrameKey, offset: u64, chunk: u64, plain: &[u8]) -> Vec<u8> {
-        let nonce = counter_nonce(domain::FRAME, offset);
-        let aad = aad(&self.keys.volume_id, key.segment, offset, chunk);
-        key.key.seal(&nonce, &aad, plain)
-    }
-
-    /// The frame plaintext: flag byte, then zstd output or the raw chunk.
-    pub fn compress(&self, data: &[u8]) -> Vec<u8> {
-        assert_eq!(data.len(), self.chunk_size, "whole chunks only");
-        let mut plain = Vec::with_capacity(data.len() + 1 + TAG_LEN);
-        plain.push(FLAG_ZSTD);
-        let bound = zstd::zstd_safe::compress_bound(data.len());
-        plain.resize(1 + bound, 0);
-        let compressed = if self.looks_incompressible(data) {
-            Err(std::io::Error::other("skipped"))
-        } else {
-            zstd::bulk::compress_to_buffer(data, &mut plain[1..], self.level)
+    /// Bytes the frame of a compressed chunk takes.
+    pub fn frame_len(&self, plain: &Plain) -> usize {
+        let payload = match plain {
+            Plain::Raw => self.chunk_size,
+            Plain::Zstd(z) => z.len(),
         };
-        match compressed {
-            // Keep zstd only when it saves at least 1/64 of the chunk.
-            Ok(n) if n < data.len() - data.len() / 64 => plain.truncate(1 + n),
-            _ => {
-                plain.clear();
-                plain.push(FLAG_RAW);
-                plain.extend_from_slice(data);
+        payload + 1 + TAG_LEN
+    }
+
+    /// Write the frame of `data` (compressed as `plain` says) into `out`,
+    /// which is exactly `frame_len` bytes at `offset` of the key's segment,
+    /// and encrypt it there. Split from `compress` so a flush can compress
+    /// in parallel, lay the segment out, then encrypt in parallel in place.
+    pub fn seal_into(
+        &self,
+        key: &FrameKey,
+        offset: u64,
+        chunk: u64,
+        data: &[u8],
+        plain: &Plain,
+        out: &mut [u8],
+    ) {
+        assert_eq!(out.len(), self.frame_len(plain), "frame buffer size");
+        let (body, tag) = out.split_at_mut(out.len() - TAG_LEN);
+        let (payload, flag) = body.split_at_mut(body.len() - 1);
+        match plain {
+            Plain::Raw => {
+                payload.copy_from_slice(data);
+                flag[0] = FLAG_RAW;
+            }
+            Plain::Zstd(z) => {
+                payload.copy_from_slice(z);
+                flag[0] = FLAG_ZSTD;
             }
         }
-        plain
+        let nonce = counter_nonce(domain::FRAME, offset);
+        let aad = aad(&self.keys.volume_id, key.segment, offset, chunk);
+        tag.copy_from_slice(&key.key.seal_in_place(&nonce, &aad, body));
+    }
+
+    /// Decide how a chunk is stored: zstd when it saves at least 1/64 of
+    /// the chunk, raw otherwise.
+    pub fn compress(&self, data: &[u8]) -> Plain {
+        assert_eq!(data.len(), self.chunk_size, "whole chunks only");
+        if self.looks_incompressible(data) {
+            return Plain::Raw;
+        }
+        ZSTD.with_borrow_mut(|(cctx, _, scratch)| {
+            scratch.clear();
+            scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            match cctx.compress(scratch, data, self.level) {
+                Ok(n) if n < data.len() - data.len() / 64 => Plain::Zstd(scratch[..n].to_vec()),
+                _ => Plain::Raw,
+            }
+        })
     }
 
     /// Compressing the first 4 KiB predicts the rest: random or already
@@ -113,11 +158,14 @@ impl Codec {
         if data.len() <= 2 * SAMPLE {
             return false;
         }
-        let mut out = [0u8; SAMPLE + 128];
-        match zstd::bulk::compress_to_buffer(&data[..SAMPLE], &mut out, self.level) {
-            Ok(n) => n >= SAMPLE - SAMPLE / 32,
-            Err(_) => true,
-        }
+        ZSTD.with_borrow_mut(|(cctx, _, scratch)| {
+            scratch.clear();
+            scratch.reserve(SAMPLE + 128);
+            match cctx.compress(scratch, &data[..SAMPLE], self.level) {
+                Ok(n) => n >= SAMPLE - SAMPLE / 32,
+                Err(_) => true,
+            }
+        })
     }
 
     /// Authenticate, decrypt and decompress one frame. Any failure is an
@@ -131,25 +179,34 @@ impl Codec {
             tracing::error!("integrity error: {msg}");
             Error::Integrity(msg)
         };
+        if frame.len() < 1 + TAG_LEN {
+            return Err(fail("frame shorter than its tag"));
+        }
+        let (body, tag) = frame.split_at(frame.len() - TAG_LEN);
         let key = self.keys.subkey("segment-frames", &loc.segment.name());
         let nonce = counter_nonce(domain::FRAME, loc.offset as u64);
         let aad = aad(&self.keys.volume_id, loc.segment, loc.offset as u64, chunk);
-        let mut plain = key
-            .open(&nonce, &aad, frame)
-            .ok_or_else(|| fail("frame failed authentication"))?;
-        if plain.is_empty() {
-            return Err(fail("empty frame"));
+        let mut plain = body.to_vec();
+        if !key.open_in_place(
+            &nonce,
+            &aad,
+            &mut plain,
+            tag.try_into().expect("tag length"),
+        ) {
+            return Err(fail("frame failed authentication"));
         }
-        let data = match plain[0] {
-            FLAG_RAW => {
-                plain.remove(0);
-                plain
-            }
+        let flag = plain.pop().expect("at least the flag byte");
+        let data = match flag {
+            FLAG_RAW => plain,
             FLAG_ZSTD => {
-                let mut out = vec![0u8; self.chunk_size];
-                let n = zstd::bulk::decompress_to_buffer(&plain[1..], &mut out)
-                    .map_err(|e| fail(&format!("does not decompress ({e})")))?;
-                out.truncate(n);
+                let mut out = Vec::with_capacity(self.chunk_size);
+                ZSTD.with_borrow_mut(|(_, dctx, _)| dctx.decompress(&mut out, &plain))
+                    .map_err(|code| {
+                        fail(&format!(
+                            "does not decompress ({})",
+                            zstd::zstd_safe::get_error_name(code)
+                        ))
+                    })?;
                 out
             }
             other => return Err(fail(&format!("unknown frame flag {other}"))),
@@ -216,7 +273,7 @@ mod tests {
         let c = codec();
         let random: Vec<u8> = (0..4096).map(|_| rand::random()).collect();
         let frame = c.encode(&c.frame_key(SEG), 0, 1, &random);
-        assert_eq!(frame.len(), 1 + 4096 + TAG_LEN);
+        assert_eq!(frame.len(), 4096 + 1 + TAG_LEN);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! use deterministic counters, objects that may be attempted by several
 //! writers under one name (epoch claims) use random nonces.
 
-use aes_gcm::aead::{Aead as _, KeyInit, Payload};
+use aes_gcm::aead::{Aead as _, AeadInPlace as _, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
 use serde::{Deserialize, Serialize};
@@ -231,6 +231,33 @@ impl SubKey {
         self.0
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
             .ok()
+    }
+
+    /// Encrypt `buf` where it lies (no copy); returns the tag.
+    pub fn seal_in_place(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> [u8; TAG_LEN] {
+        self.0
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
+            .expect("AES-GCM encryption cannot fail below 64 GiB")
+            .into()
+    }
+
+    /// Authenticate and decrypt `buf` where it lies. On `false` the bytes
+    /// are not authentic and `buf` is left as it was (still ciphertext).
+    pub fn open_in_place(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> bool {
+        self.0
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, tag.into())
+            .is_ok()
     }
 
     /// Seal with a fresh random nonce, which is prepended to the output.

@@ -15,7 +15,7 @@
 use bytes::Bytes;
 
 use super::index::{Loc, SegmentId};
-use super::keys::{SubKey, VolumeKeys, counter_nonce, domain};
+use super::keys::{SubKey, TAG_LEN, VolumeKeys, counter_nonce, domain};
 use super::wire::{Decoder, Encoder};
 use crate::error::{Error, Result};
 
@@ -55,40 +55,45 @@ fn table_aad(keys: &VolumeKeys, id: SegmentId) -> Vec<u8> {
     aad
 }
 
-/// Accumulates frames for one segment.
-pub struct SegmentBuilder {
+/// One segment, laid out before its frames are written: a flush knows each
+/// frame's size once the chunks are compressed, so it allocates the whole
+/// object once (`object_len`) and the codec encrypts every frame in place
+/// inside it (no per-frame buffers, no copy into the object).
+pub struct SegmentLayout {
     pub id: SegmentId,
-    frames: Vec<u8>,
+    frames_len: usize,
     entries: Vec<TableEntry>,
 }
 
-impl SegmentBuilder {
+/// Plaintext bytes of a table with `entries` entries.
+fn table_plain_len(entries: usize) -> usize {
+    4 + 8 + entries * ENTRY_LEN + 8 + 4
+}
+
+impl SegmentLayout {
     pub fn new(id: SegmentId) -> Self {
-        SegmentBuilder {
+        SegmentLayout {
             id,
-            frames: Vec::new(),
+            frames_len: 0,
             entries: Vec::new(),
         }
     }
 
-    /// Offset the next frame will be stored at (the codec binds it).
-    pub fn next_offset(&self) -> u64 {
-        self.frames.len() as u64
-    }
-
-    pub fn len(&self) -> usize {
-        self.frames.len()
+    /// Bytes of frames so far: where the next frame goes.
+    pub fn frames_len(&self) -> usize {
+        self.frames_len
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    pub fn push_frame(&mut self, chunk: u64, frame: &[u8]) -> Loc {
-        let offset = u32::try_from(self.frames.len()).expect("segments stay below 4 GiB");
-        let len = u32::try_from(frame.len()).expect("frame below 4 GiB");
+    /// Reserve the next `len` bytes for the frame of `chunk`.
+    pub fn add_frame(&mut self, chunk: u64, len: usize) -> Loc {
+        let offset = u32::try_from(self.frames_len).expect("segments stay below 4 GiB");
+        let len = u32::try_from(len).expect("frame below 4 GiB");
         assert!(len > 0, "frames are never empty");
-        self.frames.extend_from_slice(frame);
+        self.frames_len += len as usize;
         self.entries.push(TableEntry { chunk, offset, len });
         Loc {
             segment: self.id,
@@ -97,7 +102,8 @@ impl SegmentBuilder {
         }
     }
 
-    pub fn push_zero(&mut self, chunk: u64) {
+    /// Record that `chunk` is now zeros (no frame).
+    pub fn add_zero(&mut self, chunk: u64) {
         self.entries.push(TableEntry {
             chunk,
             offset: 0,
@@ -105,27 +111,37 @@ impl SegmentBuilder {
         });
     }
 
-    /// Seal the table and produce the object's bytes.
-    pub fn finish(self, keys: &VolumeKeys) -> Bytes {
-        let mut table = Encoder::with_capacity(32 + self.entries.len() * ENTRY_LEN);
+    /// The whole object's size: frames, sealed table, trailer.
+    pub fn object_len(&self) -> usize {
+        self.frames_len + table_plain_len(self.entries.len()) + TAG_LEN + TRAILER_LEN
+    }
+
+    /// Given the object buffer (`object_len` bytes) with every frame
+    /// written, seal the table into its tail and produce the object.
+    pub fn finish(self, keys: &VolumeKeys, mut object: Vec<u8>) -> Bytes {
+        assert_eq!(object.len(), self.object_len(), "segment buffer size");
+        let (frames, tail) = object.split_at_mut(self.frames_len);
+        let mut table = Encoder::with_capacity(table_plain_len(self.entries.len()));
         table.u32(VERSION).u64(self.entries.len() as u64);
         for e in &self.entries {
             table.u64(e.chunk).u32(e.offset).u32(e.len);
         }
         table
-            .u64(self.frames.len() as u64)
-            .u32(crc32c::crc32c(&self.frames));
-        let sealed = table_key(keys, self.id).seal(
+            .u64(self.frames_len as u64)
+            .u32(crc32c::crc32c(frames));
+        let (sealed, trailer) = tail.split_at_mut(tail.len() - TRAILER_LEN);
+        let (body, tag) = sealed.split_at_mut(sealed.len() - TAG_LEN);
+        body.copy_from_slice(&table.0);
+        tag.copy_from_slice(&table_key(keys, self.id).seal_in_place(
             &counter_nonce(domain::TABLE, 0),
             &table_aad(keys, self.id),
-            &table.0,
-        );
-        let mut out = self.frames;
-        out.extend_from_slice(&sealed);
-        out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(MAGIC);
-        Bytes::from(out)
+            body,
+        ));
+        let sealed_len = sealed.len() as u32;
+        trailer[..4].copy_from_slice(&sealed_len.to_le_bytes());
+        trailer[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        trailer[8..].copy_from_slice(MAGIC);
+        Bytes::from(object)
     }
 }
 

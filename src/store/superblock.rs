@@ -12,7 +12,7 @@ use super::keys::{Argon2Cost, DataKey, KdfParams, Secret, VolumeKeys, WrappedKey
 use crate::error::{Error, Result};
 
 pub const SUPERBLOCK_KEY: &str = "superblock";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &str = "zerofs-ublk volume";
 pub const MIN_CHUNK_SIZE: u32 = 4096;
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;

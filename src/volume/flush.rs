@@ -9,8 +9,9 @@ use bytes::Bytes;
 use super::Inner;
 use super::dirty::Captured;
 use crate::cache::ChunkData;
+use crate::codec::Plain;
 use crate::error::{Error, Result};
-use crate::store::segment::SegmentBuilder;
+use crate::store::segment::SegmentLayout;
 use crate::store::{Loc, SegmentId};
 
 /// Serialized by the flush mutex: one flush at a time, in log order.
@@ -43,16 +44,26 @@ fn is_zero(data: &[u8]) -> bool {
 }
 
 /// Run `f` over `items` on all cores (scoped threads), keeping order.
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if threads == 1 || items.len() < 2 {
-        return items.iter().map(&f).collect();
+        return items.into_iter().map(&f).collect();
     }
     let per = items.len().div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    let mut items = items.into_iter();
+    loop {
+        let part: Vec<T> = items.by_ref().take(per).collect();
+        if part.is_empty() {
+            break;
+        }
+        parts.push(part);
+    }
+    let f = &f;
     std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(per)
-            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| s.spawn(move || part.into_iter().map(f).collect::<Vec<R>>()))
             .collect();
         handles
             .into_iter()
@@ -61,73 +72,88 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     })
 }
 
-/// Where one captured chunk goes: its segment (index into the layout) and
-/// frame offset, or a zero record.
-struct Placement {
+/// A frame to encrypt: its segment (index), place, chunk and buffer slot.
+struct Slot<'a> {
     segment: usize,
-    offset: Option<u64>,
+    loc: Loc,
+    captured: &'a Captured,
+    plain: &'a Plain,
+    out: &'a mut [u8],
 }
 
 impl Inner {
     /// Encode captured chunks into as few segments as the size target
-    /// allows: compress in parallel, lay the frames out (offsets are known
-    /// once sizes are), then encrypt in parallel and assemble.
+    /// allows: compress in parallel, lay the segments out (offsets are
+    /// known once sizes are), allocate each object once, then encrypt
+    /// every frame in place inside it, in parallel. Peak memory is the
+    /// captured data plus the objects (and the small zstd outputs).
     fn encode(&self, captured: &[Captured]) -> Result<Vec<Encoded>> {
-        let plains: Vec<Option<Vec<u8>>> = par_map(captured, |c| match c.data.as_deref() {
-            Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
-            _ => None,
-        });
-        let mut ids = vec![self.log.alloc_segment()?];
-        let mut size = 0usize;
-        let mut placements = Vec::with_capacity(captured.len());
-        for plain in &plains {
-            let offset = match plain {
-                Some(p) => {
-                    let len = crate::codec::Codec::sealed_len(p);
-                    if size > 0 && size + len > self.cfg.segment_target {
-                        ids.push(self.log.alloc_segment()?);
-                        size = 0;
-                    }
-                    size += len;
-                    Some((size - len) as u64)
-                }
-                None => None,
-            };
-            placements.push(Placement {
-                segment: ids.len() - 1,
-                offset,
+        let plains: Vec<Option<Plain>> =
+            par_map(captured.iter().collect(), |c| match c.data.as_deref() {
+                Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
+                _ => None,
             });
-        }
-        let keys: Vec<_> = ids.iter().map(|id| self.codec.frame_key(*id)).collect();
-        let work: Vec<(usize, &Placement)> = placements.iter().enumerate().collect();
-        let frames: Vec<Option<Vec<u8>>> = par_map(&work, |(i, p)| {
-            let plain = plains[*i].as_ref()?;
-            Some(
-                self.codec
-                    .seal(&keys[p.segment], p.offset?, captured[*i].chunk, plain),
-            )
-        });
-        let mut builders: Vec<(SegmentBuilder, Vec<Result4>)> = ids
-            .iter()
-            .map(|id| (SegmentBuilder::new(*id), Vec::new()))
-            .collect();
-        for ((c, p), frame) in captured.iter().zip(&placements).zip(frames) {
-            let (builder, results) = &mut builders[p.segment];
-            let loc = match frame {
-                Some(frame) => {
-                    debug_assert_eq!(Some(builder.next_offset()), p.offset);
-                    Some(builder.push_frame(c.chunk, &frame))
+        let mut layouts = vec![SegmentLayout::new(self.log.alloc_segment()?)];
+        let mut results: Vec<Vec<Result4>> = vec![Vec::new()];
+        let mut placed = Vec::with_capacity(captured.len());
+        for (c, plain) in captured.iter().zip(&plains) {
+            let loc = match plain {
+                Some(p) => {
+                    let len = self.codec.frame_len(p);
+                    let used = layouts.last().expect("one at least").frames_len();
+                    if used > 0 && used + len > self.cfg.segment_target {
+                        layouts.push(SegmentLayout::new(self.log.alloc_segment()?));
+                        results.push(Vec::new());
+                    }
+                    let loc = layouts.last_mut().expect("one").add_frame(c.chunk, len);
+                    placed.push((layouts.len() - 1, loc, c, p));
+                    Some(loc)
                 }
                 None => {
-                    builder.push_zero(c.chunk);
+                    layouts.last_mut().expect("one").add_zero(c.chunk);
                     None
                 }
             };
-            results.push((c.chunk, c.generation, loc, c.data.clone()));
+            let last = results.last_mut().expect("one per layout");
+            last.push((c.chunk, c.generation, loc, c.data.clone()));
         }
-        Ok(builders
+        // One zero-filled buffer per object (calloc: no pass over it), cut
+        // into one slot per frame, in layout order.
+        let mut objects: Vec<Vec<u8>> = layouts.iter().map(|l| vec![0u8; l.object_len()]).collect();
+        let keys: Vec<_> = layouts.iter().map(|l| self.codec.frame_key(l.id)).collect();
+        let mut rest: Vec<&mut [u8]> = objects.iter_mut().map(|o| o.as_mut_slice()).collect();
+        let mut slots = Vec::with_capacity(placed.len());
+        for (segment, loc, captured, plain) in placed {
+            let (out, tail) = std::mem::take(&mut rest[segment]).split_at_mut(loc.len as usize);
+            rest[segment] = tail;
+            slots.push(Slot {
+                segment,
+                loc,
+                captured,
+                plain,
+                out,
+            });
+        }
+        par_map(slots, |s| {
+            let data = s.captured.data.as_deref().expect("placed chunks hold data");
+            self.codec.seal_into(
+                &keys[s.segment],
+                s.loc.offset as u64,
+                s.captured.chunk,
+                data,
+                s.plain,
+                s.out,
+            );
+        });
+        Ok(layouts
             .into_iter()
-            .map(|(b, results)| finish(self, b, results))
+            .zip(objects)
+            .zip(results)
+            .map(|((layout, object), results)| Encoded {
+                id: layout.id,
+                bytes: layout.finish(self.log.keys(), object),
+                results,
+            })
             .collect())
     }
 
@@ -227,14 +253,6 @@ impl Inner {
             self.write_checkpoint(&mut fs).await?;
         }
         Ok(())
-    }
-}
-
-fn finish(inner: &Inner, builder: SegmentBuilder, results: Vec<Result4>) -> Encoded {
-    Encoded {
-        id: builder.id,
-        bytes: builder.finish(inner.log.keys()),
-        results,
     }
 }
 
