@@ -89,6 +89,41 @@ async fn an_idle_volume_makes_no_requests() {
     assert_eq!(vol.request_stats(), idle);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_data_past_flush_bytes_wakes_the_flusher_at_once() {
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    // The timer alone would not flush for an hour: only the writer's wake
+    // can, once flush_bytes (here 2 chunks) are dirty.
+    let cfg = VolumeConfig {
+        background_flush: true,
+        flush_age: Duration::from_secs(4 * 3600),
+        flush_bytes: 2 * 4096,
+        ..test_config()
+    };
+    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg)
+        .await
+        .unwrap();
+    vol.write(0, &pattern(1, 4096)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(vol.stats().flushes, 0, "below flush_bytes: no wake");
+    vol.write(4096, &pattern(2, 4096)).await.unwrap();
+    for _ in 0..500 {
+        if vol.stats().dirty_chunks == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        vol.stats().dirty_chunks,
+        0,
+        "flushed without an explicit flush"
+    );
+    assert_eq!(vol.stats().flushes, 1);
+}
+
 /// A volume of `chunks` chunks of random data behind a store with 25 ms
 /// per request, reopened cold (empty cache).
 async fn cold_volume_behind_latency(chunks: u64, readahead: u64) -> Volume {

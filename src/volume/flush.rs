@@ -257,13 +257,16 @@ impl Inner {
 }
 
 /// Flush in the background by size and by age, while the volume lives.
-pub async fn background(inner: Weak<Inner>) {
+pub async fn background(inner: Weak<Inner>, wanted: Arc<tokio::sync::Notify>) {
     loop {
-        // Hold no reference while sleeping: the volume may go away.
+        // Hold no reference while waiting: the volume may go away.
         let Some(tick) = inner.upgrade().map(|i| i.cfg.flush_age / 4) else {
             return;
         };
-        tokio::time::sleep(tick).await;
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = wanted.notified() => {}
+        }
         let Some(inner) = inner.upgrade() else { return };
         let due = {
             let st = inner.state.lock();

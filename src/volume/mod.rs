@@ -24,7 +24,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::cache::{CacheStats, ChunkCache};
+use crate::cache::{CacheStats, ChunkCache, ChunkData};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::store::backend::DynStore;
@@ -114,6 +114,10 @@ pub(crate) struct Inner {
     disk: Option<crate::cache::DiskCache>,
     /// The engine runtime (readahead is spawned here, from any thread).
     runtime: tokio::runtime::Handle,
+    /// Writers wake the background flusher once `flush_bytes` are dirty,
+    /// so encoding and uploading overlap with the writes that follow
+    /// instead of waiting for the writer to hit the dirty limit.
+    flush_wanted: Arc<tokio::sync::Notify>,
 }
 
 pub struct Volume {
@@ -196,12 +200,17 @@ impl Volume {
             fetch: fetch::Fetcher::default(),
             disk,
             runtime: tokio::runtime::Handle::current(),
+            flush_wanted: Arc::new(tokio::sync::Notify::new()),
             chunk_size: sb.chunk_size as usize,
             log,
             cfg,
         });
-        let flusher = (inner.cfg.background_flush && inner.log.epoch().is_some())
-            .then(|| tokio::spawn(flush::background(Arc::downgrade(&inner))));
+        let flusher = (inner.cfg.background_flush && inner.log.epoch().is_some()).then(|| {
+            tokio::spawn(flush::background(
+                Arc::downgrade(&inner),
+                Arc::clone(&inner.flush_wanted),
+            ))
+        });
         Ok(Volume {
             inner,
             flusher,
@@ -293,12 +302,7 @@ impl Volume {
                 Some(Some(loc)) => fetch.push((span, loc)),
             }
         }
-        let loaded = futures::future::try_join_all(
-            fetch
-                .iter()
-                .map(|(span, loc)| self.inner.load(span.chunk, *loc)),
-        )
-        .await?;
+        let loaded = self.inner.load_all(&fetch).await?;
         for ((span, _), data) in fetch.iter().zip(loaded) {
             let out = &mut buf[span.buf.clone()];
             out.copy_from_slice(&data[span.at..span.at + out.len()]);
@@ -345,6 +349,7 @@ impl Volume {
                 .write_chunk(span.chunk, span.at, Some(&data[span.buf]))
                 .await?;
         }
+        self.inner.wake_flusher_if_due();
         Ok(())
     }
 
@@ -507,6 +512,34 @@ impl Inner {
         }
     }
 
+    /// Load several clean chunks. Decoding is CPU work, so a read of many
+    /// chunks splits them into one group per core: this task decodes the
+    /// first group, spawned tasks the others (one task per chunk would cost
+    /// more in wakeups than a fast decode takes).
+    async fn load_all(self: &Arc<Self>, fetch: &[(Span, Loc)]) -> Result<Vec<ChunkData>> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = fetch.len().div_ceil(cores).max(1);
+        let group = |part: Vec<(u64, Loc)>, inner: Arc<Self>| async move {
+            let mut out = Vec::with_capacity(part.len());
+            for (chunk, loc) in part {
+                out.push(inner.load(chunk, loc).await?);
+            }
+            Ok::<_, Error>(out)
+        };
+        let mut parts = fetch
+            .chunks(per)
+            .map(|p| p.iter().map(|(s, l)| (s.chunk, *l)).collect::<Vec<_>>());
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .map(|p| self.runtime.spawn(group(p, Arc::clone(self))))
+            .collect();
+        let mut loaded = group(first, Arc::clone(self)).await?;
+        for task in others {
+            loaded.extend(task.await.expect("chunk load task")?);
+        }
+        Ok(loaded)
+    }
+
     /// Put `bytes` (None = zeros) at `at` inside `chunk`.
     ///
     /// Read-modify-write without holding locks across the read: remember
@@ -565,6 +598,12 @@ impl Inner {
             st.journal(record)?;
             st.set_dirty(chunk, Some(Arc::new(base)));
             return Ok(());
+        }
+    }
+
+    fn wake_flusher_if_due(&self) {
+        if self.state.lock().dirty.bytes() >= self.cfg.flush_bytes {
+            self.flush_wanted.notify_one();
         }
     }
 
