@@ -8,7 +8,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use zerofs_ublk::Error;
-use zerofs_ublk::store::backend::{DynStore, StoreError};
+use zerofs_ublk::store::backend::{DynStore, MULTIPART_THRESHOLD, StoreError};
 use zerofs_ublk::volume::{OpenOptions, Volume};
 
 async fn object_store_contract(store: DynStore) {
@@ -86,7 +86,7 @@ async fn object_store_contract(store: DynStore) {
     }
     assert_eq!(winners, 1, "exactly one concurrent create wins");
     // large objects (multipart on S3) come back whole, ranges included
-    let big = Bytes::from(pattern(5, 20 << 20));
+    let big = Bytes::from(pattern(5, MULTIPART_THRESHOLD + (4 << 20)));
     store.put("big/segment", big.clone()).await.unwrap();
     assert_eq!(store.get("big/segment").await.unwrap(), big);
     let mid = (9 << 20) - 100..(9 << 20) + 100;

@@ -31,7 +31,7 @@ pub use faulty::{FaultPlan, FaultyStore};
 pub use latency::{LatencyPlan, LatencyStore};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
-pub use s3::S3Store;
+pub use s3::{MULTIPART_THRESHOLD, S3Store};
 pub use url::{BucketOptions, open_bucket};
 
 /// An object and its size, as returned by `list`.

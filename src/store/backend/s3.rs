@@ -15,7 +15,12 @@ use opendal_http_transport_reqwest::ReqwestTransport;
 use super::{ObjectInfo, ObjectStore, StoreError, StoreResult, sorted};
 
 /// Objects at least this large are uploaded in parts.
-const MULTIPART_THRESHOLD: usize = 16 << 20;
+/// Objects from this size up go as multipart uploads. Above every segment
+/// (32 MiB target) on purpose: S3 bills each part and the create/complete
+/// calls as PUT-class requests, so a 32 MiB segment in 8 MiB parts would
+/// cost 6 requests instead of 1, and the segments of one flush already
+/// upload in parallel. Only very large checkpoints use parts.
+pub const MULTIPART_THRESHOLD: usize = 64 << 20;
 const MULTIPART_PART: usize = 8 << 20;
 const MULTIPART_CONCURRENCY: usize = 4;
 
@@ -115,7 +120,7 @@ impl ObjectStore for S3Store {
                 .map(|_| ())
                 .map_err(|e| map_error(key, e));
         }
-        // Large segments: multipart, parts uploaded concurrently. The object
+        // Large objects: multipart, parts uploaded concurrently. The object
         // appears only when the upload completes, so readers still see all
         // of it or nothing.
         let mut writer = self
