@@ -1,15 +1,19 @@
 //! The chunk codec: zstd, then AES-256-GCM.
 //!
-//! A frame is `AES-256-GCM(K_seg, nonce, aad, payload || flag)` where
+//! A frame is `flag || AES-256-GCM(K_seg, nonce, aad, payload)` where
+//! - flag = 1 for a zstd payload, 0 for the raw chunk. It is stored in the
+//!   clear (a frame's length already tells a raw chunk apart) but bound by
+//!   the AAD, so flipping it fails authentication. Outside the ciphertext,
+//!   a raw frame decrypts in place into exactly the chunk's bytes: no shift,
+//!   and a buffer of exactly the chunk size (no allocator slack held in the
+//!   cache),
 //! - `K_seg` = HKDF(data key, salt = volume id, "segment-frames/<segment>"),
 //! - nonce = (domain FRAME, frame offset in the segment): unique per frame,
 //!   since frames of one segment never share an offset and a segment name
 //!   is never reused for different content,
-//! - aad = "frame" || volume id || chunk number || segment name || offset,
-//!   so a frame moved to another chunk, segment, offset or volume fails,
-//! - flag (the last plaintext byte) = 1 for zstd payload, 0 for the raw
-//!   chunk. Trailing, so a raw frame decrypts in place into exactly the
-//!   chunk's bytes, with no shift.
+//! - aad = "frame" || volume id || chunk number || segment name || offset ||
+//!   flag, so a frame moved to another chunk, segment, offset or volume
+//!   fails.
 //!
 //! Encryption and decryption work in place: a flush lays a whole segment
 //! out first and encrypts each frame inside the object's own buffer, and a
@@ -54,13 +58,14 @@ thread_local! {
         RefCell::new((CCtx::create(), DCtx::create(), Vec::new()));
 }
 
-fn aad(volume_id: &[u8; 16], segment: SegmentId, offset: u64, chunk: u64) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(5 + 16 + 8 + 33 + 8);
+fn aad(volume_id: &[u8; 16], segment: SegmentId, offset: u64, chunk: u64, flag: u8) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(5 + 16 + 8 + 33 + 8 + 1);
     aad.extend_from_slice(b"frame");
     aad.extend_from_slice(volume_id);
     aad.extend_from_slice(&chunk.to_le_bytes());
     aad.extend_from_slice(segment.name().as_bytes());
     aad.extend_from_slice(&offset.to_le_bytes());
+    aad.push(flag);
     aad
 }
 
@@ -116,21 +121,21 @@ impl Codec {
         out: &mut [u8],
     ) {
         assert_eq!(out.len(), self.frame_len(plain), "frame buffer size");
-        let (body, tag) = out.split_at_mut(out.len() - TAG_LEN);
-        let (payload, flag) = body.split_at_mut(body.len() - 1);
-        match plain {
+        let (flag, rest) = out.split_at_mut(1);
+        let (payload, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        flag[0] = match plain {
             Plain::Raw => {
                 payload.copy_from_slice(data);
-                flag[0] = FLAG_RAW;
+                FLAG_RAW
             }
             Plain::Zstd(z) => {
                 payload.copy_from_slice(z);
-                flag[0] = FLAG_ZSTD;
+                FLAG_ZSTD
             }
-        }
+        };
         let nonce = counter_nonce(domain::FRAME, offset);
-        let aad = aad(&self.keys.volume_id, key.segment, offset, chunk);
-        tag.copy_from_slice(&key.key.seal_in_place(&nonce, &aad, body));
+        let aad = aad(&self.keys.volume_id, key.segment, offset, chunk, flag[0]);
+        tag.copy_from_slice(&key.key.seal_in_place(&nonce, &aad, payload));
     }
 
     /// Decide how a chunk is stored: zstd when it saves at least 1/64 of
@@ -182,20 +187,22 @@ impl Codec {
         if frame.len() < 1 + TAG_LEN {
             return Err(fail("frame shorter than its tag"));
         }
-        let (body, tag) = frame.split_at(frame.len() - TAG_LEN);
+        let flag = frame[0];
+        let (body, tag) = frame[1..].split_at(frame.len() - 1 - TAG_LEN);
         let key = self.keys.subkey("segment-frames", &loc.segment.name());
         let nonce = counter_nonce(domain::FRAME, loc.offset as u64);
-        let aad = aad(&self.keys.volume_id, loc.segment, loc.offset as u64, chunk);
+        let aad = aad(
+            &self.keys.volume_id,
+            loc.segment,
+            loc.offset as u64,
+            chunk,
+            flag,
+        );
         let mut plain = body.to_vec();
-        if !key.open_in_place(
-            &nonce,
-            &aad,
-            &mut plain,
-            tag.try_into().expect("tag length"),
-        ) {
+        let tag = tag.try_into().expect("tag length");
+        if !key.open_in_place(&nonce, &aad, &mut plain, tag) {
             return Err(fail("frame failed authentication"));
         }
-        let flag = plain.pop().expect("at least the flag byte");
         let data = match flag {
             FLAG_RAW => plain,
             FLAG_ZSTD => {
