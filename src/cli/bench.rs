@@ -439,7 +439,7 @@ async fn p5(size: u64) -> Result<Vec<String>> {
         format!(
             "| P5 peak engine memory during the run | {} MiB | that budget + 2 × dirty limit ({} MiB) | {:.2} | ≤ 1.00 |",
             peak / 1024,
-            2 * dirty_limit >> 20,
+            (2 * dirty_limit) >> 20,
             peak as f64 / peak_budget as f64
         ),
     ])
