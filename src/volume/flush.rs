@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
+use futures::StreamExt as _;
 
 use super::Inner;
 use super::dirty::Captured;
@@ -29,15 +30,22 @@ impl FlushState {
     }
 }
 
-type Result4 = (u64, u64, Option<Loc>, Option<ChunkData>);
+/// Segments of one flush encrypted ahead of their uploads, at most: a big
+/// flush uploads segment i while segment i+1 is being encrypted, and its
+/// memory is bounded by this many objects, not by the whole flush.
+const SEGMENTS_IN_FLIGHT: usize = 4;
 
-/// One encoded segment and what it makes durable.
-struct Encoded {
-    id: SegmentId,
-    bytes: Bytes,
-    /// (chunk, generation, new location, data for the cache)
-    results: Vec<Result4>,
+/// What a flush decided before encrypting anything: each captured chunk
+/// compressed (or raw, or a zero record) and placed in a segment.
+struct Plan {
+    captured: Vec<Captured>,
+    plains: Vec<Option<Plain>>,
+    /// Per segment: (index into `captured`, frame location), in layout order.
+    frames: Vec<Vec<(usize, Loc)>>,
 }
+
+/// (chunk, generation, new location or None for zeros, data for the cache)
+type Outcome = (u64, u64, Option<Loc>, Option<ChunkData>);
 
 fn is_zero(data: &[u8]) -> bool {
     data.iter().all(|b| *b == 0)
@@ -72,41 +80,34 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
     })
 }
 
-/// A frame to encrypt: its segment (index), place, chunk and buffer slot.
-struct Slot<'a> {
-    segment: usize,
-    loc: Loc,
-    captured: &'a Captured,
-    plain: &'a Plain,
-    out: &'a mut [u8],
-}
-
 impl Inner {
-    /// Encode captured chunks into as few segments as the size target
-    /// allows: compress in parallel, lay the segments out (offsets are
-    /// known once sizes are), allocate each object once, then encrypt
-    /// every frame in place inside it, in parallel. Peak memory is the
-    /// captured data plus the objects (and the small zstd outputs).
-    fn encode(&self, captured: &[Captured]) -> Result<Vec<Encoded>> {
+    /// Compress every captured chunk in parallel and lay the frames out
+    /// into as few segments as the size target allows (frame offsets, hence
+    /// nonces, are known once compressed sizes are).
+    fn plan(
+        &self,
+        captured: Vec<Captured>,
+    ) -> Result<(Plan, Vec<SegmentLayout>, Vec<Vec<Outcome>>)> {
         let plains: Vec<Option<Plain>> =
             par_map(captured.iter().collect(), |c| match c.data.as_deref() {
                 Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
                 _ => None,
             });
         let mut layouts = vec![SegmentLayout::new(self.log.alloc_segment()?)];
-        let mut results: Vec<Vec<Result4>> = vec![Vec::new()];
-        let mut placed = Vec::with_capacity(captured.len());
-        for (c, plain) in captured.iter().zip(&plains) {
+        let mut frames = vec![Vec::new()];
+        let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new()];
+        for (i, (c, plain)) in captured.iter().zip(&plains).enumerate() {
             let loc = match plain {
                 Some(p) => {
                     let len = self.codec.frame_len(p);
                     let used = layouts.last().expect("one at least").frames_len();
                     if used > 0 && used + len > self.cfg.segment_target {
                         layouts.push(SegmentLayout::new(self.log.alloc_segment()?));
-                        results.push(Vec::new());
+                        frames.push(Vec::new());
+                        outcomes.push(Vec::new());
                     }
                     let loc = layouts.last_mut().expect("one").add_frame(c.chunk, len);
-                    placed.push((layouts.len() - 1, loc, c, p));
+                    frames.last_mut().expect("one per layout").push((i, loc));
                     Some(loc)
                 }
                 None => {
@@ -114,54 +115,83 @@ impl Inner {
                     None
                 }
             };
-            let last = results.last_mut().expect("one per layout");
+            let last = outcomes.last_mut().expect("one per layout");
             last.push((c.chunk, c.generation, loc, c.data.clone()));
         }
-        // One zero-filled buffer per object (calloc: no pass over it), cut
-        // into one slot per frame, in layout order.
-        let mut objects: Vec<Vec<u8>> = layouts.iter().map(|l| vec![0u8; l.object_len()]).collect();
-        let keys: Vec<_> = layouts.iter().map(|l| self.codec.frame_key(l.id)).collect();
-        let mut rest: Vec<&mut [u8]> = objects.iter_mut().map(|o| o.as_mut_slice()).collect();
-        let mut slots = Vec::with_capacity(placed.len());
-        for (segment, loc, captured, plain) in placed {
-            let (out, tail) = std::mem::take(&mut rest[segment]).split_at_mut(loc.len as usize);
-            rest[segment] = tail;
-            slots.push(Slot {
-                segment,
-                loc,
-                captured,
-                plain,
-                out,
-            });
-        }
-        par_map(slots, |s| {
-            let data = s.captured.data.as_deref().expect("placed chunks hold data");
-            self.codec.seal_into(
-                &keys[s.segment],
-                s.loc.offset as u64,
-                s.captured.chunk,
-                data,
-                s.plain,
-                s.out,
-            );
-        });
-        Ok(layouts
-            .into_iter()
-            .zip(objects)
-            .zip(results)
-            .map(|((layout, object), results)| Encoded {
-                id: layout.id,
-                bytes: layout.finish(self.log.keys(), object),
-                results,
-            })
-            .collect())
+        let plan = Plan {
+            captured,
+            plains,
+            frames,
+        };
+        Ok((plan, layouts, outcomes))
     }
 
-    async fn encode_off_runtime(self: &Arc<Self>, captured: Vec<Captured>) -> Result<Vec<Encoded>> {
+    /// Build segment `n` of the plan: allocate the object once at its final
+    /// size (zero-filled by calloc, no pass over it), cut it into one slot
+    /// per frame, encrypt every frame in place in parallel, seal the table.
+    fn seal_segment(&self, plan: &Plan, n: usize, layout: SegmentLayout) -> Bytes {
+        let mut object = vec![0u8; layout.object_len()];
+        let key = self.codec.frame_key(layout.id);
+        let mut rest = object.as_mut_slice();
+        let mut slots = Vec::with_capacity(plan.frames[n].len());
+        for &(i, loc) in &plan.frames[n] {
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut(loc.len as usize);
+            rest = tail;
+            slots.push((i, loc, out));
+        }
+        par_map(slots, |(i, loc, out)| {
+            let c = &plan.captured[i];
+            let data = c.data.as_deref().expect("placed chunks hold data");
+            let plain = plan.plains[i].as_ref().expect("placed chunks compressed");
+            self.codec
+                .seal_into(&key, loc.offset as u64, c.chunk, data, plain, out);
+        });
+        layout.finish(self.log.keys(), object)
+    }
+
+    /// Put one sealed segment, then give its frames to the SSD tier (a
+    /// frame cached before the flush is acknowledged is harmless: its
+    /// location is never reused, and unpublished it is never looked up).
+    async fn upload(&self, id: SegmentId, bytes: Bytes, frames: Vec<Loc>) -> Result<()> {
+        self.log.put_segment(id, bytes.clone()).await?;
+        if let Some(disk) = &self.disk {
+            for loc in frames {
+                let at = loc.offset as usize;
+                disk.insert(&loc, bytes[at..at + loc.len as usize].to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// Encode and upload the captured chunks: plan, then encrypt segment by
+    /// segment off the async workers while earlier segments upload.
+    /// Returns the segments written and what they make durable.
+    async fn write_segments(
+        self: &Arc<Self>,
+        captured: Vec<Captured>,
+    ) -> Result<(Vec<SegmentId>, Vec<Vec<Outcome>>)> {
         let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || this.encode(&captured))
+        let (plan, layouts, outcomes) = tokio::task::spawn_blocking(move || this.plan(captured))
             .await
-            .expect("encode task")
+            .expect("plan task")?;
+        let plan = Arc::new(plan);
+        let ids: Vec<SegmentId> = layouts.iter().map(|l| l.id).collect();
+        let mut uploads = futures::stream::FuturesUnordered::new();
+        for (n, layout) in layouts.into_iter().enumerate() {
+            while uploads.len() >= SEGMENTS_IN_FLIGHT {
+                uploads.next().await.expect("non-empty")?;
+            }
+            let (this, p) = (Arc::clone(self), Arc::clone(&plan));
+            let bytes = tokio::task::spawn_blocking(move || this.seal_segment(&p, n, layout))
+                .await
+                .expect("seal task");
+            let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();
+            uploads.push(self.upload(ids[n], bytes, frames));
+        }
+        while let Some(done) = uploads.next().await {
+            done?;
+        }
+        Ok((ids, outcomes))
     }
 
     pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
@@ -182,12 +212,8 @@ impl Inner {
             (captured, mark)
         };
         // Compression and encryption are CPU work: off the async workers,
-        // on all cores.
-        let encoded = self.encode_off_runtime(captured).await?;
-        let uploads = encoded
-            .iter()
-            .map(|e| self.log.put_segment(e.id, e.bytes.clone()));
-        futures::future::try_join_all(uploads).await?;
+        // on all cores, overlapping the uploads.
+        let (segments, outcomes) = self.write_segments(captured).await?;
         if let Err(e) = self.log.check_owner().await {
             if matches!(e, Error::Fenced(_)) {
                 self.fenced.store(true, Ordering::SeqCst);
@@ -197,12 +223,10 @@ impl Inner {
         }
         {
             let mut st = self.state.lock();
-            for e in &encoded {
-                for (chunk, generation, loc, data) in &e.results {
-                    st.complete(*chunk, *generation, *loc);
-                    if let (Some(loc), Some(data)) = (loc, data) {
-                        self.cache.insert(*loc, data.clone());
-                    }
+            for (chunk, generation, loc, data) in outcomes.iter().flatten() {
+                st.complete(*chunk, *generation, *loc);
+                if let (Some(loc), Some(data)) = (loc, data) {
+                    self.cache.insert(*loc, data.clone());
                 }
             }
             match (&mut st.journal, journal_mark) {
@@ -211,20 +235,11 @@ impl Inner {
                 _ => {}
             }
         }
-        // Fill the SSD tier with the new frames, outside the state lock.
-        if let Some(disk) = &self.disk {
-            for e in &encoded {
-                for loc in e.results.iter().filter_map(|r| r.2) {
-                    let at = loc.offset as usize;
-                    disk.insert(&loc, e.bytes[at..at + loc.len as usize].to_vec());
-                }
-            }
-        }
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.last_flush_unix
             .store(crate::store::fencing::unix_now(), Ordering::Relaxed);
-        fs.segments_since_checkpoint += encoded.len() as u64;
-        fs.last_segment = encoded.last().map(|e| e.id);
+        fs.segments_since_checkpoint += segments.len() as u64;
+        fs.last_segment = segments.last().copied();
         if fs.segments_since_checkpoint >= self.cfg.checkpoint_every {
             // Durability does not depend on checkpoints; a failed one is
             // retried after the next flush.

@@ -64,7 +64,7 @@ impl Default for VolumeConfig {
     fn default() -> Self {
         VolumeConfig {
             dirty_limit: 256 << 20,
-            flush_bytes: 32 << 20,
+            flush_bytes: 128 << 20,
             segment_target: 32 << 20,
             flush_age: Duration::from_secs(2),
             checkpoint_every: 64,
