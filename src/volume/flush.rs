@@ -53,7 +53,7 @@ fn is_zero(data: &[u8]) -> bool {
 
 /// Run `f` over `items` on all cores (scoped threads), keeping order.
 fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = super::cores();
     if threads == 1 || items.len() < 2 {
         return items.into_iter().map(&f).collect();
     }

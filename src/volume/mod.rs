@@ -33,6 +33,13 @@ use crate::store::{CreateParams, Index, Loc, LogStore, LogSummary, OpenMode, Sup
 use dirty::State;
 use flush::FlushState;
 
+/// CPUs this process may use, asked once: `available_parallelism` reads
+/// cgroup files on every call (about 10 µs, as much as a hot read).
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Sector size: offsets and lengths must be multiples of it.
 pub const SECTOR: u64 = 512;
 
@@ -517,7 +524,7 @@ impl Inner {
     /// first group, spawned tasks the others (one task per chunk would cost
     /// more in wakeups than a fast decode takes).
     async fn load_all(self: &Arc<Self>, fetch: &[(Span, Loc)]) -> Result<Vec<ChunkData>> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = cores();
         let per = fetch.len().div_ceil(cores).max(1);
         let group = |part: Vec<(u64, Loc)>, inner: Arc<Self>| async move {
             let mut out = Vec::with_capacity(part.len());
