@@ -195,3 +195,18 @@ async fn sequential_cold_read_overlaps_requests() {
         "readahead overlaps requests: {ahead:?} vs {serial:?} one at a time"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_multi_chunk_read_waits_for_one_request_not_one_per_chunk() {
+    // Virtual clock: elapsed time counts simulated store latency only.
+    let vol = cold_volume_behind_latency(8, 0).await;
+    let before = vol.request_stats();
+    let t = tokio::time::Instant::now();
+    vol.read(0, 8 * CHUNK as usize).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(vol.request_stats().ranged_get - before.ranged_get, 8);
+    assert!(
+        took < Duration::from_millis(50),
+        "8 chunks fetched together: {took:?}, one request is 25 ms"
+    );
+}

@@ -526,12 +526,11 @@ impl Inner {
     async fn load_all(self: &Arc<Self>, fetch: &[(Span, Loc)]) -> Result<Vec<ChunkData>> {
         let cores = cores();
         let per = fetch.len().div_ceil(cores).max(1);
+        // Within a group the fetches still overlap (one GET's latency for
+        // the group, not one per chunk); only the decoding is sequential.
         let group = |part: Vec<(u64, Loc)>, inner: Arc<Self>| async move {
-            let mut out = Vec::with_capacity(part.len());
-            for (chunk, loc) in part {
-                out.push(inner.load(chunk, loc).await?);
-            }
-            Ok::<_, Error>(out)
+            futures::future::try_join_all(part.iter().map(|(chunk, loc)| inner.load(*chunk, *loc)))
+                .await
         };
         let mut parts = fetch
             .chunks(per)
