@@ -210,3 +210,31 @@ async fn a_cold_multi_chunk_read_waits_for_one_request_not_one_per_chunk() {
         "8 chunks fetched together: {took:?}, one request is 25 ms"
     );
 }
+
+#[tokio::test]
+async fn a_flush_fills_its_segments_evenly_instead_of_leaving_a_tiny_tail() {
+    // test_config: segment target = 3 chunks. Six incompressible chunks
+    // are 2.0 targets of frames (each frame a little over a chunk): two
+    // segments of three, where filling greedily would make three of two.
+    let store = memory();
+    let vol = create_and_open(&store, 16).await;
+    let segments = || async { store.list("segments/").await.unwrap().len() };
+    vol.write(0, &pattern(4, 6 * CHUNK as usize)).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(
+        segments().await,
+        2,
+        "segments for 2 targets' worth of frames"
+    );
+    // ...and a flush of 1.4 targets is one segment, not a full one and a
+    // small one.
+    vol.write(8 * CHUNK as u64, &pattern(5, 4 * CHUNK as usize))
+        .await
+        .unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(segments().await, 3);
+    assert_eq!(
+        vol.read(0, 12 * CHUNK as usize).await.unwrap()[8 * CHUNK as usize..],
+        pattern(5, 4 * CHUNK as usize)[..]
+    );
+}

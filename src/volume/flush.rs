@@ -93,6 +93,17 @@ impl Inner {
                 Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
                 _ => None,
             });
+        // As many segments as the target size rounds to, filled evenly: a
+        // flush of 64 MiB + a little is 2 segments, not 2 full ones and a
+        // tiny third (a segment is at most 1.5 × the target).
+        let total: usize = plains
+            .iter()
+            .flatten()
+            .map(|p| self.codec.frame_len(p))
+            .sum();
+        let target = self.cfg.segment_target.max(1);
+        let count = ((total + target / 2) / target).max(1);
+        let per_segment = total.div_ceil(count);
         let mut layouts = vec![SegmentLayout::new(self.log.alloc_segment()?)];
         let mut frames = vec![Vec::new()];
         let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new()];
@@ -101,7 +112,7 @@ impl Inner {
                 Some(p) => {
                     let len = self.codec.frame_len(p);
                     let used = layouts.last().expect("one at least").frames_len();
-                    if used > 0 && used + len > self.cfg.segment_target {
+                    if used > 0 && used + len > per_segment && layouts.len() < count {
                         layouts.push(SegmentLayout::new(self.log.alloc_segment()?));
                         frames.push(Vec::new());
                         outcomes.push(Vec::new());
