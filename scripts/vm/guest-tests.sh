@@ -132,11 +132,12 @@ suite() {
   step "[$label] SSD cache tier: cold fill, then a warm restart reads the same"
   DEV=$($Z add $B --name "vol-$label" --cache-dir /tmp/ssd-$label --cache-disk 128M) || fail "add --cache-dir"
   [ "$(dev_sum "$DEV")" = "$SUM3" ] || fail "contents differ with the SSD tier (cold)"
+  echo "  cold:"; $Z status -n "${DEV#/dev/ublkb}" | grep store
   $Z del --timeout 60 -n "${DEV#/dev/ublkb}" || fail "del (SSD tier)"
   DEV=$($Z add $B --name "vol-$label" --cache-dir /tmp/ssd-$label --cache-disk 128M) || fail "add --cache-dir (warm)"
   echo 3 > /proc/sys/vm/drop_caches
   [ "$(dev_sum "$DEV")" = "$SUM3" ] || fail "contents differ with the SSD tier (warm)"
-  $Z status -n "${DEV#/dev/ublkb}" | grep store
+  echo "  warm:"; $Z status -n "${DEV#/dev/ublkb}" | grep store
   ID=${DEV#/dev/ublkb}
   $Z del --timeout 60 -n "$ID" || fail "final del"
   echo "PASS [$label]"
