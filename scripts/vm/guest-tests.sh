@@ -132,12 +132,21 @@ suite() {
   step "[$label] SSD cache tier: cold fill, then a warm restart reads the same"
   DEV=$($Z add $B --name "vol-$label" --cache-dir /tmp/ssd-$label --cache-disk 128M) || fail "add --cache-dir"
   [ "$(dev_sum "$DEV")" = "$SUM3" ] || fail "contents differ with the SSD tier (cold)"
-  echo "  cold:"; $Z status -n "${DEV#/dev/ublkb}" | grep store
+  COLD=$($Z status -n "${DEV#/dev/ublkb}" | grep store)
+  echo "  cold: $COLD"
   $Z del --timeout 60 -n "${DEV#/dev/ublkb}" || fail "del (SSD tier)"
   DEV=$($Z add $B --name "vol-$label" --cache-dir /tmp/ssd-$label --cache-disk 128M) || fail "add --cache-dir (warm)"
   echo 3 > /proc/sys/vm/drop_caches
   [ "$(dev_sum "$DEV")" = "$SUM3" ] || fail "contents differ with the SSD tier (warm)"
-  echo "  warm:"; $Z status -n "${DEV#/dev/ublkb}" | grep store
+  WARM=$($Z status -n "${DEV#/dev/ublkb}" | grep store)
+  echo "  warm: $WARM"
+  # foyer may drop an insertion when its disk writer falls behind (seen
+  # under TCG: 94 of 645 frames once), so a warm restart is mostly, not
+  # always entirely, served from the SSD. A tier that did not survive the
+  # restart would fetch everything again.
+  ranged() { echo "$1" | sed -n 's/.* ranged GET \([0-9]*\) .*/\1/p'; }
+  [ "$(ranged "$WARM")" -lt $(( $(ranged "$COLD") / 2 )) ] \
+    || fail "warm restart fetched $(ranged "$WARM") frames, cold $(ranged "$COLD")"
   ID=${DEV#/dev/ublkb}
   $Z del --timeout 60 -n "$ID" || fail "final del"
   echo "PASS [$label]"
