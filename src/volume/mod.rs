@@ -306,8 +306,15 @@ impl Volume {
             match self.inner.copy_if_dirty(&span, out) {
                 None => {}
                 Some(None) => out.fill(0),
-                Some(Some(loc)) => fetch.push((span, loc)),
+                // A cached chunk is copied here, without the fetch path.
+                Some(Some(loc)) => match self.inner.cache.get(&loc) {
+                    Some(data) => out.copy_from_slice(&data[span.at..span.at + out.len()]),
+                    None => fetch.push((span, loc)),
+                },
             }
+        }
+        if fetch.is_empty() {
+            return Ok(());
         }
         let loaded = self.inner.load_all(&fetch).await?;
         for ((span, _), data) in fetch.iter().zip(loaded) {
