@@ -82,8 +82,8 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 
 impl Inner {
     /// Compress every captured chunk in parallel and lay the frames out
-    /// into as few segments as the size target allows (frame offsets, hence
-    /// nonces, are known once compressed sizes are).
+    /// evenly over as many segments as the size target rounds to (frame
+    /// offsets, hence nonces, are known once compressed sizes are).
     fn plan(
         &self,
         captured: Vec<Captured>,
