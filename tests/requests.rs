@@ -60,28 +60,41 @@ async fn open_flush_and_read_cost_what_they_should() {
     assert_eq!(v.request_stats(), b);
 }
 
-#[tokio::test]
-async fn an_idle_volume_makes_no_requests() {
+/// A new 16-chunk volume opened as writer with the background flusher on.
+async fn with_flusher(cfg: VolumeConfig) -> Volume {
     let store = memory();
     Volume::create(&store, &params(16), &secret(), false)
         .await
         .unwrap();
     let cfg = VolumeConfig {
         background_flush: true,
-        flush_age: Duration::from_millis(40),
-        ..test_config()
+        ..cfg
     };
-    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg)
+    Volume::open(store, &secret(), writer(false), cfg)
         .await
-        .unwrap();
-    vol.write(0, &pattern(1, 8192)).await.unwrap();
-    // The background flusher makes it durable on its own (bounded wait)...
-    for _ in 0..200 {
+        .unwrap()
+}
+
+/// Wait (bounded: up to `tries` × 10 ms) until nothing is dirty.
+async fn wait_until_clean(vol: &Volume, tries: u32) {
+    for _ in 0..tries {
         if vol.stats().dirty_chunks == 0 {
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn an_idle_volume_makes_no_requests() {
+    let vol = with_flusher(VolumeConfig {
+        flush_age: Duration::from_millis(40),
+        ..test_config()
+    })
+    .await;
+    vol.write(0, &pattern(1, 8192)).await.unwrap();
+    // The background flusher makes it durable on its own (bounded wait)...
+    wait_until_clean(&vol, 200).await;
     assert_eq!(vol.stats().dirty_chunks, 0, "background flush by age");
     // ...and then, idle for many flush periods, asks nothing of the store.
     let idle = vol.request_stats();
@@ -91,31 +104,19 @@ async fn an_idle_volume_makes_no_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dirty_data_past_flush_bytes_wakes_the_flusher_at_once() {
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
-    // The timer alone would not flush for an hour: only the writer's wake
+    // The timer alone would not flush for hours: only the writer's wake
     // can, once flush_bytes (here 2 chunks) are dirty.
-    let cfg = VolumeConfig {
-        background_flush: true,
+    let vol = with_flusher(VolumeConfig {
         flush_age: Duration::from_secs(4 * 3600),
         flush_bytes: 2 * 4096,
         ..test_config()
-    };
-    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg)
-        .await
-        .unwrap();
+    })
+    .await;
     vol.write(0, &pattern(1, 4096)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(vol.stats().flushes, 0, "below flush_bytes: no wake");
     vol.write(4096, &pattern(2, 4096)).await.unwrap();
-    for _ in 0..500 {
-        if vol.stats().dirty_chunks == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_clean(&vol, 500).await;
     assert_eq!(
         vol.stats().dirty_chunks,
         0,

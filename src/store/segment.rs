@@ -84,10 +84,6 @@ impl SegmentLayout {
         self.frames_len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Reserve the next `len` bytes for the frame of `chunk`.
     pub fn add_frame(&mut self, chunk: u64, len: usize) -> Loc {
         let offset = u32::try_from(self.frames_len).expect("segments stay below 4 GiB");

@@ -297,20 +297,14 @@ impl Volume {
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.note_read(offset, buf.len());
-        // Dirty and unmapped spans first; the chunks to fetch are fetched
-        // concurrently (a 1 MiB read of cold 128 KiB chunks is 8 GETs at
-        // once, not one after another).
+        // Spans in memory (dirty, unmapped, cached) first; the chunks to
+        // fetch are fetched concurrently (a 1 MiB read of cold 128 KiB
+        // chunks is 8 GETs at once, not one after another).
         let mut fetch = Vec::new();
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
-            match self.inner.copy_if_dirty(&span, out) {
-                None => {}
-                Some(None) => out.fill(0),
-                // A cached chunk is copied here, without the fetch path.
-                Some(Some(loc)) => match self.inner.cache.get(&loc) {
-                    Some(data) => out.copy_from_slice(&data[span.at..span.at + out.len()]),
-                    None => fetch.push((span, loc)),
-                },
+            if let Some(loc) = self.inner.copy_from_memory(&span, out) {
+                fetch.push((span, loc));
             }
         }
         if fetch.is_empty() {
@@ -332,16 +326,12 @@ impl Volume {
         self.check_range(offset, buf.len() as u64)?;
         self.note_read(offset, buf.len());
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
-            let out = &mut buf[span.buf.clone()];
-            let Some(loc) = self.inner.copy_if_dirty(&span, out) else {
-                continue;
-            };
-            match loc {
-                None => out.fill(0),
-                Some(loc) => match self.inner.cache.get(&loc) {
-                    Some(data) => out.copy_from_slice(&data[span.at..span.at + out.len()]),
-                    None => return Ok(false),
-                },
+            if self
+                .inner
+                .copy_from_memory(&span, &mut buf[span.buf.clone()])
+                .is_some()
+            {
+                return Ok(false);
             }
         }
         Ok(true)
@@ -510,19 +500,33 @@ impl Inner {
         }
     }
 
-    /// Copy a span out of the dirty table if the chunk is dirty (`None`);
-    /// otherwise return where the clean chunk lives (`Some(None)`: zeros).
-    fn copy_if_dirty(&self, span: &Span, out: &mut [u8]) -> Option<Option<Loc>> {
-        let st = self.state.lock();
-        match st.dirty.get(span.chunk) {
+    /// Serve a span from memory — the dirty table, zeros for an unmapped
+    /// chunk, or the clean-chunk cache — without waiting. Returns where the
+    /// clean chunk lives when it has to be fetched instead.
+    fn copy_from_memory(&self, span: &Span, out: &mut [u8]) -> Option<Loc> {
+        let loc = {
+            let st = self.state.lock();
+            match st.dirty.get(span.chunk) {
+                Some(data) => {
+                    copy_or_zero(
+                        out,
+                        data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
+                    );
+                    return None;
+                }
+                None => st.index.get(span.chunk),
+            }
+        };
+        let Some(loc) = loc else {
+            out.fill(0);
+            return None;
+        };
+        match self.cache.get(&loc) {
             Some(data) => {
-                copy_or_zero(
-                    out,
-                    data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
-                );
+                out.copy_from_slice(&data[span.at..span.at + out.len()]);
                 None
             }
-            None => Some(st.index.get(span.chunk)),
+            None => Some(loc),
         }
     }
 

@@ -14,9 +14,8 @@ use opendal_http_transport_reqwest::ReqwestTransport;
 
 use super::{ObjectInfo, ObjectStore, StoreError, StoreResult, sorted};
 
-/// Objects at least this large are uploaded in parts.
 /// Objects from this size up go as multipart uploads. Above every segment
-/// (32 MiB target) on purpose: S3 bills each part and the create/complete
+/// (at most 1.5 × the 32 MiB target) on purpose: S3 bills each part and the create/complete
 /// calls as PUT-class requests, so a 32 MiB segment in 8 MiB parts would
 /// cost 6 requests instead of 1, and the segments of one flush already
 /// upload in parallel. Only very large checkpoints use parts.
