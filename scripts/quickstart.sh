@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 DIR="${ZEROFS_UBLK_DEMO_DIR:-/var/tmp/zerofs-ublk-demo}"
 BIN=target/release/zerofs-ublk
 
+. scripts/deps.sh
+deps_ensure build
 cargo build --release --locked
 mkdir -p "$DIR"
 [ -f "$DIR/volume.key" ] || { head -c 32 /dev/urandom > "$DIR/volume.key"; chmod 600 "$DIR/volume.key"; }
