@@ -4,7 +4,7 @@
 # python3, gcc, make, git or CA certificates), give it what the project's
 # cloud image has and the scripts must cope with (qemu-utils 10.0 from
 # bookworm-backports, no backports source), bind-mount the Rust toolchain,
-# copy the repository (tracked and untracked files, no target/), and run
+# copy the repository (its committed state, HEAD: no target/), and run
 # scripts/quickstart.sh, then scripts/test.sh, inside it with chroot.
 # Prints each command's wall time; exits non-zero if either fails.
 #
@@ -46,6 +46,11 @@ EOF
   chroot "$BASE" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils' \
     > "$DIR/image-qemu.log" 2>&1 || { echo "error: could not install qemu-utils in the base root (log: $DIR/image-qemu.log)" >&2; exit 1; }
   rm "$BASE/etc/apt/sources.list.d/image-bpo.list"
+  # The machine's network reaches the registries through a TLS proxy whose
+  # CA the image trusts: give the root the same trust (as a local CA, so
+  # the ca-certificates package the scripts install keeps it).
+  mkdir -p "$BASE/usr/local/share/ca-certificates"
+  cp /etc/ssl/certs/ca-certificates.crt "$BASE/usr/local/share/ca-certificates/image-trust.crt"
   chroot "$BASE" sh -c 'apt-get update -qq && apt-get clean' >/dev/null 2>&1
   touch "$BASE/.complete"
 fi
@@ -69,10 +74,15 @@ bind /dev "$ROOT/dev"
 bind "$RUSTUP_DIR" "$ROOT/root/.rustup"
 bind "$CARGO_DIR" "$ROOT/root/.cargo"
 mkdir -p "$ROOT/src/zerofs-ublk"
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$ROOT/src/zerofs-ublk"
+git archive HEAD | tar -xf - -C "$ROOT/src/zerofs-ublk"
 
+# The image's environment names its CA bundle for tools with their own.
+CA_ENV=()
+for v in SSL_CERT_FILE SSL_CERT_DIR CURL_CA_BUNDLE PIP_CERT REQUESTS_CA_BUNDLE GIT_SSL_CAINFO; do
+  [ -n "${!v:-}" ] && CA_ENV+=("$v=${!v}")
+done
 in_root() {
-  chroot "$ROOT" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
+  chroot "$ROOT" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 "${CA_ENV[@]}" \
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     /bin/bash -c "cd /src/zerofs-ublk && $1"
 }
@@ -89,9 +99,9 @@ run_timed() {
 
 : > "$DIR/times"
 case "$WHAT" in
-  quickstart) run_timed quickstart scripts/quickstart.sh ;;
-  test) run_timed test scripts/test.sh ;;
-  both) run_timed quickstart scripts/quickstart.sh && run_timed test scripts/test.sh ;;
+  quickstart) run_timed quickstart scripts/quickstart.sh || exit 1 ;;
+  test) run_timed test scripts/test.sh || exit 1 ;;
+  both) { run_timed quickstart scripts/quickstart.sh && run_timed test scripts/test.sh; } || exit 1 ;;
   *) echo "usage: $0 [quickstart|test|both]" >&2; exit 2 ;;
 esac
 echo "== fresh check passed: $(tr '\n' ' ' < "$DIR/times")"
