@@ -16,9 +16,12 @@ MOTO_VENV="$DEPS_CACHE/venv"
 MOTO_SPEC='moto[server]==5.*'
 
 deps__have_libclang() {
+  # bindgen loads libclang.so / libclang-N.so; libclang-cpp (pulled in by other
+  # packages) matches a loose glob but is not it.
   local f
   for f in ${LIBCLANG_PATH:+"$LIBCLANG_PATH"/libclang*.so*} /usr/lib/llvm-*/lib/libclang.so \
            /usr/lib/llvm-*/lib/libclang-*.so* /usr/lib/*/libclang.so /usr/lib64/libclang.so; do
+    case "${f##*/}" in libclang-cpp*) continue ;; esac
     [ -e "$f" ] && return 0
   done
   return 1
