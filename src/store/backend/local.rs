@@ -155,9 +155,12 @@ impl ObjectStore for LocalDirStore {
         .await
     }
 
+    /// Only "no such file" is absence; any other error (EIO, ESTALE on an
+    /// NFS-mounted bucket, EACCES) is an error, never "absent" — the
+    /// ownership check before a FLUSH relies on it.
     async fn exists(&self, key: &str) -> StoreResult<bool> {
         let path = self.path(key)?;
-        blocking(move || Ok(path.exists())).await
+        blocking(move || path.try_exists().map_err(|e| io_error(&path, e))).await
     }
 
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
@@ -216,5 +219,28 @@ impl ObjectStore for LocalDirStore {
 
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10, finding 6: an I/O error while checking for an object (EIO,
+    /// ESTALE on NFS; here ENAMETOOLONG, which root cannot bypass) must be
+    /// an error, not "absent" — the ownership check before every FLUSH
+    /// asks `exists("epochs/<next>")`.
+    #[tokio::test]
+    async fn exists_reports_errors_instead_of_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::open(dir.path()).unwrap();
+        assert!(!store.exists("epochs/0000000000000002").await.unwrap());
+        store
+            .put("epochs/1", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(store.exists("epochs/1").await.unwrap());
+        let too_long = format!("epochs/{}", "9".repeat(300));
+        assert!(store.exists(&too_long).await.is_err());
     }
 }
