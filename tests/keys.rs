@@ -101,3 +101,28 @@ async fn nothing_but_the_superblock_is_plaintext() {
         );
     }
 }
+
+/// Issue 10, finding 9: the Argon2 costs come from the superblock, which
+/// anyone with write access to the bucket can rewrite (its checksum is not
+/// a MAC). Absurd costs are refused at once, before any allocation.
+#[tokio::test]
+async fn tampered_argon2_costs_are_refused_quickly() {
+    use zerofs_ublk::store::keys::KdfParams;
+    use zerofs_ublk::store::superblock::Superblock;
+    let pass = Secret::passphrase(b"correct horse".to_vec()).unwrap();
+    let (mem, store) = volume_with(&pass).await;
+    let mut sb = Superblock::decode(&store.get("superblock").await.unwrap()).unwrap();
+    let KdfParams::Argon2id { cost, .. } = &mut sb.params.kdf else {
+        panic!("passphrase volume");
+    };
+    cost.m_cost_kib = u32::MAX; // 4 TiB
+    cost.t_cost = u32::MAX;
+    store.put("superblock", sb.encode().into()).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = refused(&store, &mem, pass).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(
+        err.to_string().contains("Argon2 cost out of bounds"),
+        "{err}"
+    );
+}

@@ -75,6 +75,40 @@ pub struct Argon2Cost {
     pub p_cost: u32,
 }
 
+impl Argon2Cost {
+    /// Most memory an open may spend on Argon2: 1 GiB.
+    pub const MAX_M_COST_KIB: u32 = 1 << 20;
+    /// Most passes: 16 (at 1 GiB, tens of seconds).
+    pub const MAX_T_COST: u32 = 16;
+    /// Most lanes: 8.
+    pub const MAX_P_COST: u32 = 8;
+
+    /// The costs are read from the superblock, which is not authenticated
+    /// before the key is derived: a tampered bucket must not make an open
+    /// allocate gigabytes or spin for hours. `create` enforces the same
+    /// bounds, so every volume made here opens.
+    pub fn check(&self) -> Result<()> {
+        if self.m_cost_kib > Self::MAX_M_COST_KIB
+            || self.t_cost > Self::MAX_T_COST
+            || self.p_cost > Self::MAX_P_COST
+            || self.m_cost_kib == 0
+            || self.t_cost == 0
+            || self.p_cost == 0
+        {
+            return Err(Error::Format(format!(
+                "Argon2 cost out of bounds (memory {} KiB, {} passes, {} lanes; at most {} KiB, {} passes, {} lanes): refusing to derive the key",
+                self.m_cost_kib,
+                self.t_cost,
+                self.p_cost,
+                Self::MAX_M_COST_KIB,
+                Self::MAX_T_COST,
+                Self::MAX_P_COST
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Argon2Cost {
     fn default() -> Self {
         Argon2Cost {
@@ -113,6 +147,7 @@ impl KdfParams {
         let mut kek = Zeroizing::new([0u8; KEY_LEN]);
         match (self, secret) {
             (KdfParams::Argon2id { cost, salt }, Secret::Passphrase(pass)) => {
+                cost.check()?;
                 let salt = decode_hex(salt)?;
                 let params =
                     argon2::Params::new(cost.m_cost_kib, cost.t_cost, cost.p_cost, Some(KEY_LEN))

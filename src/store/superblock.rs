@@ -94,7 +94,9 @@ impl CreateParams {
                 self.zstd_level
             )));
         }
-        Ok(())
+        self.argon2
+            .check()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 }
 
