@@ -111,3 +111,33 @@ async fn concurrent_openers_one_wins() {
     let (a, b) = tokio::join!(open(&store, false), open(&store, false));
     assert!(a.is_ok() != b.is_ok(), "exactly one writer: {a:?} / {b:?}");
 }
+
+/// Issue 10, finding 8: the claim's and the seal's conditional creates are
+/// retry-safe: a create that landed but whose response was lost (the
+/// caller saw an error) is recognized as ours, instead of burning the
+/// epoch (claim) or failing the open (seal).
+#[tokio::test]
+async fn a_lost_response_to_the_claim_or_seal_does_not_fail_the_open() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
+    let store = memory();
+    let a = create_and_open(&store, 16).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.close().await.unwrap();
+    // Writes of an open: the conditional-create probe (3), claim, seal.
+    for (fail_at, what) in [(3, "claim"), (4, "seal")] {
+        let faulty = FaultyStore::new(store.clone());
+        faulty.set_plan(FaultPlan {
+            writes_before_failure: Some(fail_at),
+            land_then_fail: true,
+            failures: Some(1),
+            ..FaultPlan::default()
+        });
+        let faulty: DynStore = Arc::new(faulty);
+        let v = Volume::open(faulty, &secret(), writer(false), test_config())
+            .await
+            .unwrap_or_else(|e| panic!("lost response to the {what}: {e}"));
+        assert_eq!(v.read(0, 4096).await.unwrap(), pattern(1, 4096));
+        v.close().await.unwrap();
+    }
+}

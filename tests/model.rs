@@ -186,7 +186,7 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             } => faulty.set_plan(FaultPlan {
                 writes_before_failure: Some(after),
                 land_then_fail,
-                all_fail: false,
+                ..FaultPlan::default()
             }),
             Op::Crash => {
                 drop(vol);

@@ -88,10 +88,12 @@ pub struct WriterArgs {
 }
 
 impl WriterArgs {
-    pub fn mode(&self) -> OpenMode {
+    /// `journaled`: the writer keeps a host-local journal (the server).
+    pub fn mode(&self, journaled: bool) -> OpenMode {
         OpenMode::Writer(WriterOptions {
             force: self.force,
             allow_unconditional: self.allow_unsafe_no_conditional_create,
+            journaled,
         })
     }
 }
@@ -124,16 +126,13 @@ pub struct CreateArgs {
 
 impl CreateArgs {
     pub fn params(&self) -> Result<CreateParams> {
-        let chunk_size = parse_size(&self.chunk_size)?;
-        if chunk_size > u32::MAX as u64 {
-            bail!("chunk size {} is too large", self.chunk_size);
-        }
+        let chunk_size = super::parse_chunk_size(&self.chunk_size)?;
         if self.kdf_memory_mib == 0 || self.kdf_passes == 0 {
             bail!("--kdf-memory-mib and --kdf-passes must be at least 1");
         }
         Ok(CreateParams {
             size: parse_size(&self.size)?,
-            chunk_size: chunk_size as u32,
+            chunk_size,
             zstd_level: self.zstd_level,
             argon2: Argon2Cost {
                 m_cost_kib: self.kdf_memory_mib.saturating_mul(1024),

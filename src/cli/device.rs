@@ -96,6 +96,10 @@ pub struct DeviceRecord {
     /// The arguments the server was started with (no secrets: key and
     /// passphrase are given as file paths or by environment).
     pub args: Vec<String>,
+    /// Set when a stop failed to make everything durable: why. The record
+    /// stays (and so does the journal) until the device is recovered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_error: Option<String>,
 }
 
 fn record_path(id: u32) -> PathBuf {
@@ -262,7 +266,7 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
                     bail!("--create needs --size");
                 };
                 let mut params = CreateParams::new(parse_size(size)?);
-                params.chunk_size = parse_size(&a.chunk_size)? as u32;
+                params.chunk_size = super::parse_chunk_size(&a.chunk_size)?;
                 Volume::create(
                     &store,
                     &params,
@@ -284,7 +288,7 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
         store,
         &secret,
         OpenOptions {
-            mode: a.writer.mode(),
+            mode: a.writer.mode(true),
         },
         cfg,
     )
@@ -380,6 +384,7 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
         pid: std::process::id(),
         started_unix: started,
         args: raw_args.clone(),
+        stop_error: None,
     };
     std::fs::write(record_path(info.id), serde_json::to_vec_pretty(&record)?)?;
     let status = spawn_status_server(info.id, shared.clone(), started)?;
@@ -402,6 +407,15 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
         }
     }
     sd_notify("STOPPING=1\nSTATUS=flushing");
+    // Flush while the device is still there: if the bucket cannot take the
+    // writes now, leave as a crashed server would — the device stays (I/O
+    // waits, user recovery), the journal keeps every acknowledged write,
+    // and the record says why; `del` reports the failure, `recover` (once
+    // the bucket is reachable) finishes the job. Never remove a device
+    // whose writes exist only on this host.
+    if let Err(e) = volume.flush().await {
+        keep_after_failed_stop(&record, &format!("{e:#}"));
+    }
     let _ = frontend::stop(id);
     if !server.is_finished() {
         let _ = server.await;
@@ -418,12 +432,43 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
             volume.flush().await
         }
     };
+    if let Err(e) = &closed {
+        // The device is stopped already; what was written after the flush
+        // above is in the journal, which a failed close keeps.
+        let mut record = record.clone();
+        record.stop_error = Some(format!(
+            "final flush failed: {e:#}; the unflushed writes are in this host's journal: add the volume again to replay them"
+        ));
+        let _ = std::fs::write(record_path(id), serde_json::to_vec_pretty(&record)?);
+        let _ = frontend::delete(id);
+        return Err(anyhow::anyhow!("{e:#}").context("final flush failed"));
+    }
     let _ = frontend::delete(id);
     let _ = std::fs::remove_file(record_path(id));
-    closed?;
     tracing::info!("device {id} flushed and removed");
     Ok(())
 }
+
+/// The stop's flush failed: exit as a crashed server, the device kept.
+fn keep_after_failed_stop(record: &DeviceRecord, error: &str) -> ! {
+    let why = format!(
+        "the final flush failed ({error}); device {} is kept with its writes in this host's journal: \
+         make the bucket reachable, then run `zerofs-ublk recover -n {}`",
+        record.id, record.id
+    );
+    tracing::error!("{why}");
+    let mut record = record.clone();
+    record.stop_error = Some(why);
+    if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
+        let _ = std::fs::write(record_path(record.id), bytes);
+    }
+    sd_notify("STATUS=final flush failed; device kept for recovery");
+    // Not a return: the runtime's shutdown would wait for the queue threads.
+    std::process::exit(EXIT_STOP_FAILED)
+}
+
+/// Exit status of a server whose stop could not flush.
+const EXIT_STOP_FAILED: i32 = 75;
 
 /// Tell systemd (Type=notify) about our state, if it is listening.
 pub fn sd_notify(message: &str) {
@@ -560,11 +605,14 @@ pub async fn del(a: DelArgs) -> Result<()> {
             let _ = std::fs::remove_file(socket_path(r.id));
         }
         if record_path(r.id).exists() {
-            bail!(
-                "device {} was not removed cleanly; see its log in {}",
-                r.id,
-                run_dir().display()
-            );
+            match read_record(r.id).ok().and_then(|r| r.stop_error) {
+                Some(why) => bail!("device {} was not removed: {why}", r.id),
+                None => bail!(
+                    "device {} was not removed cleanly; see its log in {}",
+                    r.id,
+                    run_dir().display()
+                ),
+            }
         }
         println!("removed {} ({})", r.device, r.name);
     }

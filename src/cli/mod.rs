@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use crate::store::backend::{DynStore, open_bucket};
 use crate::volume::Volume;
 pub use args::{BucketArgs, KeyArgs, WriterArgs};
-pub use units::{format_bytes, parse_size};
+pub use units::{format_bytes, parse_chunk_size, parse_size};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -49,6 +49,14 @@ pub fn parse_size(text: &str) -> Result<u64> {
     Ok(bytes)
 }
 
+/// A chunk size (`--chunk-size`): a size that fits the format's 32 bits.
+/// (Whether it is a valid chunk size — a power of two in range — is
+/// `CreateParams::validate`'s to say.)
+pub fn parse_chunk_size(text: &str) -> Result<u32> {
+    let n = parse_size(text)?;
+    u32::try_from(n).map_err(|_| anyhow::anyhow!("chunk size {text:?} is too large"))
+}
+
 /// `1.5 GiB`-style rendering for messages.
 pub fn format_bytes(n: u64) -> String {
     let (name, mult) = [
@@ -84,6 +92,9 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("G").is_err());
         assert!(parse_size("99999999999P").is_err());
+        // Truncating 4 GiB + 128 KiB to u32 would yield a valid 128 KiB.
+        assert!(parse_chunk_size("4194432K").is_err());
+        assert_eq!(parse_chunk_size("128K").unwrap(), 128 << 10);
         assert_eq!(format_bytes(128 << 10), "128 KiB");
         assert_eq!(format_bytes(1536 << 20), "1.5 GiB");
     }

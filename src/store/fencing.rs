@@ -82,6 +82,12 @@ pub struct Claim {
     pub boot_id: String,
     pub started_unix: u64,
     pub token: String,
+    /// The claimant keeps a host-local journal of acknowledged writes and
+    /// replays every pending journal of this host before it serves I/O
+    /// (the device server). A claim without it (import, bench, an older
+    /// build) may have written over what an older journal holds.
+    #[serde(default)]
+    pub journaled: bool,
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -99,6 +105,10 @@ pub fn hostname() -> String {
     }
 }
 
+fn boot_id() -> String {
+    read_trimmed("/proc/sys/kernel/random/boot_id")
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -107,14 +117,21 @@ pub fn unix_now() -> u64 {
 }
 
 impl Claim {
-    pub fn mine() -> Self {
+    pub fn mine(journaled: bool) -> Self {
         Claim {
             host: hostname(),
             pid: std::process::id(),
-            boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
+            boot_id: boot_id(),
             started_unix: unix_now(),
             token: hex::encode(rand::random::<[u8; 16]>()),
+            journaled,
         }
+    }
+
+    /// Made on this host since its last boot (so its tmpfs journal, if it
+    /// kept one, is here).
+    pub fn is_this_boot(&self) -> bool {
+        !self.boot_id.is_empty() && self.host == hostname() && self.boot_id == boot_id()
     }
 
     pub fn describe(&self) -> String {
@@ -129,11 +146,8 @@ impl Claim {
     /// boot, and its pid is gone. Anything else (other host, reboot, live
     /// pid) is treated as a possibly live writer.
     pub fn is_provably_dead(&self) -> bool {
-        let me = Claim::mine();
-        !self.boot_id.is_empty()
-            && self.host == me.host
-            && self.boot_id == me.boot_id
-            && self.pid != me.pid
+        self.is_this_boot()
+            && self.pid != std::process::id()
             && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 }
@@ -225,6 +239,17 @@ impl SealChain {
     /// The seal that decides objects of `epoch`, if one does.
     fn deciding(&self, epoch: u64) -> Option<&Seal> {
         self.0.range(epoch + 1..).next().map(|(_, s)| s)
+    }
+
+    /// Every segment a seal of the chain names, with that seal's epoch.
+    pub fn named_segments(&self) -> impl Iterator<Item = (u64, SegmentId)> + '_ {
+        self.0.iter().flat_map(|(sealed_by, seal)| {
+            seal.segments.iter().flat_map(move |(epoch, ranges)| {
+                ranges.iter().flat_map(move |(lo, hi)| {
+                    (*lo..=*hi).map(move |seq| (*sealed_by, SegmentId { epoch: *epoch, seq }))
+                })
+            })
+        })
     }
 
     pub fn segment_is_valid(&self, id: SegmentId) -> bool {

@@ -31,6 +31,9 @@ pub struct WriterOptions {
     /// Accept a backend without atomic conditional create (unsafe: two
     /// writers could both believe they own the volume).
     pub allow_unconditional: bool,
+    /// The writer will keep a host-local journal (`Volume::attach_journal`);
+    /// recorded in its claim.
+    pub journaled: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +66,8 @@ pub struct LogStore {
     keys: VolumeKeys,
     /// Our epoch when writing; None when read-only.
     epoch: Option<u64>,
+    /// Our claim of that epoch.
+    claim: Option<Claim>,
     next_seq: AtomicU64,
 }
 
@@ -151,19 +156,23 @@ impl LogStore {
             superblock,
             keys,
             epoch: None,
+            claim: None,
             next_seq: AtomicU64::new(0),
         };
         let mut summary = LogSummary::default();
         if let OpenMode::Writer(opts) = mode {
             require_conditional_create(&log.store, opts.allow_unconditional).await?;
-            log.epoch = Some(log.claim(opts.force).await?);
+            let (epoch, claim) = log.claim_epoch(opts.force, opts.journaled).await?;
+            log.epoch = Some(epoch);
+            log.claim = Some(claim);
         }
         // Listing strictly after the claim: see ARCHITECTURE.md, fencing.
         let (index, _) = log.recover(&mut summary).await?;
         Ok((log, index, summary))
     }
 
-    async fn read_claim(&self, epoch: u64) -> Result<Claim> {
+    /// Who claimed `epoch` (authenticated).
+    pub async fn read_claim(&self, epoch: u64) -> Result<Claim> {
         let data = self
             .store
             .get(&format!("{EPOCH_PREFIX}{}", epoch_name(epoch)))
@@ -188,7 +197,7 @@ impl LogStore {
     }
 
     /// Claim the next epoch by conditional create.
-    async fn claim(&self, force: bool) -> Result<u64> {
+    async fn claim_epoch(&self, force: bool, journaled: bool) -> Result<(u64, Claim)> {
         let current = self.latest_epoch().await?;
         if current > 0 && !self.is_released(current).await? {
             let owner = self.read_claim(current).await?;
@@ -201,21 +210,48 @@ impl LogStore {
             }
         }
         let epoch = current + 1;
-        let mine = Claim::mine();
-        let created = self
-            .store
-            .put_if_absent(
-                &format!("{EPOCH_PREFIX}{}", epoch_name(epoch)),
-                seal_record(&self.keys, "claim", epoch, &mine),
-            )
-            .await?;
-        // A retried create whose first attempt landed reads back as ours.
-        if !created && self.read_claim(epoch).await?.token != mine.token {
+        let mine = Claim::mine(journaled);
+        let key = format!("{EPOCH_PREFIX}{}", epoch_name(epoch));
+        let record = seal_record(&self.keys, "claim", epoch, &mine);
+        let ours = |data: &Bytes| {
+            open_record::<Claim>(&self.keys, "claim", epoch, data)
+                .is_ok_and(|c| c.token == mine.token)
+        };
+        // A create whose first attempt landed reads back as ours.
+        if !self.create_or_confirm(&key, record, ours).await? {
             let winner = self.read_claim(epoch).await?;
             return Err(Error::InUse(winner.describe()));
         }
         tracing::info!("claimed writer epoch {epoch}");
-        Ok(epoch)
+        Ok((epoch, mine))
+    }
+
+    /// Conditional create that survives a lost response: a create whose
+    /// first attempt landed but reported an error (or was retried by the
+    /// transport and then found the object) is recognized by reading the
+    /// object back. `Ok(false)`: someone else's object is there.
+    async fn create_or_confirm(
+        &self,
+        key: &str,
+        data: Bytes,
+        ours: impl Fn(&Bytes) -> bool,
+    ) -> Result<bool> {
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.store.put_if_absent(key, data.clone()).await {
+                Ok(true) => return Ok(true),
+                Ok(false) => {
+                    let existing = self.store.get(key).await?;
+                    return Ok(ours(&existing));
+                }
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!("creating {key} failed (attempt {attempt}, retrying): {e}");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn read_seals(&self, listed: &[ObjectInfo]) -> Result<BTreeMap<u64, Seal>> {
@@ -255,14 +291,12 @@ impl LogStore {
             let seg_ids: Vec<SegmentId> = segments.iter().map(|(s, _)| *s).collect();
             let cp_ids: Vec<SegmentId> = checkpoints.iter().map(|(s, _)| *s).collect();
             let seal = Seal::from_listing(chain.latest(), epoch, &seg_ids, &cp_ids);
-            let created = self
-                .store
-                .put_if_absent(
-                    &format!("{SEAL_PREFIX}{}", epoch_name(epoch)),
-                    seal_record(&self.keys, "seal", epoch, &seal),
-                )
-                .await?;
-            if !created {
+            let key = format!("{SEAL_PREFIX}{}", epoch_name(epoch));
+            let record = seal_record(&self.keys, "seal", epoch, &seal);
+            let ours = |data: &Bytes| {
+                open_record::<Seal>(&self.keys, "seal", epoch, data).is_ok_and(|s| s == seal)
+            };
+            if !self.create_or_confirm(&key, record, ours).await? {
                 return Err(Error::InUse(format!("another writer sealed epoch {epoch}")));
             }
             // Our seal tops the chain now.
@@ -310,6 +344,24 @@ impl LogStore {
             None => Index::default(),
         };
         summary.checkpoint_used = newest_cp;
+
+        // A segment the chain names but the bucket lacks would silently
+        // roll its chunks back to older versions: refuse, naming it.
+        // (Segments at or before the checkpoint are not replayed; a missing
+        // one of those is an I/O error when a chunk in it is read.)
+        let present: std::collections::HashSet<SegmentId> =
+            segments.iter().map(|(id, _)| *id).collect();
+        if let Some((sealed_by, missing)) = chain
+            .named_segments()
+            .filter(|(_, id)| newest_cp.is_none_or(|cp| *id > cp))
+            .find(|(_, id)| !present.contains(id))
+        {
+            return Err(Error::Integrity(format!(
+                "object {} is missing from the bucket, but the log names it (seal of epoch {sealed_by}); \
+                 refusing to open, as its chunks would read older data",
+                missing.key()
+            )));
+        }
 
         let to_replay: Vec<(SegmentId, u64)> = valid_segments
             .into_iter()
@@ -380,6 +432,11 @@ impl LogStore {
 
     pub fn epoch(&self) -> Option<u64> {
         self.epoch
+    }
+
+    /// Our claim, when writing.
+    pub fn claim(&self) -> Option<&Claim> {
+        self.claim.as_ref()
     }
 
     fn writer_epoch(&self) -> Result<u64> {

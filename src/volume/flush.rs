@@ -218,8 +218,7 @@ impl Inner {
             }
             // Later writes go to a new journal segment; the captured ones
             // are all in the segments before it.
-            let id = self.log.keys().volume_id;
-            let mark = st.journal.as_mut().map(|j| j.rotate(&id));
+            let mark = st.journal.as_mut().map(|j| j.rotate());
             (captured, mark)
         };
         // Compression and encryption are CPU work: off the async workers,

@@ -13,20 +13,31 @@
 //!
 //! Files: `<volume id>-<epoch>-<segment>.journal`, a new segment at each
 //! flush capture; a successful flush deletes the segments it covered.
-//! Segment = header (magic, volume id, epoch, segment, crc) then records
-//! `kind u8 | offset u64 | len u64 | crc32c u32 | data`. A torn record at
-//! the end of the newest segment (the process died mid-append, before the
-//! write was acknowledged) ends the replay.
+//! Segment = header (magic, volume id, epoch, claim tag, segment, crc) then
+//! records `kind u8 | offset u64 | len u64 | crc32c u32 | data`. The claim
+//! tag binds the file to the claim of its epoch in *this* bucket (a copy of
+//! the bucket under another prefix has the same volume id). A torn record
+//! at the end of an epoch's newest segment (the process died mid-append,
+//! before the write was acknowledged) ends that epoch's replay; a failed
+//! append is cut back off the file before the error is returned, so no
+//! acknowledged record ever follows a torn one.
+//!
+//! The directory is 0700 and the files 0600: they hold plaintext of an
+//! encrypted volume (see ARCHITECTURE.md, "journal", for what that means
+//! and what it does not protect against).
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use sha2::Digest;
 
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"ZUBLKJNL";
-const HEADER_LEN: usize = 8 + 16 + 8 + 8 + 4;
+const MAGIC: &[u8; 8] = b"ZUBLKJN2";
+const HEADER_LEN: usize = 8 + 16 + 8 + 16 + 8 + 4;
 const RECORD_HEADER: usize = 1 + 8 + 8 + 4;
 const KIND_DATA: u8 = 1;
 const KIND_ZEROES: u8 = 2;
@@ -44,12 +55,33 @@ pub enum Record<'a> {
     },
 }
 
+/// Binds a journal to one claim: 16 bytes of SHA-256 of the claim token.
+pub type ClaimTag = [u8; 16];
+
+pub fn claim_tag(token: &str) -> ClaimTag {
+    sha2::Sha256::digest(token.as_bytes())[..16]
+        .try_into()
+        .expect("16 bytes")
+}
+
 pub struct Journal {
     dir: PathBuf,
     volume: String,
+    volume_id: [u8; 16],
     epoch: u64,
+    tag: ClaimTag,
     segment: u64,
     file: File,
+    /// Length of the current segment file (an append that fails is cut
+    /// back to it).
+    len: u64,
+    /// An append failed and could not be cut back: no later record may be
+    /// acknowledged after the torn one.
+    broken: bool,
+    /// Test hook: the next append writes only this many bytes, then fails
+    /// (a short write, as on ENOSPC).
+    #[cfg(test)]
+    short_write: Option<usize>,
     /// Bytes in each segment not yet released (the journal's footprint in
     /// tmpfs, which is memory).
     sizes: std::collections::BTreeMap<u64, u64>,
@@ -76,10 +108,11 @@ fn parse_name(name: &str, volume: &str) -> Option<(u64, u64)> {
     ))
 }
 
-fn header(volume_id: &[u8; 16], epoch: u64, segment: u64) -> Vec<u8> {
+fn header(volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag, segment: u64) -> Vec<u8> {
     let mut h = MAGIC.to_vec();
     h.extend_from_slice(volume_id);
     h.extend_from_slice(&epoch.to_le_bytes());
+    h.extend_from_slice(tag);
     h.extend_from_slice(&segment.to_le_bytes());
     let crc = crc32c::crc32c(&h);
     h.extend_from_slice(&crc.to_le_bytes());
@@ -94,44 +127,86 @@ fn record_crc(kind: u8, offset: u64, len: u64, data: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&h), data)
 }
 
+/// The journal directory, private to root: created 0700, and narrowed to
+/// 0700 if it exists with wider permissions.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io(dir, e))?;
+    let meta = std::fs::metadata(dir).map_err(|e| io(dir, e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io(dir, e))?;
+    }
+    Ok(())
+}
+
 impl Journal {
-    /// Start this writer's journal (segment 0).
-    pub fn create(dir: &Path, volume_id: &[u8; 16], epoch: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    /// Start this writer's journal (segment 0) for the claim `tag` of
+    /// `epoch`.
+    pub fn create(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: ClaimTag) -> Result<Self> {
+        prepare_dir(dir)?;
         let volume = hex::encode(volume_id);
-        let file = Self::open_segment(dir, &volume, volume_id, epoch, 0)?;
+        let (file, len) = Self::open_segment(dir, &volume, volume_id, epoch, &tag, 0)?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             volume,
+            volume_id: *volume_id,
             epoch,
+            tag,
             segment: 0,
             file,
+            len,
+            broken: false,
+            #[cfg(test)]
+            short_write: None,
             sizes: [(0, HEADER_LEN as u64)].into(),
         })
     }
 
+    /// A new segment file with its header; on failure no file is left.
     fn open_segment(
         dir: &Path,
         volume: &str,
         id: &[u8; 16],
         epoch: u64,
+        tag: &ClaimTag,
         segment: u64,
-    ) -> Result<File> {
+    ) -> Result<(File, u64)> {
         let path = dir.join(file_name(volume, epoch, segment));
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| io(&path, e))?;
-        file.write_all(&header(id, epoch, segment))
-            .map_err(|e| io(&path, e))?;
-        Ok(file)
+        let h = header(id, epoch, tag, segment);
+        if let Err(e) = file.write_all(&h) {
+            let _ = std::fs::remove_file(&path);
+            return Err(io(&path, e));
+        }
+        Ok((file, h.len() as u64))
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir
+            .join(file_name(&self.volume, self.epoch, self.segment))
     }
 
     /// Append one record with a single write; returns once it is in the
-    /// file (page cache of tmpfs: enough to outlive the process).
+    /// file (page cache of tmpfs: enough to outlive the process). On
+    /// failure the partial record is cut off again; if even that fails,
+    /// every later append fails too.
     pub fn append(&mut self, record: &Record) -> Result<()> {
+        if self.broken {
+            return Err(io(
+                &self.path(),
+                std::io::Error::other("an earlier append failed and could not be undone"),
+            ));
+        }
         let (kind, offset, len, data): (u8, u64, u64, &[u8]) = match record {
             Record::Data { offset, data } => (KIND_DATA, *offset, data.len() as u64, data),
             Record::Zeroes { offset, len } => (KIND_ZEROES, *offset, *len, &[]),
@@ -142,16 +217,31 @@ impl Journal {
         buf.extend_from_slice(&len.to_le_bytes());
         buf.extend_from_slice(&record_crc(kind, offset, len, data).to_le_bytes());
         buf.extend_from_slice(data);
-        self.file.write_all(&buf).map_err(|e| {
-            io(
-                &self
-                    .dir
-                    .join(file_name(&self.volume, self.epoch, self.segment)),
-                e,
-            )
-        })?;
+        if let Err(e) = self.write_record(&buf) {
+            // The file offset moved with whatever part was written; cut the
+            // file back and put the offset where the next record starts.
+            use std::io::Seek;
+            let undone = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.seek(std::io::SeekFrom::Start(self.len)));
+            if undone.is_err() {
+                self.broken = true;
+            }
+            return Err(io(&self.path(), e));
+        }
+        self.len += buf.len() as u64;
         *self.sizes.entry(self.segment).or_default() += buf.len() as u64;
         Ok(())
+    }
+
+    fn write_record(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(n) = self.short_write.take() {
+            self.file.write_all(&buf[..n.min(buf.len())])?;
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.file.write_all(buf)
     }
 
     /// Bytes the journal holds now (segments not yet released).
@@ -161,9 +251,19 @@ impl Journal {
 
     /// Start a new segment; records before this point are in segments
     /// below the returned number.
-    pub fn rotate(&mut self, volume_id: &[u8; 16]) -> Result<u64> {
+    pub fn rotate(&mut self) -> Result<u64> {
         let next = self.segment + 1;
-        self.file = Self::open_segment(&self.dir, &self.volume, volume_id, self.epoch, next)?;
+        let (file, len) = Self::open_segment(
+            &self.dir,
+            &self.volume,
+            &self.volume_id,
+            self.epoch,
+            &self.tag,
+            next,
+        )?;
+        self.file = file;
+        self.len = len;
+        self.broken = false;
         self.segment = next;
         self.sizes.insert(next, HEADER_LEN as u64);
         Ok(next)
@@ -201,11 +301,39 @@ pub fn find(dir: &Path, volume_id: &[u8; 16]) -> Vec<(u64, u64, PathBuf)> {
     out
 }
 
+/// The claim tag in a segment's header, if the header is intact.
+pub fn read_tag(path: &Path) -> Result<ClaimTag> {
+    let mut h = [0u8; HEADER_LEN];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .map_err(|e| io(path, e))?;
+    check_header(path, &h)?;
+    Ok(h[32..48].try_into().expect("16"))
+}
+
+fn check_header(path: &Path, h: &[u8]) -> Result<()> {
+    if h.len() < HEADER_LEN || &h[..8] != MAGIC {
+        return Err(Error::Integrity(format!(
+            "journal {}: bad header (or the format of another version)",
+            path.display()
+        )));
+    }
+    let stored = u32::from_le_bytes(h[HEADER_LEN - 4..HEADER_LEN].try_into().expect("4"));
+    if crc32c::crc32c(&h[..HEADER_LEN - 4]) != stored {
+        return Err(Error::Integrity(format!(
+            "journal {}: header checksum mismatch",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Read one segment's records. `last` allows a torn final record.
 pub fn read_segment(
     path: &Path,
     volume_id: &[u8; 16],
     epoch: u64,
+    tag: &ClaimTag,
     last: bool,
 ) -> Result<Vec<Record<'static>>> {
     let mut bytes = Vec::new();
@@ -213,15 +341,15 @@ pub fn read_segment(
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| io(path, e))?;
     let bad = |why: &str| Error::Integrity(format!("journal {}: {why}", path.display()));
-    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
-        return Err(bad("bad header"));
-    }
-    let stored = u32::from_le_bytes(bytes[HEADER_LEN - 4..HEADER_LEN].try_into().expect("4"));
-    if crc32c::crc32c(&bytes[..HEADER_LEN - 4]) != stored || bytes[8..24] != volume_id[..] {
-        return Err(bad("header checksum or volume mismatch"));
+    check_header(path, &bytes)?;
+    if bytes[8..24] != volume_id[..] {
+        return Err(bad("volume mismatch"));
     }
     if u64::from_le_bytes(bytes[24..32].try_into().expect("8")) != epoch {
         return Err(bad("epoch mismatch"));
+    }
+    if bytes[32..48] != tag[..] {
+        return Err(bad("claim mismatch"));
     }
     let mut records = Vec::new();
     let mut pos = HEADER_LEN;
@@ -266,11 +394,13 @@ pub fn read_segment(
 mod tests {
     use super::*;
 
+    const TAG: ClaimTag = [7; 16];
+
     #[test]
     fn records_roundtrip_and_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let id = [3u8; 16];
-        let mut j = Journal::create(dir.path(), &id, 7).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 7, TAG).unwrap();
         let a = Record::Data {
             offset: 4096,
             data: vec![9; 1000].into(),
@@ -285,32 +415,39 @@ mod tests {
         assert_eq!(files.len(), 1);
         let path = &files[0].2;
         assert_eq!(
-            read_segment(path, &id, 7, true).unwrap(),
+            read_segment(path, &id, 7, &TAG, true).unwrap(),
             vec![a.clone(), z.clone()]
         );
         // A torn append (process killed mid-write) is dropped, not misread.
         let full = std::fs::read(path).unwrap();
         std::fs::write(path, &full[..full.len() - 10]).unwrap();
-        assert_eq!(read_segment(path, &id, 7, true).unwrap(), vec![a]);
-        assert!(read_segment(path, &id, 7, false).is_err());
+        assert_eq!(read_segment(path, &id, 7, &TAG, true).unwrap(), vec![a]);
+        assert!(read_segment(path, &id, 7, &TAG, false).is_err());
         assert!(
-            read_segment(path, &[4u8; 16], 7, true).is_err(),
+            read_segment(path, &[4u8; 16], 7, &TAG, true).is_err(),
             "other volume"
         );
-        assert!(read_segment(path, &id, 8, true).is_err(), "other epoch");
+        assert!(
+            read_segment(path, &id, 8, &TAG, true).is_err(),
+            "other epoch"
+        );
+        assert!(
+            read_segment(path, &id, 7, &[8; 16], true).is_err(),
+            "other claim (a copy of the bucket)"
+        );
     }
 
     #[test]
     fn rotation_and_release() {
         let dir = tempfile::tempdir().unwrap();
         let id = [5u8; 16];
-        let mut j = Journal::create(dir.path(), &id, 1).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 1, TAG).unwrap();
         j.append(&Record::Zeroes {
             offset: 0,
             len: 512,
         })
         .unwrap();
-        let covered = j.rotate(&id).unwrap();
+        let covered = j.rotate().unwrap();
         j.append(&Record::Zeroes {
             offset: 512,
             len: 512,
@@ -323,5 +460,46 @@ mod tests {
         assert_eq!(left[0].1, 1);
         j.remove();
         assert!(find(dir.path(), &id).is_empty());
+    }
+
+    #[test]
+    fn journal_is_private_to_its_owner() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("journal");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let id = [6u8; 16];
+        let mut j = Journal::create(&dir, &id, 1, TAG).unwrap();
+        j.rotate().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "an existing 0755 directory is narrowed");
+        for (_, _, path) in find(&dir, &id) {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_torn_record_before_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [9u8; 16];
+        let mut j = Journal::create(dir.path(), &id, 3, TAG).unwrap();
+        let rec = |seed: u8, len: usize| Record::Data {
+            offset: seed as u64 * 65536,
+            data: vec![seed; len].into(),
+        };
+        let (rec1, rec3) = (rec(1, 4096), rec(3, 4096));
+        j.append(&rec1).unwrap();
+        // ENOSPC after 6000 bytes of an 8 KiB record: more than record 3
+        // covers, so bytes left behind would follow it in the file.
+        j.short_write = Some(6000);
+        assert!(j.append(&rec(2, 8192)).is_err());
+        j.append(&rec3).unwrap(); // acknowledged after the failure
+        let path = &find(dir.path(), &id)[0].2;
+        // Not the last segment: any torn record would be an error, and
+        // record 3 must not be lost behind record 2's remains.
+        assert_eq!(
+            read_segment(path, &id, 3, &TAG, false).unwrap(),
+            vec![rec1, rec3]
+        );
     }
 }

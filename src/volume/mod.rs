@@ -133,6 +133,14 @@ pub struct Volume {
     summary: LogSummary,
 }
 
+enum JournalFate {
+    Replay(journal::ClaimTag),
+    /// A writer in between may have written over it.
+    Stale(String),
+    /// Not this bucket's (same volume id, other claim): not ours to delete.
+    Foreign(String),
+}
+
 /// One chunk's part of a request: chunk number, offset inside the chunk,
 /// and the byte range of the request buffer.
 struct Span {
@@ -397,47 +405,136 @@ impl Volume {
     }
 
     /// Keep acknowledged writes in a journal under `dir` (tmpfs) so they
-    /// outlive this process, after first replaying the journal the
-    /// previous writer (epoch − 1) left behind, if any, and flushing it.
-    /// Call before serving I/O. Returns how many records were replayed.
+    /// outlive this process, after first replaying every journal this host
+    /// holds for the volume that no later writer took over, and flushing
+    /// it. Call before serving I/O. Returns how many records were replayed.
+    ///
+    /// A journal of epoch `e` is replayed unless a writer between `e` and
+    /// us may have written over it: every epoch in between must have been
+    /// claimed on this host since this boot by a journaled writer — which
+    /// replays and removes all pending journals before it serves anything,
+    /// so if `e`'s journal is still here, nobody in between served I/O.
+    /// (A failed recovery attempt thus never costs the dead server's
+    /// journal.) Epoch arithmetic alone is not enough: see issue 10 and
+    /// ARCHITECTURE.md, "journal".
     pub async fn attach_journal(&self, dir: &std::path::Path) -> Result<usize> {
-        let Some(epoch) = self.inner.log.epoch() else {
+        let log = &self.inner.log;
+        let (Some(epoch), Some(claim)) = (log.epoch(), log.claim()) else {
             return Err(Error::InvalidArgument("volume is open read-only".into()));
         };
-        let id = self.inner.log.keys().volume_id;
-        let found = journal::find(dir, &id);
-        let previous: Vec<_> = found.iter().filter(|(e, _, _)| *e + 1 == epoch).collect();
-        let mut replayed = 0;
-        for (i, (e, _, path)) in previous.iter().enumerate() {
-            let last = i + 1 == previous.len();
-            for record in journal::read_segment(path, &id, *e, last)? {
-                match record {
-                    journal::Record::Data { offset, data } => self.write(offset, &data).await?,
-                    journal::Record::Zeroes { offset, len } => {
-                        self.write_zeroes(offset, len).await?
-                    }
-                }
-                replayed += 1;
+        if !claim.journaled {
+            return Err(Error::InvalidArgument(
+                "the volume was opened without a journaled claim".into(),
+            ));
+        }
+        journal::prepare_dir(dir)?;
+        let id = log.keys().volume_id;
+        let mut by_epoch: std::collections::BTreeMap<u64, Vec<std::path::PathBuf>> =
+            Default::default();
+        for (e, _, path) in journal::find(dir, &id) {
+            if e < epoch {
+                by_epoch.entry(e).or_default().push(path);
             }
+        }
+        let mut replay = Vec::new();
+        let mut done_with = Vec::new();
+        for (e, paths) in by_epoch {
+            match self.journal_fate(e, epoch, &paths[0]).await? {
+                JournalFate::Replay(tag) => replay.push((e, tag, paths)),
+                JournalFate::Stale(why) => {
+                    tracing::warn!("discarding the journal of epoch {e}: {why}");
+                    done_with.extend(paths);
+                }
+                JournalFate::Foreign(why) => {
+                    tracing::warn!("leaving the journal of epoch {e} alone: {why}");
+                }
+            }
+        }
+        let mut replayed = 0;
+        for (e, tag, paths) in &replay {
+            for (i, path) in paths.iter().enumerate() {
+                // Only an epoch's newest segment may end in a torn record.
+                let last = i + 1 == paths.len();
+                for record in journal::read_segment(path, &id, *e, tag, last)? {
+                    match record {
+                        journal::Record::Data { offset, data } => self.write(offset, &data).await?,
+                        journal::Record::Zeroes { offset, len } => {
+                            self.write_zeroes(offset, len).await?
+                        }
+                    }
+                    replayed += 1;
+                }
+            }
+            done_with.extend(paths.iter().cloned());
         }
         if replayed > 0 {
             self.flush().await?;
+            let epochs: Vec<u64> = replay.iter().map(|(e, _, _)| *e).collect();
             tracing::warn!(
-                "replayed {replayed} acknowledged writes from the journal of the server that died (epoch {})",
-                epoch - 1
+                "replayed {replayed} acknowledged writes from the journal of epochs {epochs:?} (servers that died)"
             );
         }
-        for (e, _, path) in &found {
-            if *e < epoch {
-                if *e + 1 != epoch {
-                    tracing::warn!("discarding stale journal {} (epoch {e})", path.display());
+        // Only now, with their contents durable under our epoch, may the
+        // replayed journals go; if one cannot be removed we must not serve
+        // (a later writer would replay it over our newer writes).
+        for path in &done_with {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::Store(crate::store::backend::StoreError::Backend(
+                        format!("cannot remove replayed journal {}: {e}", path.display()),
+                    )));
                 }
-                let _ = std::fs::remove_file(path);
             }
         }
-        let j = journal::Journal::create(dir, &id, epoch)?;
+        let j = journal::Journal::create(dir, &id, epoch, journal::claim_tag(&claim.token))?;
         self.inner.state.lock().journal = Some(j);
         Ok(replayed)
+    }
+
+    /// Whether the journal of epoch `e` (first segment at `first`) is ours
+    /// to replay; see `attach_journal`.
+    async fn journal_fate(
+        &self,
+        e: u64,
+        ours: u64,
+        first: &std::path::Path,
+    ) -> Result<JournalFate> {
+        let log = &self.inner.log;
+        let tag = journal::read_tag(first)?;
+        let owner = match log.read_claim(e).await {
+            Ok(c) => c,
+            Err(Error::Store(crate::store::backend::StoreError::NotFound(_))) => {
+                return Ok(JournalFate::Foreign(format!(
+                    "this bucket has no claim of epoch {e} (a copy of the volume elsewhere?)"
+                )));
+            }
+            Err(err) => return Err(err),
+        };
+        if journal::claim_tag(&owner.token) != tag {
+            return Ok(JournalFate::Foreign(format!(
+                "it was written under another claim of epoch {e} than this bucket's (a copy of the volume elsewhere?)"
+            )));
+        }
+        for k in e + 1..ours {
+            let between = match log.read_claim(k).await {
+                Ok(c) => c,
+                Err(Error::Store(crate::store::backend::StoreError::NotFound(_))) => {
+                    return Ok(JournalFate::Stale(format!(
+                        "the claim of epoch {k} is gone, so whether it wrote over the journal is unknown"
+                    )));
+                }
+                Err(err) => return Err(err),
+            };
+            if !(between.journaled && between.is_this_boot()) {
+                return Ok(JournalFate::Stale(format!(
+                    "epoch {k} ({}) did not replay it and may have written newer data",
+                    between.describe()
+                )));
+            }
+        }
+        Ok(JournalFate::Replay(tag))
     }
 
     /// Flush, checkpoint and release ownership (a clean shutdown).

@@ -58,6 +58,18 @@ pub fn writer(force: bool) -> OpenOptions {
         mode: OpenMode::Writer(WriterOptions {
             force,
             allow_unconditional: false,
+            journaled: false,
+        }),
+    }
+}
+
+/// A writer that keeps a host-local journal (as the device server does).
+pub fn journaled_writer(force: bool) -> OpenOptions {
+    OpenOptions {
+        mode: OpenMode::Writer(WriterOptions {
+            force,
+            allow_unconditional: false,
+            journaled: true,
         }),
     }
 }

@@ -20,6 +20,9 @@ pub struct FaultPlan {
     pub land_then_fail: bool,
     /// Fail every request, reads included (a dead endpoint).
     pub all_fail: bool,
+    /// How many writes fail once failures start (None: all of them); after
+    /// that, writes succeed again (a transient fault).
+    pub failures: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,13 +63,22 @@ impl FaultyStore {
         }
         let land_then_fail = plan.land_then_fail;
         match plan.writes_before_failure.as_mut() {
-            None => Ok(true),
+            None => return Ok(true),
             Some(n) if *n > 0 => {
                 *n -= 1;
-                Ok(true)
+                return Ok(true);
             }
-            Some(_) if land_then_fail => Ok(false),
-            Some(_) => Err(Self::injected()),
+            Some(_) => {}
+        }
+        match plan.failures.as_mut() {
+            Some(0) => return Ok(true),
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        if land_then_fail {
+            Ok(false)
+        } else {
+            Err(Self::injected())
         }
     }
 
