@@ -98,6 +98,16 @@ fn file_name(volume: &str, epoch: u64, segment: u64) -> String {
     format!("{volume}-{epoch:016x}-{segment:08x}.journal")
 }
 
+/// Suffix of a segment file whose header is not written yet.
+const UNFINISHED: &str = ".new";
+
+#[cfg(test)]
+thread_local! {
+    /// Make the next `open_segment` stop (as a crash would) right after
+    /// creating its file.
+    static CRASH_AFTER_CREATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn parse_name(name: &str, volume: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix(volume)?.strip_prefix('-')?;
     let rest = rest.strip_suffix(".journal")?;
@@ -166,7 +176,12 @@ impl Journal {
         })
     }
 
-    /// A new segment file with its header; on failure no file is left.
+    /// A new segment file with its header. It is written under a temporary
+    /// name and renamed into place, so a file under a segment's name always
+    /// has a whole header — even when the process dies in between (a
+    /// `kill -9`, or an exit while the flusher rotates). On failure no
+    /// file is left; after a crash at most a `.new` file, which
+    /// [`remove_unfinished`] deletes.
     fn open_segment(
         dir: &Path,
         volume: &str,
@@ -176,16 +191,24 @@ impl Journal {
         segment: u64,
     ) -> Result<(File, u64)> {
         let path = dir.join(file_name(volume, epoch, segment));
+        let new = dir.join(format!("{}{UNFINISHED}", file_name(volume, epoch, segment)));
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .mode(0o600)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
+            .open(&new)
+            .map_err(|e| io(&new, e))?;
+        #[cfg(test)]
+        if CRASH_AFTER_CREATE.with(|c| c.replace(false)) {
+            return Err(io(&new, std::io::Error::other("simulated crash")));
+        }
         let h = header(id, epoch, tag, segment);
-        if let Err(e) = file.write_all(&h) {
-            let _ = std::fs::remove_file(&path);
+        if let Err(e) = file
+            .write_all(&h)
+            .and_then(|()| std::fs::rename(&new, &path))
+        {
+            let _ = std::fs::remove_file(&new);
             return Err(io(&path, e));
         }
         Ok((file, h.len() as u64))
@@ -299,6 +322,23 @@ pub fn find(dir: &Path, volume_id: &[u8; 16]) -> Vec<(u64, u64, PathBuf)> {
         .collect();
     out.sort();
     out
+}
+
+/// Delete the segment files of `volume_id` that a server of an epoch
+/// before `epoch` died creating (no header yet, never held a record).
+pub fn remove_unfinished(dir: &Path, volume_id: &[u8; 16], epoch: u64) {
+    let volume = hex::encode(volume_id);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let Some(done) = name.strip_suffix(UNFINISHED) else {
+            continue;
+        };
+        if parse_name(done, &volume).is_some_and(|(e, _)| e < epoch) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The claim tag in a segment's header, if the header is intact.
@@ -476,6 +516,37 @@ mod tests {
         for (_, _, path) in find(&dir, &id) {
             assert_eq!(mode(&path), 0o600, "{}", path.display());
         }
+    }
+
+    #[test]
+    fn a_crash_while_rotating_leaves_a_readable_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [5u8; 16];
+        let rec = Record::Data {
+            offset: 4096,
+            data: vec![1; 4096].into(),
+        };
+        let mut j = Journal::create(dir.path(), &id, 3, TAG).unwrap();
+        j.append(&rec).unwrap();
+        CRASH_AFTER_CREATE.with(|c| c.set(true));
+        assert!(j.rotate().is_err());
+        // The process is gone here; the next server finds what is on disk.
+        let found = find(dir.path(), &id);
+        assert_eq!(found.len(), 1, "{found:?}");
+        let (epoch, segment, path) = &found[0];
+        assert_eq!((*epoch, *segment), (3, 0));
+        assert_eq!(read_tag(path).unwrap(), TAG);
+        assert_eq!(read_segment(path, &id, 3, &TAG, true).unwrap(), vec![rec]);
+        let leftovers = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers(), 2, "segment 0 and the unfinished segment 1");
+        remove_unfinished(dir.path(), &id, 3);
+        assert_eq!(
+            leftovers(),
+            2,
+            "epoch 3's own files are not touched by epoch 3"
+        );
+        remove_unfinished(dir.path(), &id, 4);
+        assert_eq!(leftovers(), 1);
     }
 
     #[test]

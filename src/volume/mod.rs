@@ -429,6 +429,7 @@ impl Volume {
         }
         journal::prepare_dir(dir)?;
         let id = log.keys().volume_id;
+        journal::remove_unfinished(dir, &id, epoch);
         let mut by_epoch: std::collections::BTreeMap<u64, Vec<std::path::PathBuf>> =
             Default::default();
         for (e, _, path) in journal::find(dir, &id) {
