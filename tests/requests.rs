@@ -154,6 +154,20 @@ async fn cold_volume_behind_latency(chunks: u64, readahead: u64) -> Volume {
 }
 
 #[tokio::test(start_paused = true)]
+async fn every_readahead_window_setting_reads_correctly() {
+    // 1 is a legal window (prefetch the next chunk) and must not panic.
+    for readahead in [0, 1, 2, 3] {
+        let vol = cold_volume_behind_latency(6, readahead).await;
+        for c in 0..6u64 {
+            let got = vol.read(c * CHUNK as u64, CHUNK as usize).await.unwrap();
+            let want = pattern(9, 6 * CHUNK as usize);
+            let want = &want[(c * CHUNK as u64) as usize..((c + 1) * CHUNK as u64) as usize];
+            assert!(got[..] == *want, "readahead {readahead}, chunk {c}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn concurrent_misses_share_one_get() {
     let vol = cold_volume_behind_latency(8, 0).await;
     let before = vol.request_stats();

@@ -95,7 +95,7 @@ impl Inner {
                 && first <= s.prefetched_to.max(s.next);
             s.started = true;
             s.window = if sequential {
-                (s.window * 2).clamp(2, max)
+                (s.window * 2).max(2).min(max)
             } else {
                 0
             };
