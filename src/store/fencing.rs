@@ -88,6 +88,10 @@ pub struct Claim {
     /// build) may have written over what an older journal holds.
     #[serde(default)]
     pub journaled: bool,
+    /// The claimant's PID namespace (`pid:[inode]`): its pid means
+    /// something only there. Empty in claims of older builds.
+    #[serde(default)]
+    pub pid_ns: String,
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -109,6 +113,12 @@ fn boot_id() -> String {
     read_trimmed("/proc/sys/kernel/random/boot_id")
 }
 
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -125,6 +135,7 @@ impl Claim {
             started_unix: unix_now(),
             token: hex::encode(rand::random::<[u8; 16]>()),
             journaled,
+            pid_ns: pid_namespace(),
         }
     }
 
@@ -136,17 +147,26 @@ impl Claim {
 
     pub fn describe(&self) -> String {
         let age = unix_now().saturating_sub(self.started_unix);
+        let ns = if self.pid_ns.is_empty() || self.pid_ns == pid_namespace() {
+            String::new()
+        } else {
+            format!(" in PID namespace {}", self.pid_ns)
+        };
         format!(
-            "host {} pid {} (since unix time {}, {} s ago)",
+            "host {} pid {}{ns} (since unix time {}, {} s ago)",
             self.host, self.pid, self.started_unix, age
         )
     }
 
-    /// True only when the claimant certainly no longer runs: same host and
-    /// boot, and its pid is gone. Anything else (other host, reboot, live
-    /// pid) is treated as a possibly live writer.
+    /// True only when the claimant certainly no longer runs: same host,
+    /// boot and PID namespace, and its pid is gone. Anything else (other
+    /// host, reboot, another container sharing the hostname, a claim that
+    /// does not say its namespace, live pid) is treated as a possibly live
+    /// writer.
     pub fn is_provably_dead(&self) -> bool {
         self.is_this_boot()
+            && !self.pid_ns.is_empty()
+            && self.pid_ns == pid_namespace()
             && self.pid != std::process::id()
             && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
@@ -267,6 +287,31 @@ mod tests {
 
     fn id(epoch: u64, seq: u64) -> SegmentId {
         SegmentId { epoch, seq }
+    }
+
+    #[test]
+    fn a_dead_pid_proves_death_only_in_the_claimants_pid_namespace() {
+        // A pid no process has here (above the kernel's pid_max).
+        let dead = Claim {
+            pid: 1 << 23,
+            ..Claim::mine(false)
+        };
+        assert!(!dead.pid_ns.is_empty(), "this host reports its namespace");
+        assert!(dead.is_provably_dead());
+        let other_container = Claim {
+            pid_ns: "pid:[1]".into(),
+            ..dead.clone()
+        };
+        assert!(
+            !other_container.is_provably_dead(),
+            "pid means nothing here"
+        );
+        let older_build = Claim {
+            pid_ns: String::new(),
+            ..dead.clone()
+        };
+        assert!(!older_build.is_provably_dead());
+        assert!(!Claim::mine(false).is_provably_dead(), "ourselves");
     }
 
     #[test]
