@@ -3,7 +3,8 @@
 # hand: build a clean Debian bookworm root with debootstrap (minbase: no
 # python3, gcc, make, git or CA certificates), give it what the project's
 # cloud image has and the scripts must cope with (qemu-utils 10.0 from
-# bookworm-backports, no backports source), bind-mount the Rust toolchain,
+# bookworm-backports, no backports source; libclang-cpp14, which is not the
+# libclang bindgen needs), bind-mount the Rust toolchain,
 # copy the repository (its committed state, HEAD: no target/), and run
 # scripts/quickstart.sh, then scripts/test.sh, inside it with chroot.
 # Prints each command's wall time; exits non-zero if either fails.
@@ -40,10 +41,10 @@ deb $MIRROR bookworm-updates main
 deb http://deb.debian.org/debian-security bookworm-security main
 EOF
   # What the image ships: qemu-utils from bookworm-backports, with the
-  # backports source itself gone.
+  # backports source itself gone, and libclang-cpp14 (not libclang).
   cp /etc/resolv.conf "$BASE/etc/resolv.conf"
   echo "deb $MIRROR bookworm-backports main" > "$BASE/etc/apt/sources.list.d/image-bpo.list"
-  chroot "$BASE" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils' \
+  chroot "$BASE" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils libclang-cpp14' \
     > "$DIR/image-qemu.log" 2>&1 || { echo "error: could not install qemu-utils in the base root (log: $DIR/image-qemu.log)" >&2; exit 1; }
   rm "$BASE/etc/apt/sources.list.d/image-bpo.list"
   # The machine's network reaches the registries through a TLS proxy whose

@@ -191,6 +191,68 @@ fn passphrase_from_environment() {
 }
 
 #[test]
+fn the_passphrase_leaves_the_environment_of_a_running_process() {
+    let env = Env::new();
+    let bucket = env.bucket();
+    let pass = "correct horse battery staple";
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .args(["--bucket", &bucket])
+            .env("ZEROFS_UBLK_PASSPHRASE", pass);
+        c
+    };
+    ok(&cmd(&[
+        "create",
+        "--size",
+        "1M",
+        "--kdf-memory-mib",
+        "1",
+        "--kdf-passes",
+        "1",
+    ])
+    .output()
+    .unwrap());
+    // An import from a FIFO nobody writes to yet: the process stays alive.
+    let fifo = env.path("in.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let mut child = cmd(&["import", fifo.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let environ = format!("/proc/{}/environ", child.id());
+    let shows_it = || {
+        let bytes = std::fs::read(&environ).unwrap();
+        bytes.windows(pass.len()).any(|w| w == pass.as_bytes())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while shows_it() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{environ} still shows the passphrase"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited before the check"
+    );
+    let data = pattern(3, 64 << 10);
+    std::fs::write(&fifo, &data).unwrap(); // opens, writes, closes: EOF
+    let out = child.wait_with_output().unwrap();
+    ok(&out);
+    let exported = cmd(&["export", "-"]).output().unwrap();
+    assert!(exported.status.success());
+    assert_eq!(
+        &exported.stdout[..data.len()],
+        &data[..],
+        "the passphrase still worked"
+    );
+}
+
+#[test]
 fn clear_errors_and_nothing_written() {
     let env = Env::new();
     // missing volume
@@ -275,7 +337,7 @@ fn clear_errors_and_nothing_written() {
 #[test]
 fn unreachable_endpoint_is_one_line() {
     let env = Env::new();
-    // Port 1 on loopback: connection refused, bounded by retries.
+    // Port 1 on loopback: connection refused, retried for 3 s, then one line.
     let out = Command::new(BIN)
         .args([
             "inspect",
@@ -285,6 +347,8 @@ fn unreachable_endpoint_is_one_line() {
             "http://127.0.0.1:1",
             "--request-timeout",
             "2",
+            "--retry-for",
+            "3",
             "--key-file",
             env.path("key").to_str().unwrap(),
         ])

@@ -161,6 +161,80 @@ if [ -x $T/s3s-fs ]; then
   sleep 2
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testsecret AWS_REGION=us-east-1
   suite s3 --bucket s3://vols/db --endpoint http://127.0.0.1:9000
+
+  step "[s3] del while the bucket is unreachable: fails, keeps the device; recover replays"
+  B="--bucket s3://vols/stop --endpoint http://127.0.0.1:9000 --request-timeout 5 --key-file /tmp/key"
+  DEV=$($Z add $B --create --size 64M --name vol-stop) || fail "add (stop test)"
+  ID=${DEV#/dev/ublkb}
+  # Acknowledged, never flushed: O_DIRECT, no fsync. Only the server's
+  # memory and this host's journal hold these bytes.
+  head -c 4194304 /dev/urandom > /tmp/unflushed
+  dd if=/tmp/unflushed of="$DEV" bs=1M oflag=direct 2>/dev/null || fail "write (stop test)"
+  S3PID=$(pidof s3s-fs)
+  kill "$S3PID"
+  if OUT=$($Z del --timeout 300 -n "$ID" 2>&1); then
+    fail "del reported success with the bucket down: $OUT"
+  fi
+  echo "del refused: $OUT"
+  echo "$OUT" | grep -q "final flush failed" || fail "del failed for another reason: $OUT"
+  [ -b "$DEV" ] || fail "$DEV was removed although its writes were not in the bucket"
+  $T/s3s-fs --host 127.0.0.1 --port 9000 --access-key test --secret-key testsecret /tmp/s3root \
+    >> /tmp/s3s.log 2>&1 &
+  sleep 2
+  DEV2=$($Z recover -n "$ID") || fail "recover after the failed del"
+  [ "$DEV2" = "$DEV" ] || fail "recover gave $DEV2, expected $DEV"
+  echo 3 > /proc/sys/vm/drop_caches
+  [ "$(dd if="$DEV" bs=1M count=4 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/unflushed)" ] \
+    || fail "unflushed writes lost across the failed del and recover"
+  $Z del --timeout 60 -n "$ID" || fail "del after recovery"
+  DEV=$($Z add $B --name vol-stop) || fail "add from the bucket after del"
+  [ "$(dd if="$DEV" bs=1M count=4 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/unflushed)" ] \
+    || fail "the bucket lacks the writes after del reported success"
+  $Z del --timeout 60 -n "${DEV#/dev/ublkb}" || fail "final del (stop test)"
+  echo "PASS [s3 stop]"
+
+  step "[s3] the store frozen for 30 s: fsync waits, then succeeds"
+  B="--bucket s3://vols/outage --endpoint http://127.0.0.1:9000 --request-timeout 5 --key-file /tmp/key"
+  DEV=$($Z add $B --create --size 64M --name vol-outage) || fail "add (outage test)"
+  ID=${DEV#/dev/ublkb}
+  head -c 1048576 /dev/urandom > /tmp/outage1
+  S3PID=$(pidof s3s-fs)
+  kill -STOP "$S3PID"
+  T0=$(date +%s)
+  dd if=/tmp/outage1 of="$DEV" bs=1M oflag=direct conv=fsync 2>/dev/null &
+  DD=$!
+  sleep 30
+  kill -0 "$DD" 2>/dev/null || fail "fsync returned while the store was frozen"
+  kill -CONT "$S3PID"
+  wait "$DD" || fail "fsync failed across a 30 s outage (bound: 120 s)"
+  echo "fsync waited $(( $(date +%s) - T0 )) s through the outage, then succeeded"
+
+  step "[s3] an outage past --retry-for: fsync gets EIO with a log line, no data lost"
+  $Z del --timeout 60 -n "$ID" || fail "del (outage test)"
+  DEV=$($Z add $B --retry-for 10 --name vol-outage) || fail "add --retry-for 10"
+  ID=${DEV#/dev/ublkb}
+  head -c 1048576 /dev/urandom > /tmp/outage2
+  kill -STOP "$S3PID"
+  T0=$(date +%s)
+  if dd if=/tmp/outage2 of="$DEV" bs=1M seek=1 oflag=direct conv=fsync 2>/dev/null; then
+    kill -CONT "$S3PID"; fail "fsync succeeded with the store frozen"
+  fi
+  WAITED=$(( $(date +%s) - T0 ))
+  kill -CONT "$S3PID"
+  echo "fsync failed after $WAITED s (bound 10 s + one attempt)"
+  [ "$WAITED" -lt 60 ] || fail "the bound did not stop the wait ($WAITED s)"
+  grep -q "giving up after" "$ZEROFS_UBLK_RUN_DIR/vol-outage.log" || fail "no log line for the expired bound"
+  grep "giving up after" "$ZEROFS_UBLK_RUN_DIR/vol-outage.log" | tail -n 1
+  # An empty write + fsync: the block layer sends a FLUSH all the same.
+  dd if=/dev/null of="$DEV" conv=notrunc,fsync 2>/dev/null || fail "fsync after the store returned"
+  echo 3 > /proc/sys/vm/drop_caches
+  [ "$(dd if="$DEV" bs=1M count=1 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/outage1)" ] || fail "first block wrong"
+  [ "$(dd if="$DEV" bs=1M skip=1 count=1 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/outage2)" ] || fail "block written during the failed fsync is wrong"
+  $Z del --timeout 60 -n "$ID" || fail "del after the outage"
+  DEV=$($Z add $B --name vol-outage) || fail "re-add after the outage"
+  [ "$(dd if="$DEV" bs=1M skip=1 count=1 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/outage2)" ] || fail "bucket lacks the block after a good del"
+  $Z del --timeout 60 -n "${DEV#/dev/ublkb}" || fail "final del (outage test)"
+  echo "PASS [s3 outage]"
 else
   echo "s3s-fs not in the guest image: S3 suite not run"
   exit 1

@@ -28,19 +28,33 @@ pub struct BucketArgs {
     /// Use virtual-hosted-style S3 addressing instead of path style.
     #[arg(long)]
     pub virtual_host_style: bool,
-    /// Per-request timeout in seconds.
+    /// S3: time allowed per request attempt on top of its transfer time.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub request_timeout: u64,
+    /// S3: the slowest transfer tolerated per request, per second; an
+    /// attempt moving N bytes may take request-timeout + N / this.
+    #[arg(long, default_value = "512K", value_name = "SIZE")]
+    pub min_throughput: String,
+    /// S3: how long a failing request is retried before the I/O that needs
+    /// it fails (reads and writes wait through a shorter outage).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub retry_for: u64,
 }
 
 impl BucketArgs {
-    pub fn options(&self) -> BucketOptions {
+    pub fn options(&self) -> Result<BucketOptions> {
         let mut o = BucketOptions::new(&self.bucket);
         o.endpoint = self.endpoint.clone();
         o.region = self.region.clone();
         o.virtual_host_style = self.virtual_host_style;
-        o.request_timeout = Duration::from_secs(self.request_timeout.max(1));
-        o
+        o.retry.attempt_timeout = Duration::from_secs(self.request_timeout.max(1));
+        o.retry.retry_for = Duration::from_secs(self.retry_for);
+        o.retry.min_throughput = parse_size(&self.min_throughput)
+            .with_context(|| format!("--min-throughput {:?}", self.min_throughput))?;
+        if o.retry.min_throughput == 0 {
+            bail!("--min-throughput must be more than 0");
+        }
+        Ok(o)
     }
 }
 
@@ -66,9 +80,9 @@ impl KeyArgs {
                 .with_context(|| format!("cannot read passphrase file {}", path.display()))?;
             return Ok(Secret::passphrase(bytes)?);
         }
-        match std::env::var(PASSPHRASE_ENV) {
-            Ok(p) => Ok(Secret::passphrase(p.into_bytes())?),
-            Err(_) => bail!(
+        match super::harden::passphrase() {
+            Some(p) => Ok(Secret::passphrase(p.to_vec())?),
+            None => bail!(
                 "no key given: use --key-file FILE, --passphrase-file FILE or set {PASSPHRASE_ENV}"
             ),
         }

@@ -207,6 +207,7 @@ pub async fn add(mut a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     if std::env::var_os("ZEROFS_UBLK_LOG").is_none() {
         cmd.env("ZEROFS_UBLK_LOG", "info");
     }
+    super::harden::pass_passphrase(&mut cmd);
     // SAFETY: setsid is async-signal-safe; detaches from our terminal.
     unsafe {
         cmd.pre_exec(|| {

@@ -7,6 +7,7 @@ mod args;
 mod bench;
 mod config;
 mod device;
+mod harden;
 mod image;
 mod inspect;
 mod units;
@@ -68,6 +69,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    harden::harden();
     let args = match config::expand(std::env::args().collect()) {
         Ok(a) => a,
         Err(e) => return fail(e),
@@ -137,7 +139,7 @@ pub async fn open_read_only(
 
 /// Open the object store named by `--bucket`.
 pub fn open_store(bucket: &BucketArgs) -> Result<DynStore> {
-    Ok(open_bucket(&bucket.options())?)
+    Ok(open_bucket(&bucket.options()?)?)
 }
 
 async fn create(a: args::CreateArgs) -> Result<()> {

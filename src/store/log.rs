@@ -335,7 +335,11 @@ impl LogStore {
             .max();
         let mut index = match newest_cp {
             Some(cp) => {
-                let data = self.store.get(&checkpoint_key(cp)).await?;
+                let size = checkpoints
+                    .iter()
+                    .find(|(id, _)| *id == cp)
+                    .map_or(0, |c| c.1);
+                let data = self.store.get_sized(&checkpoint_key(cp), size).await?;
                 let keys = self.keys.clone();
                 tokio::task::spawn_blocking(move || checkpoint::decode(&keys, cp, &data, chunks))
                     .await

@@ -113,6 +113,13 @@ impl ObjectStore for CountingStore {
         Ok(data)
     }
 
+    async fn get_sized(&self, key: &str, size: u64) -> StoreResult<Bytes> {
+        self.count(&self.counters.get);
+        let data = self.inner.get_sized(key, size).await?;
+        Self::bytes(&self.counters.bytes_in, data.len());
+        Ok(data)
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.count(&self.counters.ranged_get);
         let data = self.inner.get_range(key, range).await?;

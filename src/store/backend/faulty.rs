@@ -109,6 +109,11 @@ impl ObjectStore for FaultyStore {
         self.inner.get(key).await
     }
 
+    async fn get_sized(&self, key: &str, size: u64) -> StoreResult<Bytes> {
+        self.check_read()?;
+        self.inner.get_sized(key, size).await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.check_read()?;
         self.inner.get_range(key, range).await

@@ -45,7 +45,9 @@ impl LatencyStore {
     async fn delay(&self, bytes: usize) -> StoreResult<()> {
         if self.plan.error_rate > 0.0 && rand::random::<f64>() < self.plan.error_rate {
             tokio::time::sleep(self.plan.latency).await;
-            return Err(StoreError::Backend("injected error (latency layer)".into()));
+            return Err(StoreError::Unavailable(
+                "injected error (latency layer)".into(),
+            ));
         }
         let transfer_done = match self.plan.bandwidth {
             Some(bw) if bw > 0 => {
@@ -77,6 +79,12 @@ impl ObjectStore for LatencyStore {
 
     async fn get(&self, key: &str) -> StoreResult<Bytes> {
         let data = self.inner.get(key).await?;
+        self.delay(data.len()).await?;
+        Ok(data)
+    }
+
+    async fn get_sized(&self, key: &str, size: u64) -> StoreResult<Bytes> {
+        let data = self.inner.get_sized(key, size).await?;
         self.delay(data.len()).await?;
         Ok(data)
     }

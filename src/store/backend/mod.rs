@@ -16,6 +16,7 @@ mod faulty;
 mod latency;
 mod local;
 mod memory;
+mod retry;
 mod s3;
 mod url;
 
@@ -31,6 +32,7 @@ pub use faulty::{FaultPlan, FaultyStore};
 pub use latency::{LatencyPlan, LatencyStore};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
+pub use retry::{RetryPolicy, RetryStore};
 pub use s3::{MULTIPART_THRESHOLD, S3Store};
 pub use url::{BucketOptions, open_bucket};
 
@@ -45,8 +47,14 @@ pub struct ObjectInfo {
 pub enum StoreError {
     #[error("object {0} not found")]
     NotFound(String),
+    /// A failure that says nothing about the object (refused, a bad
+    /// request, access denied): retrying will not help.
     #[error("object store request failed: {0}")]
     Backend(String),
+    /// The store did not answer, or answered "try again" (a timeout, a
+    /// dropped connection, 5xx, throttling): worth retrying.
+    #[error("object store unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -60,6 +68,12 @@ pub trait ObjectStore: Send + Sync + Debug {
     /// created it, `Ok(false)` when it already existed (nothing written).
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<bool>;
     async fn get(&self, key: &str) -> StoreResult<Bytes>;
+    /// `get` of an object whose size the caller knows (from a listing):
+    /// lets a deadline scale with it.
+    async fn get_sized(&self, key: &str, size: u64) -> StoreResult<Bytes> {
+        let _ = size;
+        self.get(key).await
+    }
     /// Bytes `range` of the object. A range past the end is an error.
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
     async fn exists(&self, key: &str) -> StoreResult<bool>;

@@ -1,14 +1,16 @@
 //! S3 and S3-compatible object storage through opendal.
 //!
 //! Conditional create is S3's `If-None-Match: *` (opendal's `if_not_exists`).
-//! Requests are retried with exponential backoff and bounded by a timeout.
+//! Deadlines and retries are not opendal's: `open_bucket` wraps this store
+//! in a [`super::RetryStore`], whose deadlines scale with the bytes moved.
+//! Errors are classified here: opendal's "temporary" ones (no answer, a
+//! dropped connection, 5xx, throttling) are `Unavailable`, worth a retry.
 
 use std::ops::Range;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, HttpTransporter, OperationContext, Operator};
 use opendal_http_transport_reqwest::ReqwestTransport;
 
@@ -34,8 +36,6 @@ pub struct S3Config {
     pub region: Option<String>,
     /// Use virtual-host-style addressing instead of path style.
     pub virtual_host_style: bool,
-    pub request_timeout: Duration,
-    pub max_retries: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -62,14 +62,6 @@ impl S3Store {
         }
         let op = Operator::new(builder)
             .map_err(backend_error)?
-            .layer(TimeoutLayer::new().with_timeout(config.request_timeout))
-            .layer(
-                RetryLayer::new()
-                    .with_jitter()
-                    .with_max_times(config.max_retries)
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(Duration::from_secs(5)),
-            )
             // A client (and connection pool) per store, owned by the runtime
             // that uses it, rather than one process-wide client.
             .with_context(
@@ -97,7 +89,11 @@ impl S3Store {
 }
 
 fn backend_error(e: opendal::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    if e.is_temporary() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
 }
 
 fn map_error(key: &str, e: opendal::Error) -> StoreError {

@@ -1,10 +1,11 @@
 //! Bucket URLs: `s3://bucket/prefix`, `file:///dir`, `memory://name`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::s3::S3Config;
-use super::{DynStore, LocalDirStore, MemoryStore, S3Store, StoreError, StoreResult};
+use super::{
+    DynStore, LocalDirStore, MemoryStore, RetryPolicy, RetryStore, S3Store, StoreError, StoreResult,
+};
 
 /// Where the volume lives and how to talk to it.
 #[derive(Debug, Clone)]
@@ -15,8 +16,8 @@ pub struct BucketOptions {
     /// S3 region (also read from `AWS_REGION` / `AWS_DEFAULT_REGION`).
     pub region: Option<String>,
     pub virtual_host_style: bool,
-    pub request_timeout: Duration,
-    pub max_retries: usize,
+    /// Deadlines and the outage bound of S3 requests.
+    pub retry: RetryPolicy,
 }
 
 impl BucketOptions {
@@ -26,8 +27,7 @@ impl BucketOptions {
             endpoint: None,
             region: None,
             virtual_host_style: false,
-            request_timeout: Duration::from_secs(30),
-            max_retries: 4,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -71,10 +71,9 @@ pub fn open_bucket(opts: &BucketOptions) -> StoreResult<DynStore> {
                 .or_else(|| env_var("AWS_REGION"))
                 .or_else(|| env_var("AWS_DEFAULT_REGION")),
             virtual_host_style: opts.virtual_host_style,
-            request_timeout: opts.request_timeout,
-            max_retries: opts.max_retries,
         };
-        return Ok(Arc::new(S3Store::new(&config)?));
+        let s3: DynStore = Arc::new(S3Store::new(&config)?);
+        return Ok(Arc::new(RetryStore::new(s3, opts.retry)));
     }
     Err(invalid(
         "expected s3://bucket/prefix, file:///path or memory://name",
