@@ -226,6 +226,43 @@ async fn a_cold_multi_chunk_read_waits_for_one_request_not_one_per_chunk() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn open_fetches_the_seals_concurrently() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::{DynStore, LatencyPlan, LatencyStore};
+    // Every writer open seals the log: 48 opens leave 48 seals.
+    let store = memory();
+    create_and_open(&store, 4).await.close().await.unwrap();
+    for _ in 1..48 {
+        Volume::open(store.clone(), &secret(), writer(false), test_config())
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+    }
+    let seals = store.list("seals/").await.unwrap().len() as u32;
+    assert_eq!(seals, 48);
+    let slow: DynStore = Arc::new(LatencyStore::new(
+        store,
+        LatencyPlan {
+            latency: Duration::from_millis(25),
+            ..LatencyPlan::default()
+        },
+    ));
+    let t = tokio::time::Instant::now();
+    let vol = Volume::open(slow, &secret(), read_only(), test_config())
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    // One at a time, the seals alone would take 48 × 25 ms = 1.2 s.
+    assert!(
+        took < Duration::from_millis(25) * seals / 2,
+        "open took {took:?} with {seals} seals"
+    );
+    drop(vol);
+}
+
 #[tokio::test]
 async fn a_flush_fills_its_segments_evenly_instead_of_leaving_a_tiny_tail() {
     // test_config: segment target = 3 chunks. Six incompressible chunks

@@ -254,13 +254,22 @@ impl LogStore {
         }
     }
 
+    /// Every seal, fetched several at a time (one per takeover: a volume
+    /// restarted daily has hundreds, and open waited for each in turn).
     async fn read_seals(&self, listed: &[ObjectInfo]) -> Result<BTreeMap<u64, Seal>> {
+        let wanted: Vec<(u64, String)> = names(listed, SEAL_PREFIX)
+            .into_iter()
+            .filter_map(|(name, _)| parse_epoch(&name).map(|e| (e, name)))
+            .collect();
+        let mut fetches = futures::stream::iter(wanted)
+            .map(|(epoch, name)| async move {
+                let data = self.store.get(&format!("{SEAL_PREFIX}{name}")).await?;
+                Ok::<_, Error>((epoch, data))
+            })
+            .buffer_unordered(REPLAY_CONCURRENCY);
         let mut seals = BTreeMap::new();
-        for (name, _) in names(listed, SEAL_PREFIX) {
-            let Some(epoch) = parse_epoch(&name) else {
-                continue;
-            };
-            let data = self.store.get(&format!("{SEAL_PREFIX}{name}")).await?;
+        while let Some(fetched) = fetches.next().await {
+            let (epoch, data) = fetched?;
             seals.insert(
                 epoch,
                 open_record::<Seal>(&self.keys, "seal", epoch, &data)?,
