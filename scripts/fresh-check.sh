@@ -68,7 +68,7 @@ bind() { mkdir -p "$2"; mount --rbind "$1" "$2"; mount --make-rslave "$2"; MOUNT
 echo "== fresh root: copying the base to $ROOT"
 # A run that was killed may have left its mounts (the host's /dev and
 # toolchain among them): never delete through them.
-grep -o " $ROOT/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
+{ grep -o " $ROOT/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" || true; done
 if grep -q " $ROOT/" /proc/mounts; then
   echo "error: $ROOT still has mounts; unmount them first" >&2; exit 1
 fi
