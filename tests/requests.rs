@@ -263,6 +263,50 @@ async fn open_fetches_the_seals_concurrently() {
     drop(vol);
 }
 
+#[tokio::test(start_paused = true)]
+async fn concurrent_partial_writes_stay_within_the_dirty_limit() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::{DynStore, LatencyPlan, LatencyStore};
+    // 64 chunks in the bucket; then 64 writers at once, each patching 1 KiB
+    // of its own chunk, so each first reads its chunk (25 ms). All of them
+    // pass a dirty-limit check made before that read.
+    let store = memory();
+    let vol = create_and_open(&store, 64).await;
+    vol.write(0, &pattern(1, 64 * CHUNK as usize))
+        .await
+        .unwrap();
+    vol.close().await.unwrap();
+    let slow: DynStore = Arc::new(LatencyStore::new(
+        store,
+        LatencyPlan {
+            latency: Duration::from_millis(25),
+            ..LatencyPlan::default()
+        },
+    ));
+    let limit = 4 * CHUNK as usize;
+    let cfg = VolumeConfig {
+        dirty_limit: limit,
+        flush_bytes: 3 * CHUNK as usize,
+        ..test_config()
+    };
+    let vol = Volume::open(slow, &secret(), writer(false), cfg)
+        .await
+        .unwrap();
+    let patch = pattern(2, 1024);
+    let writes = (0..64u64).map(|c| vol.write(c * CHUNK as u64 + 1024, &patch));
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+    let peak = vol.stats().dirty_peak_bytes;
+    assert!(peak <= limit, "dirty peak {peak} over the limit {limit}");
+    let mut want = pattern(1, 64 * CHUNK as usize);
+    for c in 0..64usize {
+        let at = c * CHUNK as usize + 1024;
+        want[at..at + 1024].copy_from_slice(&patch);
+    }
+    assert!(vol.read(0, want.len()).await.unwrap()[..] == want[..]);
+}
+
 #[tokio::test]
 async fn a_flush_fills_its_segments_evenly_instead_of_leaving_a_tiny_tail() {
     // test_config: segment target = 3 chunks. Six incompressible chunks

@@ -313,6 +313,7 @@ fn spawn_status_server(
             let reply = serde_json::json!({
                 "counters": shared.counters.snapshot(),
                 "dirty_bytes": stats.dirty_bytes,
+                "dirty_peak_bytes": stats.dirty_peak_bytes,
                 "dirty_chunks": stats.dirty_chunks,
                 "mapped_chunks": stats.mapped_chunks,
                 "flushes": stats.flushes,
@@ -711,9 +712,10 @@ pub fn status(a: StatusArgs) -> Result<()> {
             format_bytes(n(&c["bytes_written"]))
         );
         println!(
-            "  dirty     {} in {} chunks; last flush {}",
+            "  dirty     {} in {} chunks (peak {}); last flush {}",
             format_bytes(n(&v["dirty_bytes"])),
             n(&v["dirty_chunks"]),
+            format_bytes(n(&v["dirty_peak_bytes"])),
             if last == 0 {
                 "never".to_string()
             } else {

@@ -32,6 +32,11 @@ struct Dirty {
 pub struct DirtyTable {
     map: HashMap<u64, Dirty>,
     bytes: usize,
+    /// Room promised to writers between their dirty-limit check and their
+    /// chunk landing here (see `Inner::wait_for_space`).
+    pub reserved: usize,
+    /// The most bytes ever dirty at once.
+    peak: usize,
 }
 
 fn cost(data: &Option<ChunkData>) -> usize {
@@ -53,6 +58,14 @@ impl DirtyTable {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    fn grew(&mut self) {
+        self.peak = self.peak.max(self.bytes);
     }
 }
 
@@ -97,6 +110,7 @@ impl State {
             self.dirty.bytes -= cost(&old.data);
         }
         self.dirty.bytes += new_cost;
+        self.dirty.grew();
     }
 
     /// Record a write in the journal (if any) before it is applied.
@@ -129,6 +143,7 @@ impl State {
         entry.generation = generation;
         let after = cost(&entry.data);
         self.dirty.bytes = self.dirty.bytes - before + after;
+        self.dirty.grew();
     }
 
     /// Whether the chunk currently has (possibly) non-zero content.

@@ -98,6 +98,9 @@ pub struct VolumeStats {
     pub live_bytes: u64,
     pub dirty_chunks: usize,
     pub dirty_bytes: usize,
+    /// The most bytes that were ever dirty at once (bounded by the dirty
+    /// limit plus one chunk).
+    pub dirty_peak_bytes: usize,
     pub cache: CacheStats,
     pub epoch: Option<u64>,
     /// Unix time of the last flush that made data durable (0: none yet).
@@ -125,6 +128,8 @@ pub(crate) struct Inner {
     /// so encoding and uploading overlap with the writes that follow
     /// instead of waiting for the writer to hit the dirty limit.
     flush_wanted: Arc<tokio::sync::Notify>,
+    /// Signalled when a writer's reserved room is released.
+    room: tokio::sync::Notify,
 }
 
 pub struct Volume {
@@ -216,6 +221,7 @@ impl Volume {
             disk,
             runtime: tokio::runtime::Handle::current(),
             flush_wanted: Arc::new(tokio::sync::Notify::new()),
+            room: tokio::sync::Notify::new(),
             chunk_size: sb.chunk_size as usize,
             log,
             cfg,
@@ -259,6 +265,7 @@ impl Volume {
             live_bytes: st.index.live_bytes(),
             dirty_chunks: st.dirty.len(),
             dirty_bytes: st.dirty.bytes(),
+            dirty_peak_bytes: st.dirty.peak(),
             cache: self.inner.cache.stats(),
             epoch: self.inner.log.epoch(),
             last_flush_unix: self.inner.last_flush_unix.load(Ordering::Relaxed),
@@ -356,7 +363,7 @@ impl Volume {
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
         for span in spans(offset, data.len(), self.inner.chunk_size) {
-            self.inner.wait_for_space().await?;
+            let _room = self.inner.wait_for_space().await?;
             self.inner
                 .write_chunk(span.chunk, span.at, Some(&data[span.buf]))
                 .await?;
@@ -371,7 +378,7 @@ impl Volume {
         self.check_writable(offset, len)?;
         let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("length".into()))?;
         for span in spans(offset, len, self.inner.chunk_size) {
-            self.inner.wait_for_space().await?;
+            let _room = self.inner.wait_for_space().await?;
             let n = span.buf.len();
             if n == self.inner.chunk_size {
                 let mut st = self.inner.state.lock();
@@ -563,6 +570,20 @@ impl Volume {
     }
 }
 
+/// Room under the dirty limit promised to one chunk write; given back when
+/// the write is done (its chunk then counts as dirty bytes instead).
+struct Room<'a> {
+    inner: &'a Inner,
+    bytes: usize,
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        self.inner.state.lock().dirty.reserved -= self.bytes;
+        self.inner.room.notify_waiters();
+    }
+}
+
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
@@ -722,22 +743,41 @@ impl Inner {
         }
     }
 
-    /// Back-pressure: above the dirty limit, the writer flushes first.
-    /// Also bounds the journal: rewriting the same chunks keeps the dirty
-    /// table small but appends to the journal (memory, on tmpfs) each time.
-    async fn wait_for_space(self: &Arc<Self>) -> Result<()> {
+    /// Back-pressure: room for one chunk under the dirty limit, reserved
+    /// in the same critical section as the check — writers that checked
+    /// and then waited for a read (a partial chunk) could otherwise all
+    /// land at once, far past the limit. Without room the writer flushes
+    /// first, or, when the room is promised to writers still under way,
+    /// waits for them. Also bounds the journal: rewriting the same chunks
+    /// keeps the dirty table small but appends to the journal (memory, on
+    /// tmpfs) each time.
+    async fn wait_for_space(self: &Arc<Self>) -> Result<Room<'_>> {
         self.check_writable()?;
+        let need = self.chunk_size;
         loop {
-            let full = {
-                let st = self.state.lock();
+            let released = self.room.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let flush_first = {
+                let mut st = self.state.lock();
                 let journal = st.journal.as_ref().map_or(0, |j| j.live_bytes());
-                st.dirty.bytes() >= self.cfg.dirty_limit
-                    || (journal >= 2 * self.cfg.dirty_limit as u64 && !st.dirty.is_empty())
+                let used = st.dirty.bytes() + st.dirty.reserved;
+                let journal_full =
+                    journal >= 2 * self.cfg.dirty_limit as u64 && !st.dirty.is_empty();
+                if !journal_full && (used == 0 || used + need <= self.cfg.dirty_limit) {
+                    st.dirty.reserved += need;
+                    return Ok(Room {
+                        inner: self,
+                        bytes: need,
+                    });
+                }
+                journal_full || !st.dirty.is_empty()
             };
-            if !full {
-                return Ok(());
+            if flush_first {
+                self.flush().await?;
+            } else {
+                released.await;
             }
-            self.flush().await?;
         }
     }
 }
