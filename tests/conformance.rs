@@ -285,7 +285,7 @@ async fn backend_without_conditional_create_is_refused_unless_accepted() {
         mode: zerofs_ublk::store::OpenMode::Writer(zerofs_ublk::store::WriterOptions {
             force: false,
             allow_unconditional: true,
-            journaled: false,
+            journal: None,
         }),
     };
     let vol = Volume::open(store.clone(), &secret(), unsafe_writer, test_config())

@@ -4,34 +4,52 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 use zerofs_ublk::store::backend::DynStore;
 use zerofs_ublk::volume::Volume;
 
 /// A new volume opened by a journaled writer (the device server).
-async fn create_and_open_journaled(store: &DynStore, chunks: u64) -> Volume {
+async fn create_and_open_journaled(store: &DynStore, chunks: u64, dir: &Path) -> Volume {
     Volume::create(store, &params(chunks), &secret(), false)
         .await
         .unwrap();
-    open_journaled(store).await
+    open_journaled(store, dir).await
 }
 
-async fn open_journaled(store: &DynStore) -> Volume {
+/// Open as the device server does, and attach the journal in `dir`
+/// (replaying what is pending there).
+async fn open_journaled(store: &DynStore, dir: &Path) -> Volume {
     Volume::open(
         store.clone(),
         &secret(),
-        journaled_writer(true),
+        journaled_writer(true, dir),
         test_config(),
     )
     .await
     .unwrap()
 }
 
+/// Journal segment files in `dir`.
+fn journal_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".journal")
+        })
+        .count()
+}
+
 #[tokio::test]
 async fn unflushed_writes_survive_a_killed_server() {
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16).await;
+    let a = create_and_open_journaled(&store, 16, dir.path()).await;
     a.attach_journal(dir.path()).await.unwrap();
     a.write(0, &pattern(1, 3 * 4096)).await.unwrap();
     a.flush().await.unwrap();
@@ -53,7 +71,7 @@ async fn unflushed_writes_survive_a_killed_server() {
     lost.flush().await.unwrap();
     let newer = lost.read(0, 16 * 4096).await.unwrap();
     drop(lost);
-    let b = open_journaled(&store).await;
+    let b = open_journaled(&store, dir.path()).await;
     assert_eq!(
         b.attach_journal(dir.path()).await.unwrap(),
         0,
@@ -61,7 +79,7 @@ async fn unflushed_writes_survive_a_killed_server() {
     );
     assert_eq!(b.read(0, 16 * 4096).await.unwrap(), newer);
     assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
+        journal_files(dir.path()),
         1,
         "the stale journal is gone, b's own is there"
     );
@@ -79,7 +97,7 @@ async fn a_failed_recovery_attempt_keeps_the_dead_servers_journal() {
     use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16).await;
+    let a = create_and_open_journaled(&store, 16, dir.path()).await;
     a.attach_journal(dir.path()).await.unwrap();
     a.write(0, &pattern(1, 4 * 4096)).await.unwrap();
     a.flush().await.unwrap();
@@ -96,14 +114,14 @@ async fn a_failed_recovery_attempt_keeps_the_dead_servers_journal() {
         ..FaultPlan::default()
     });
     let faulty: DynStore = Arc::new(faulty);
-    let b = open_journaled(&faulty).await;
+    let b = open_journaled(&faulty, dir.path()).await;
     assert!(
         b.attach_journal(dir.path()).await.is_err(),
         "replay flush fails"
     );
     drop(b);
 
-    let c = open_journaled(&store).await;
+    let c = open_journaled(&store, dir.path()).await;
     assert_eq!(c.stats().epoch, Some(3));
     assert!(c.attach_journal(dir.path()).await.unwrap() > 0);
     assert_eq!(c.read(0, 16 * 4096).await.unwrap(), expect);
@@ -129,20 +147,20 @@ async fn a_copy_of_the_bucket_leaves_the_originals_journal_alone() {
         let data = original.get(&o.key).await.unwrap();
         copy.put(&o.key, data).await.unwrap();
     }
-    let a = open_journaled(&original).await;
+    let a = open_journaled(&original, dir.path()).await;
     a.attach_journal(dir.path()).await.unwrap();
     a.write(0, &pattern(1, 4096)).await.unwrap();
     let expect = a.read(0, 16 * 4096).await.unwrap();
     drop(a); // killed with an unflushed write
 
     // The copy's own epoch 1 and 2: epoch 1 here is another claim.
-    drop(open_journaled(&copy).await);
-    let c = open_journaled(&copy).await;
+    drop(open_journaled(&copy, dir.path()).await);
+    let c = open_journaled(&copy, dir.path()).await;
     assert_eq!(c.attach_journal(dir.path()).await.unwrap(), 0);
     assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]);
     drop(c);
 
-    let b = open_journaled(&original).await;
+    let b = open_journaled(&original, dir.path()).await;
     assert_eq!(b.attach_journal(dir.path()).await.unwrap(), 1);
     assert_eq!(b.read(0, 16 * 4096).await.unwrap(), expect);
 }
@@ -151,7 +169,7 @@ async fn a_copy_of_the_bucket_leaves_the_originals_journal_alone() {
 async fn next_writer_replays_and_flushes_the_journal() {
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16).await;
+    let a = create_and_open_journaled(&store, 16, dir.path()).await;
     a.attach_journal(dir.path()).await.unwrap();
     a.write(0, &pattern(1, 4 * 4096)).await.unwrap();
     a.flush().await.unwrap();
@@ -161,7 +179,7 @@ async fn next_writer_replays_and_flushes_the_journal() {
     let expect = a.read(0, 16 * 4096).await.unwrap();
     drop(a);
 
-    let b = open_journaled(&store).await;
+    let b = open_journaled(&store, dir.path()).await;
     assert_eq!(
         b.attach_journal(dir.path()).await.unwrap(),
         4,
@@ -171,11 +189,7 @@ async fn next_writer_replays_and_flushes_the_journal() {
     // Replayed writes were flushed to the bucket before serving.
     assert_eq!(b.stats().dirty_chunks, 0);
     b.close().await.unwrap();
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        0,
-        "journal removed on close"
-    );
+    assert_eq!(journal_files(dir.path()), 0, "journal removed on close");
     let c = Volume::open(store.clone(), &secret(), read_only(), test_config())
         .await
         .unwrap();
@@ -196,9 +210,14 @@ async fn rewriting_one_chunk_keeps_the_journal_bounded() {
         flush_bytes: limit,
         ..test_config()
     };
-    let vol = Volume::open(store.clone(), &secret(), journaled_writer(false), cfg)
-        .await
-        .unwrap();
+    let vol = Volume::open(
+        store.clone(),
+        &secret(),
+        journaled_writer(false, dir.path()),
+        cfg,
+    )
+    .await
+    .unwrap();
     vol.attach_journal(dir.path()).await.unwrap();
     // The dirty table never grows past one chunk, the journal would.
     let journal_size = || -> u64 {
@@ -217,4 +236,120 @@ async fn rewriting_one_chunk_keeps_the_journal_bounded() {
         "journal reached {largest} bytes with a {limit}-byte dirty limit"
     );
     assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(1999, 4096));
+}
+
+/// Review of issue 10: a server taken over with `--force` on the same host
+/// keeps running (fenced) and may start a new journal segment at its next
+/// flush, after the new server replayed and removed its journal. The
+/// new server's fsynced writes must not be rolled back by those records
+/// when a third server starts. (Failed before journals were marked
+/// consumed: the third replayed the zombie's segment.)
+#[tokio::test]
+async fn a_fenced_servers_late_journal_never_rolls_back_newer_writes() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use zerofs_ublk::store::backend::{LatencyPlan, LatencyStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    // a's uploads are slow, so writes land while its flush is under way.
+    let slow: DynStore = Arc::new(LatencyStore::new(
+        store.clone(),
+        LatencyPlan {
+            latency: Duration::from_millis(20),
+            ..LatencyPlan::default()
+        },
+    ));
+    let a = open_journaled(&slow, dir.path()).await;
+    a.attach_journal(dir.path()).await.unwrap();
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+
+    // b takes over (--force) while a still runs; it replays a's journal.
+    let b = open_journaled(&store, dir.path()).await;
+    assert_eq!(b.attach_journal(dir.path()).await.unwrap(), 1);
+    b.write(0, &pattern(2, 4096)).await.unwrap();
+    b.flush().await.unwrap(); // fsynced: this is what chunk 0 holds now
+
+    // a, fenced but unaware, flushes: the flush starts a new journal
+    // segment, and a write acknowledged during its upload goes there; then
+    // the flush finds a fenced.
+    let (flushed, wrote) = tokio::join!(a.flush(), async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        a.write(0, &pattern(3, 4096)).await
+    });
+    assert!(
+        matches!(flushed, Err(zerofs_ublk::Error::Fenced(_))),
+        "{flushed:?}"
+    );
+    wrote.unwrap();
+    b.close().await.unwrap();
+    drop(a);
+    assert!(journal_files(dir.path()) > 0, "a left a segment behind");
+
+    let c = open_journaled(&store, dir.path()).await;
+    assert_eq!(c.attach_journal(dir.path()).await.unwrap(), 0);
+    assert_eq!(c.read(0, 4096).await.unwrap(), pattern(2, 4096));
+}
+
+/// Review of issue 10: a server whose journal directory is another one (a
+/// container with its own /run, or ZEROFS_UBLK_RUN_DIR) never saw an older
+/// journal here, so it may have written over it: that journal is stale.
+/// (Failed when the rule asked only "journaled, this boot".)
+#[tokio::test]
+async fn a_server_with_another_journal_directory_makes_older_journals_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let store = memory();
+    let a = create_and_open_journaled(&store, 16, dir.path()).await;
+    a.attach_journal(dir.path()).await.unwrap();
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    drop(a); // dies with its write only in dir's journal
+
+    let b = open_journaled(&store, other.path()).await;
+    assert_eq!(b.attach_journal(other.path()).await.unwrap(), 0);
+    b.write(0, &pattern(2, 4096)).await.unwrap();
+    b.close().await.unwrap(); // flushed: chunk 0 holds pattern 2
+
+    let c = open_journaled(&store, dir.path()).await;
+    assert_eq!(c.attach_journal(dir.path()).await.unwrap(), 0, "stale");
+    assert_eq!(c.read(0, 4096).await.unwrap(), pattern(2, 4096));
+}
+
+#[tokio::test]
+async fn attach_refuses_a_directory_other_than_the_claimed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let store = memory();
+    let a = create_and_open_journaled(&store, 16, dir.path()).await;
+    let err = a.attach_journal(other.path()).await.unwrap_err();
+    assert!(err.to_string().contains("journal directory"), "{err}");
+}
+
+/// A server killed while creating a journal segment leaves `<name>.new`
+/// (the header not yet written); the next server removes it and replays
+/// the rest.
+#[tokio::test]
+async fn a_segment_a_dead_server_was_creating_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    let a = create_and_open_journaled(&store, 16, dir.path()).await;
+    a.attach_journal(dir.path()).await.unwrap();
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    let name = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.ends_with("-00000000.journal"))
+        .expect("a's first segment");
+    let leftover = dir
+        .path()
+        .join(name.replace("-00000000.journal", "-00000001.journal.new"));
+    std::fs::write(&leftover, b"").unwrap();
+    drop(a);
+
+    let b = open_journaled(&store, dir.path()).await;
+    assert_eq!(b.attach_journal(dir.path()).await.unwrap(), 1);
+    assert!(!leftover.exists(), "{} left behind", leftover.display());
+    assert_eq!(b.read(0, 4096).await.unwrap(), pattern(1, 4096));
 }

@@ -102,12 +102,13 @@ pub struct WriterArgs {
 }
 
 impl WriterArgs {
-    /// `journaled`: the writer keeps a host-local journal (the server).
-    pub fn mode(&self, journaled: bool) -> OpenMode {
+    /// `journal`: the identity of the directory the writer keeps its
+    /// host-local journal in (the server), if any.
+    pub fn mode(&self, journal: Option<String>) -> OpenMode {
         OpenMode::Writer(WriterOptions {
             force: self.force,
             allow_unconditional: self.allow_unsafe_no_conditional_create,
-            journaled,
+            journal,
         })
     }
 }

@@ -285,7 +285,7 @@ async fn p3(size: u64) -> Result<Vec<String>> {
     let ro = OpenOptions {
         mode: OpenMode::ReadOnly,
     };
-    let vol = Volume::open(slow.clone(), &secret(), ro, VolumeConfig::default()).await?;
+    let vol = Volume::open(slow.clone(), &secret(), ro.clone(), VolumeConfig::default()).await?;
     let t = Instant::now();
     for i in 0..size / (1 << 20) {
         vol.read(i * (1 << 20), 1 << 20).await?;

@@ -285,15 +285,21 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
         disk_cache_bytes: parse_size(&a.cache_disk)?,
         ..VolumeConfig::default()
     };
+    // The claim names the journal directory (see attach_journal in serve).
+    let journal = crate::volume::journal::dir_identity(&journal_dir())?;
     Ok(Volume::open(
         store,
         &secret,
         OpenOptions {
-            mode: a.writer.mode(true),
+            mode: a.writer.mode(Some(journal)),
         },
         cfg,
     )
     .await?)
+}
+
+fn journal_dir() -> PathBuf {
+    run_dir().join("journal")
 }
 
 /// Answer `status` requests on the device's socket.
@@ -335,7 +341,7 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     let volume = open_volume(&a).await?;
     // Acknowledged writes must outlive this process (kill -9 + recover).
     volume
-        .attach_journal(&run_dir().join("journal"))
+        .attach_journal(&journal_dir())
         .await
         .context("cannot set up the write journal")?;
     let volume = Arc::new(volume);

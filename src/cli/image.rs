@@ -135,7 +135,7 @@ pub async fn import(a: ImportArgs) -> Result<()> {
         store,
         &secret,
         OpenOptions {
-            mode: a.writer.mode(false),
+            mode: a.writer.mode(None),
         },
         VolumeConfig::default(),
     )

@@ -82,12 +82,14 @@ pub struct Claim {
     pub boot_id: String,
     pub started_unix: u64,
     pub token: String,
-    /// The claimant keeps a host-local journal of acknowledged writes and
-    /// replays every pending journal of this host before it serves I/O
-    /// (the device server). A claim without it (import, bench, an older
-    /// build) may have written over what an older journal holds.
+    /// The journal directory the claimant keeps a host-local journal of
+    /// acknowledged writes in (its identity: path, device, inode), empty
+    /// when it keeps none. A journaled claimant replays every pending
+    /// journal of that directory before it serves I/O (the device server);
+    /// a claim without it (import, bench) may have written over what an
+    /// older journal holds, and so may one that used another directory.
     #[serde(default)]
-    pub journaled: bool,
+    pub journal: String,
     /// The claimant's PID namespace (`pid:[inode]`): its pid means
     /// something only there. Empty in claims of older builds.
     #[serde(default)]
@@ -127,14 +129,14 @@ pub fn unix_now() -> u64 {
 }
 
 impl Claim {
-    pub fn mine(journaled: bool) -> Self {
+    pub fn mine(journal: Option<String>) -> Self {
         Claim {
             host: hostname(),
             pid: std::process::id(),
             boot_id: boot_id(),
             started_unix: unix_now(),
             token: hex::encode(rand::random::<[u8; 16]>()),
-            journaled,
+            journal: journal.unwrap_or_default(),
             pid_ns: pid_namespace(),
         }
     }
@@ -294,7 +296,7 @@ mod tests {
         // A pid no process has here (above the kernel's pid_max).
         let dead = Claim {
             pid: 1 << 23,
-            ..Claim::mine(false)
+            ..Claim::mine(None)
         };
         assert!(!dead.pid_ns.is_empty(), "this host reports its namespace");
         assert!(dead.is_provably_dead());
@@ -311,7 +313,7 @@ mod tests {
             ..dead.clone()
         };
         assert!(!older_build.is_provably_dead());
-        assert!(!Claim::mine(false).is_provably_dead(), "ourselves");
+        assert!(!Claim::mine(None).is_provably_dead(), "ourselves");
     }
 
     #[test]

@@ -24,19 +24,20 @@ use crate::error::{Error, Result};
 /// How many segment tables recovery fetches at once.
 const REPLAY_CONCURRENCY: usize = 8;
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WriterOptions {
     /// Take over from a writer that may still be alive (it will be fenced).
     pub force: bool,
     /// Accept a backend without atomic conditional create (unsafe: two
     /// writers could both believe they own the volume).
     pub allow_unconditional: bool,
-    /// The writer will keep a host-local journal (`Volume::attach_journal`);
-    /// recorded in its claim.
-    pub journaled: bool,
+    /// The journal directory the writer will keep its host-local journal
+    /// in (`Volume::attach_journal`), as `volume::journal::dir_identity`
+    /// names it; recorded in its claim. None: no journal.
+    pub journal: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum OpenMode {
     ReadOnly,
     Writer(WriterOptions),
@@ -162,7 +163,7 @@ impl LogStore {
         let mut summary = LogSummary::default();
         if let OpenMode::Writer(opts) = mode {
             require_conditional_create(&log.store, opts.allow_unconditional).await?;
-            let (epoch, claim) = log.claim_epoch(opts.force, opts.journaled).await?;
+            let (epoch, claim) = log.claim_epoch(opts.force, opts.journal.clone()).await?;
             log.epoch = Some(epoch);
             log.claim = Some(claim);
         }
@@ -197,7 +198,7 @@ impl LogStore {
     }
 
     /// Claim the next epoch by conditional create.
-    async fn claim_epoch(&self, force: bool, journaled: bool) -> Result<(u64, Claim)> {
+    async fn claim_epoch(&self, force: bool, journal: Option<String>) -> Result<(u64, Claim)> {
         let current = self.latest_epoch().await?;
         if current > 0 && !self.is_released(current).await? {
             let owner = self.read_claim(current).await?;
@@ -210,7 +211,7 @@ impl LogStore {
             }
         }
         let epoch = current + 1;
-        let mine = Claim::mine(journaled);
+        let mine = Claim::mine(journal);
         let key = format!("{EPOCH_PREFIX}{}", epoch_name(epoch));
         let record = seal_record(&self.keys, "claim", epoch, &mine);
         let ours = |data: &Bytes| {

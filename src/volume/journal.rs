@@ -324,6 +324,49 @@ pub fn find(dir: &Path, volume_id: &[u8; 16]) -> Vec<(u64, u64, PathBuf)> {
     out
 }
 
+/// The identity of a journal directory, as claims record it: its path, and
+/// the device and inode behind it (another mount at the same path — a
+/// container's own `/run` — is another directory). Creates the directory
+/// (0700) if needed.
+pub fn dir_identity(dir: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    prepare_dir(dir)?;
+    let real = std::fs::canonicalize(dir).map_err(|e| io(dir, e))?;
+    let meta = std::fs::metadata(&real).map_err(|e| io(&real, e))?;
+    Ok(format!(
+        "{} (device {}, inode {})",
+        real.display(),
+        meta.dev(),
+        meta.ino()
+    ))
+}
+
+/// Mark the journal of `epoch` as taken over: its pending records were
+/// replayed (or judged stale) by a later writer. A file of that epoch that
+/// appears afterwards was written by its server after the takeover (a
+/// fenced writer still running) and must never be replayed.
+pub fn mark_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64) -> Result<()> {
+    let path = dir.join(consumed_name(&hex::encode(volume_id), epoch));
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map(drop)
+        .map_err(|e| io(&path, e))
+}
+
+/// Whether a later writer took over the journal of `epoch`.
+pub fn is_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64) -> Result<bool> {
+    let path = dir.join(consumed_name(&hex::encode(volume_id), epoch));
+    path.try_exists().map_err(|e| io(&path, e))
+}
+
+fn consumed_name(volume: &str, epoch: u64) -> String {
+    format!("{volume}-{epoch:016x}.consumed")
+}
+
 /// Delete the segment files of `volume_id` that a server of an epoch
 /// before `epoch` died creating (no header yet, never held a record).
 pub fn remove_unfinished(dir: &Path, volume_id: &[u8; 16], epoch: u64) {

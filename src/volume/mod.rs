@@ -84,7 +84,7 @@ impl Default for VolumeConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     pub mode: OpenMode,
 }
@@ -418,23 +418,27 @@ impl Volume {
     ///
     /// A journal of epoch `e` is replayed unless a writer between `e` and
     /// us may have written over it: every epoch in between must have been
-    /// claimed on this host since this boot by a journaled writer — which
-    /// replays and removes all pending journals before it serves anything,
-    /// so if `e`'s journal is still here, nobody in between served I/O.
-    /// (A failed recovery attempt thus never costs the dead server's
-    /// journal.) Epoch arithmetic alone is not enough: see issue 10 and
-    /// ARCHITECTURE.md, "journal".
+    /// claimed on this host since this boot by a writer journaling in this
+    /// same directory — which replays and removes all pending journals
+    /// before it serves anything, so if `e`'s journal is still here, nobody
+    /// in between served I/O — and no writer may have taken it over yet
+    /// (the `.consumed` mark: what a fenced server of `e` writes after a
+    /// takeover is never replayed). A failed recovery attempt thus never
+    /// costs the dead server's journal. The volume must have been opened
+    /// with this directory's `journal::dir_identity`. See ARCHITECTURE.md,
+    /// "Which journals a new server replays".
     pub async fn attach_journal(&self, dir: &std::path::Path) -> Result<usize> {
         let log = &self.inner.log;
         let (Some(epoch), Some(claim)) = (log.epoch(), log.claim()) else {
             return Err(Error::InvalidArgument("volume is open read-only".into()));
         };
-        if !claim.journaled {
-            return Err(Error::InvalidArgument(
-                "the volume was opened without a journaled claim".into(),
-            ));
+        let here = journal::dir_identity(dir)?;
+        if claim.journal != here {
+            return Err(Error::InvalidArgument(format!(
+                "the volume was opened for the journal directory {:?}, not {here}",
+                claim.journal
+            )));
         }
-        journal::prepare_dir(dir)?;
         let id = log.keys().volume_id;
         journal::remove_unfinished(dir, &id, epoch);
         let mut by_epoch: std::collections::BTreeMap<u64, Vec<std::path::PathBuf>> =
@@ -447,11 +451,11 @@ impl Volume {
         let mut replay = Vec::new();
         let mut done_with = Vec::new();
         for (e, paths) in by_epoch {
-            match self.journal_fate(e, epoch, &paths[0]).await? {
+            match self.journal_fate(e, epoch, &paths[0], dir, &here).await? {
                 JournalFate::Replay(tag) => replay.push((e, tag, paths)),
                 JournalFate::Stale(why) => {
                     tracing::warn!("discarding the journal of epoch {e}: {why}");
-                    done_with.extend(paths);
+                    done_with.push((e, paths));
                 }
                 JournalFate::Foreign(why) => {
                     tracing::warn!("leaving the journal of epoch {e} alone: {why}");
@@ -473,7 +477,7 @@ impl Volume {
                     replayed += 1;
                 }
             }
-            done_with.extend(paths.iter().cloned());
+            done_with.push((*e, paths.clone()));
         }
         if replayed > 0 {
             self.flush().await?;
@@ -484,8 +488,13 @@ impl Volume {
         }
         // Only now, with their contents durable under our epoch, may the
         // replayed journals go; if one cannot be removed we must not serve
-        // (a later writer would replay it over our newer writes).
-        for path in &done_with {
+        // (a later writer would replay it over our newer writes). First the
+        // mark: whatever the old server may still write under its epoch
+        // (it runs on, fenced) is never replayed over ours.
+        for (e, _) in &done_with {
+            journal::mark_consumed(dir, &id, *e)?;
+        }
+        for path in done_with.iter().flat_map(|(_, paths)| paths) {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -508,8 +517,15 @@ impl Volume {
         e: u64,
         ours: u64,
         first: &std::path::Path,
+        dir: &std::path::Path,
+        here: &str,
     ) -> Result<JournalFate> {
         let log = &self.inner.log;
+        if journal::is_consumed(dir, &log.keys().volume_id, e)? {
+            return Ok(JournalFate::Stale(format!(
+                "a later writer took it over already; these records were written after that, by the server of epoch {e} still running (fenced)"
+            )));
+        }
         let tag = journal::read_tag(first)?;
         let owner = match log.read_claim(e).await {
             Ok(c) => c,
@@ -535,7 +551,7 @@ impl Volume {
                 }
                 Err(err) => return Err(err),
             };
-            if !(between.journaled && between.is_this_boot()) {
+            if !(between.journal == here && between.is_this_boot()) {
                 return Ok(JournalFate::Stale(format!(
                     "epoch {k} ({}) did not replay it and may have written newer data",
                     between.describe()

@@ -58,18 +58,19 @@ pub fn writer(force: bool) -> OpenOptions {
         mode: OpenMode::Writer(WriterOptions {
             force,
             allow_unconditional: false,
-            journaled: false,
+            journal: None,
         }),
     }
 }
 
-/// A writer that keeps a host-local journal (as the device server does).
-pub fn journaled_writer(force: bool) -> OpenOptions {
+/// A writer that keeps a host-local journal in `dir` (as the device
+/// server does).
+pub fn journaled_writer(force: bool, dir: &std::path::Path) -> OpenOptions {
     OpenOptions {
         mode: OpenMode::Writer(WriterOptions {
             force,
             allow_unconditional: false,
-            journaled: true,
+            journal: Some(zerofs_ublk::volume::journal::dir_identity(dir).unwrap()),
         }),
     }
 }
