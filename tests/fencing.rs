@@ -116,6 +116,37 @@ async fn concurrent_openers_one_wins() {
 /// retry-safe: a create that landed but whose response was lost (the
 /// caller saw an error) is recognized as ours, instead of burning the
 /// epoch (claim) or failing the open (seal).
+/// Review of issue 10: a create whose conditional PUT landed but whose
+/// answer was lost (the retry then finds the object) is still this
+/// create's — for the backend probe and for the superblock. (Failed
+/// before: "does not enforce conditional create", or "volume exists" for
+/// the volume just created.)
+#[tokio::test]
+async fn a_lost_response_to_the_probe_or_superblock_does_not_fail_the_create() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
+    // Writes of a create: probe create, probe create, probe delete,
+    // superblock.
+    for (fail_at, what) in [(0, "probe"), (3, "superblock")] {
+        let store = memory();
+        let faulty = FaultyStore::new(store.clone());
+        faulty.set_plan(FaultPlan {
+            writes_before_failure: Some(fail_at),
+            land_then_fail: true,
+            failures: Some(1),
+            ..FaultPlan::default()
+        });
+        let faulty: DynStore = Arc::new(faulty);
+        Volume::create(&faulty, &params(16), &secret(), false)
+            .await
+            .unwrap_or_else(|e| panic!("lost response to the {what}: {e}"));
+        let v = Volume::open(store, &secret(), writer(false), test_config())
+            .await
+            .unwrap();
+        v.close().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_lost_response_to_the_claim_or_seal_does_not_fail_the_open() {
     use std::sync::Arc;

@@ -222,3 +222,18 @@ async fn a_volume_on_a_flaky_slow_store_sees_no_errors() {
         .unwrap();
     assert!(vol.read(0, data.len()).await.unwrap()[..] == data[..]);
 }
+
+#[test]
+fn extreme_settings_saturate_instead_of_panicking() {
+    let p = RetryPolicy {
+        attempt_timeout: Duration::from_secs(u64::MAX),
+        min_throughput: 1,
+        ..policy()
+    };
+    assert_eq!(p.attempt_deadline(u64::MAX), Duration::MAX);
+    assert_eq!(
+        policy().attempt_deadline(1 << 20),
+        Duration::from_secs(4),
+        "2 s + 1 MiB at 512 KiB/s"
+    );
+}

@@ -445,7 +445,7 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
         // above is in the journal, which a failed close keeps.
         let mut record = record.clone();
         record.stop_error = Some(format!(
-            "final flush failed: {e:#}; the unflushed writes are in this host's journal: add the volume again to replay them"
+            "closing the volume failed: {e:#}; writes not yet in the bucket, if any, are in this host's journal: add the volume again to finish"
         ));
         let _ = std::fs::write(record_path(id), serde_json::to_vec_pretty(&record)?);
         let _ = frontend::delete(id);

@@ -1,8 +1,9 @@
 //! Keep key material where it is needed and nowhere else: out of core
 //! dumps, and the passphrase out of the process environment.
 //!
-//! [`harden`] runs first thing in `main`, while the process has one thread:
-//! it makes the process non-dumpable (no core file, no `/proc/PID/mem` for
+//! [`harden`] runs first thing in `main`, before any thread of ours exists
+//! (jemalloc's background purging thread may already run; it never reads
+//! or writes the environment): it makes the process non-dumpable (no core file, no `/proc/PID/mem` for
 //! other processes of the same user, no ptrace attach without
 //! `CAP_SYS_PTRACE`), takes `ZEROFS_UBLK_PASSPHRASE` into memory that is
 //! wiped on drop, overwrites the original bytes in the environment block
@@ -11,7 +12,7 @@
 //! in its own environment and does the same at once.
 
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::OnceLock;
 
 use zeroize::Zeroizing;
@@ -24,17 +25,22 @@ unsafe extern "C" {
     static mut environ: *mut *mut libc::c_char;
 }
 
-/// Call once, before any other thread exists.
+/// Call once, first thing in `main`, before the process starts threads
+/// that could read the environment.
 pub fn harden() {
-    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers.
-    unsafe {
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-    }
-    let value = std::env::var_os(PASSPHRASE_ENV).map(|v| Zeroizing::new(v.as_bytes().to_vec()));
+    make_undumpable();
+    let value = std::env::var_os(PASSPHRASE_ENV).map(|v| Zeroizing::new(v.into_vec()));
     if value.is_some() {
         wipe_from_environment(PASSPHRASE_ENV);
     }
     let _ = PASSPHRASE.set(value);
+}
+
+fn make_undumpable() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
 }
 
 /// The passphrase `ZEROFS_UBLK_PASSPHRASE` held when the process started
@@ -57,8 +63,8 @@ pub fn pass_passphrase(cmd: &mut std::process::Command) {
 
 fn wipe_from_environment(name: &str) {
     let prefix = format!("{name}=");
-    // SAFETY: single-threaded (see `harden`), so nothing reads or changes
-    // the environment meanwhile; each entry is a NUL-terminated string in
+    // SAFETY: called from `harden` before any thread of ours exists, so
+    // nothing reads or changes the environment meanwhile; each entry is a NUL-terminated string in
     // writable memory (the initial block on the stack, or libc's copy).
     unsafe {
         let mut entry = environ;
@@ -81,7 +87,9 @@ fn wipe_from_environment(name: &str) {
 mod tests {
     #[test]
     fn hardened_process_is_not_dumpable() {
-        super::harden();
+        // Not `harden` itself: the test harness is multi-threaded, and the
+        // environment part is tested on the binary (tests/cli.rs).
+        super::make_undumpable();
         // SAFETY: plain integer call.
         assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
     }

@@ -79,13 +79,46 @@ fn names(objects: &[ObjectInfo], prefix: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Conditional create that survives a lost response: a create whose
+/// first attempt landed but reported an error (or was retried by the
+/// transport and then found the object) is recognized by reading the
+/// object back. `Ok(false)`: someone else's object is there.
+async fn create_or_confirm(
+    store: &DynStore,
+    key: &str,
+    data: Bytes,
+    ours: impl Fn(&Bytes) -> bool,
+) -> Result<bool> {
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match store.put_if_absent(key, data.clone()).await {
+            Ok(true) => return Ok(true),
+            Ok(false) => {
+                let existing = store.get(key).await?;
+                return Ok(ours(&existing));
+            }
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!("creating {key} failed (attempt {attempt}, retrying): {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Check that the backend really refuses a second create of one key.
 async fn probe_conditional_create(store: &DynStore) -> Result<bool> {
     let key = format!("probe/{}", hex::encode(rand::random::<[u8; 8]>()));
-    let first = store.put_if_absent(&key, Bytes::from_static(b"1")).await?;
-    let second = store.put_if_absent(&key, Bytes::from_static(b"2")).await?;
+    let first =
+        create_or_confirm(store, &key, Bytes::from_static(b"1"), |d| &d[..] == b"1").await?;
+    let second =
+        create_or_confirm(store, &key, Bytes::from_static(b"2"), |d| &d[..] == b"2").await?;
     let kept = store.get(&key).await?;
-    store.delete(&key).await?;
+    // A probe object left behind is harmless (`create` ignores them).
+    if let Err(e) = store.delete(&key).await {
+        tracing::warn!("could not remove the probe object {key}: {e}");
+    }
     Ok(first && !second && kept.as_ref() == b"1")
 }
 
@@ -123,10 +156,9 @@ impl LogStore {
             return Err(Error::VolumeExists(store.describe()));
         }
         let (sb, _) = Superblock::new(params, secret)?;
-        if !store
-            .put_if_absent(SUPERBLOCK_KEY, Bytes::from(sb.encode()))
-            .await?
-        {
+        let encoded = Bytes::from(sb.encode());
+        let ours = |d: &Bytes| *d == encoded;
+        if !create_or_confirm(store, SUPERBLOCK_KEY, encoded.clone(), ours).await? {
             return Err(Error::VolumeExists(store.describe()));
         }
         Ok(sb)
@@ -219,40 +251,12 @@ impl LogStore {
                 .is_ok_and(|c| c.token == mine.token)
         };
         // A create whose first attempt landed reads back as ours.
-        if !self.create_or_confirm(&key, record, ours).await? {
+        if !create_or_confirm(&self.store, &key, record, ours).await? {
             let winner = self.read_claim(epoch).await?;
             return Err(Error::InUse(winner.describe()));
         }
         tracing::info!("claimed writer epoch {epoch}");
         Ok((epoch, mine))
-    }
-
-    /// Conditional create that survives a lost response: a create whose
-    /// first attempt landed but reported an error (or was retried by the
-    /// transport and then found the object) is recognized by reading the
-    /// object back. `Ok(false)`: someone else's object is there.
-    async fn create_or_confirm(
-        &self,
-        key: &str,
-        data: Bytes,
-        ours: impl Fn(&Bytes) -> bool,
-    ) -> Result<bool> {
-        const ATTEMPTS: u32 = 3;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.store.put_if_absent(key, data.clone()).await {
-                Ok(true) => return Ok(true),
-                Ok(false) => {
-                    let existing = self.store.get(key).await?;
-                    return Ok(ours(&existing));
-                }
-                Err(e) if attempt < ATTEMPTS => {
-                    tracing::warn!("creating {key} failed (attempt {attempt}, retrying): {e}");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 
     /// Every seal, fetched several at a time (one per takeover: a volume
@@ -306,7 +310,7 @@ impl LogStore {
             let ours = |data: &Bytes| {
                 open_record::<Seal>(&self.keys, "seal", epoch, data).is_ok_and(|s| s == seal)
             };
-            if !self.create_or_confirm(&key, record, ours).await? {
+            if !create_or_confirm(&self.store, &key, record, ours).await? {
                 return Err(Error::InUse(format!("another writer sealed epoch {epoch}")));
             }
             // Our seal tops the chain now.

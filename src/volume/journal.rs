@@ -75,9 +75,14 @@ pub struct Journal {
     /// Length of the current segment file (an append that fails is cut
     /// back to it).
     len: u64,
-    /// An append failed and could not be cut back: no later record may be
-    /// acknowledged after the torn one.
-    broken: bool,
+    /// The segment where an append failed and could not be cut back: no
+    /// record may be acknowledged after the torn one, in that segment or a
+    /// later one (replay stops at a torn record), until a flush has made
+    /// that segment obsolete and it is deleted.
+    torn: Option<u64>,
+    /// Test hook: cutting back the next failed append fails too.
+    #[cfg(test)]
+    fail_undo: bool,
     /// Test hook: the next append writes only this many bytes, then fails
     /// (a short write, as on ENOSPC).
     #[cfg(test)]
@@ -169,7 +174,9 @@ impl Journal {
             segment: 0,
             file,
             len,
-            broken: false,
+            torn: None,
+            #[cfg(test)]
+            fail_undo: false,
             #[cfg(test)]
             short_write: None,
             sizes: [(0, HEADER_LEN as u64)].into(),
@@ -224,10 +231,13 @@ impl Journal {
     /// failure the partial record is cut off again; if even that fails,
     /// every later append fails too.
     pub fn append(&mut self, record: &Record) -> Result<()> {
-        if self.broken {
+        if let Some(s) = self.torn {
             return Err(io(
                 &self.path(),
-                std::io::Error::other("an earlier append failed and could not be undone"),
+                std::io::Error::other(format!(
+                    "an earlier append to segment {s} failed and could not be undone; \
+                     writes fail until a flush makes that segment obsolete"
+                )),
             ));
         }
         let (kind, offset, len, data): (u8, u64, u64, &[u8]) = match record {
@@ -248,8 +258,14 @@ impl Journal {
                 .file
                 .set_len(self.len)
                 .and_then(|()| self.file.seek(std::io::SeekFrom::Start(self.len)));
+            #[cfg(test)]
+            let undone = if std::mem::take(&mut self.fail_undo) {
+                Err(std::io::Error::other("simulated"))
+            } else {
+                undone
+            };
             if undone.is_err() {
-                self.broken = true;
+                self.torn = Some(self.segment);
             }
             return Err(io(&self.path(), e));
         }
@@ -286,7 +302,6 @@ impl Journal {
         )?;
         self.file = file;
         self.len = len;
-        self.broken = false;
         self.segment = next;
         self.sizes.insert(next, HEADER_LEN as u64);
         Ok(next)
@@ -296,7 +311,14 @@ impl Journal {
     pub fn release_before(&mut self, segment: u64) {
         let released: Vec<u64> = self.sizes.range(..segment).map(|(s, _)| *s).collect();
         for s in released {
-            let _ = std::fs::remove_file(self.dir.join(file_name(&self.volume, self.epoch, s)));
+            let path = self.dir.join(file_name(&self.volume, self.epoch, s));
+            let gone = match std::fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            };
+            if gone && self.torn == Some(s) {
+                self.torn = None;
+            }
             self.sizes.remove(&s);
         }
     }
@@ -559,6 +581,35 @@ mod tests {
         for (_, _, path) in find(&dir, &id) {
             assert_eq!(mode(&path), 0o600, "{}", path.display());
         }
+    }
+
+    #[test]
+    fn a_torn_record_that_could_not_be_cut_back_blocks_appends_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [6u8; 16];
+        let rec = |seed: u8| Record::Data {
+            offset: seed as u64 * 4096,
+            data: vec![seed; 4096].into(),
+        };
+        let mut j = Journal::create(dir.path(), &id, 3, TAG).unwrap();
+        j.append(&rec(1)).unwrap();
+        j.short_write = Some(100);
+        j.fail_undo = true;
+        assert!(j.append(&rec(2)).is_err());
+        assert!(j.append(&rec(3)).is_err(), "nothing after a torn record");
+        // A flush starts: later records would go to segment 1, after the
+        // torn one in segment 0 — replay would refuse them. Still refused.
+        let next = j.rotate().unwrap();
+        assert!(j.append(&rec(4)).is_err(), "segment 0 is still torn");
+        // The flush made segment 0 durable and obsolete: appends resume.
+        j.release_before(next);
+        j.append(&rec(5)).unwrap();
+        let found = find(dir.path(), &id);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            read_segment(&found[0].2, &id, 3, &TAG, true).unwrap(),
+            vec![rec(5)]
+        );
     }
 
     #[test]

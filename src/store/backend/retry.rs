@@ -59,8 +59,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The deadline of one attempt that moves `bytes`.
     pub fn attempt_deadline(&self, bytes: u64) -> Duration {
-        self.attempt_timeout
-            + Duration::from_secs_f64(bytes as f64 / self.min_throughput.max(1) as f64)
+        let transfer =
+            Duration::try_from_secs_f64(bytes as f64 / self.min_throughput.max(1) as f64)
+                .unwrap_or(Duration::MAX);
+        self.attempt_timeout.saturating_add(transfer)
     }
 }
 

@@ -153,7 +153,7 @@ impl ObjectStore for S3Store {
                 Err(e) => return Err(map_error(key, e)),
             }
         }
-        Err(StoreError::Backend(format!(
+        Err(StoreError::Unavailable(format!(
             "conditional create of {key} kept conflicting"
         )))
     }
