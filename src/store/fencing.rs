@@ -55,6 +55,15 @@ pub fn seal_record<T: Serialize>(keys: &VolumeKeys, kind: &str, epoch: u64, valu
     )
 }
 
+/// Seal raw bytes as a record (for the fuzz targets).
+#[doc(hidden)]
+pub fn seal_record_bytes(keys: &VolumeKeys, kind: &str, epoch: u64, plain: &[u8]) -> Bytes {
+    Bytes::from(
+        keys.subkey(kind, &epoch_name(epoch))
+            .seal_random(&aad(keys, kind, epoch), plain),
+    )
+}
+
 pub fn open_record<T: for<'de> Deserialize<'de>>(
     keys: &VolumeKeys,
     kind: &str,

@@ -123,6 +123,17 @@ fn parse_name(name: &str, volume: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// A segment file's header (for the fuzz targets).
+#[doc(hidden)]
+pub fn header_for_fuzzing(
+    volume_id: &[u8; 16],
+    epoch: u64,
+    tag: &ClaimTag,
+    segment: u64,
+) -> Vec<u8> {
+    header(volume_id, epoch, tag, segment)
+}
+
 fn header(volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag, segment: u64) -> Vec<u8> {
     let mut h = MAGIC.to_vec();
     h.extend_from_slice(volume_id);
@@ -445,8 +456,20 @@ pub fn read_segment(
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| io(path, e))?;
+    parse_segment(path, &bytes, volume_id, epoch, tag, last)
+}
+
+/// The records of one segment file's bytes (`path` names it in errors).
+pub fn parse_segment(
+    path: &Path,
+    bytes: &[u8],
+    volume_id: &[u8; 16],
+    epoch: u64,
+    tag: &ClaimTag,
+    last: bool,
+) -> Result<Vec<Record<'static>>> {
     let bad = |why: &str| Error::Integrity(format!("journal {}: {why}", path.display()));
-    check_header(path, &bytes)?;
+    check_header(path, bytes)?;
     if bytes[8..24] != volume_id[..] {
         return Err(bad("volume mismatch"));
     }
