@@ -246,3 +246,26 @@ async fn a_sealed_segment_missing_from_the_bucket_is_an_error_naming_it() {
         assert!(err.to_string().contains(&newest), "{err}");
     }
 }
+
+/// Found by the checkpoint fuzz target: decoding allocated 4 GiB up front
+/// for every checkpoint, whatever it held (an out-of-memory abort under a
+/// memory limit, and a decompression bomb could fill it). The size the
+/// zstd frame declares is checked against what a checkpoint of the volume
+/// can hold before anything is allocated.
+#[test]
+fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
+    use zerofs_ublk::store::checkpoint;
+    use zerofs_ublk::store::keys::{DataKey, VolumeKeys};
+    use zerofs_ublk::store::{Index, SegmentId};
+    let keys = VolumeKeys::new([3; 16], DataKey::random());
+    let pos = SegmentId { epoch: 1, seq: 0 };
+    // Authentic (sealed with the volume's key), but 64 MiB of plaintext
+    // for a 16-chunk volume, whose checkpoint is at most 596 bytes.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+    let object = checkpoint::seal_for_fuzzing(&keys, pos, &bomb);
+    let err = checkpoint::decode(&keys, pos, &object, 16).unwrap_err();
+    assert!(err.to_string().contains("declares 67108864 bytes"), "{err}");
+    // A real checkpoint of that volume still decodes.
+    let good = checkpoint::encode(&keys, pos, &Index::default());
+    assert!(checkpoint::decode(&keys, pos, &good, 16).is_ok());
+}

@@ -91,7 +91,23 @@ pub fn decode(keys: &VolumeKeys, position: SegmentId, bytes: &[u8], chunks: u64)
             &bytes[MAGIC.len()..],
         )
         .ok_or_else(|| bad("failed authentication"))?;
-    let plain = zstd::bulk::decompress(&compressed, MAX_PLAIN)
+    // Allocate what the frame declares, and only if a checkpoint of this
+    // volume could be that large: at most every chunk mapped, each in its
+    // own segment (a 20-byte entry and a 16-byte segment id), plus the
+    // header. (It allocated MAX_PLAIN, 4 GiB, for every checkpoint.)
+    let most = MAX_PLAIN
+        .min(usize::try_from(chunks.saturating_mul(36).saturating_add(20)).unwrap_or(usize::MAX));
+    let declared = match zstd::zstd_safe::get_frame_content_size(&compressed) {
+        Ok(Some(n)) => n,
+        Ok(None) => return Err(bad("its compressed form does not declare its size")),
+        Err(_) => return Err(bad("does not decompress (bad zstd frame header)")),
+    };
+    if declared > most as u64 {
+        return Err(bad(&format!(
+            "declares {declared} bytes, more than a checkpoint of {chunks} chunks can hold"
+        )));
+    }
+    let plain = zstd::bulk::decompress(&compressed, declared as usize)
         .map_err(|e| bad(&format!("does not decompress ({e})")))?;
     let mut d = Decoder::new(&plain, "checkpoint");
     if d.u32()? != VERSION {
