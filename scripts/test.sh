@@ -3,7 +3,8 @@
 # needs (scripts/deps.sh: Debian packages, the S3 test server from PyPI
 # into a venv, Rust crates), then runs
 # lint, unit, conformance (memory, local dir, real S3 server), model
-# checker, tamper, key, fencing and CLI tests, then the ublk VM suite.
+# checker, tamper, key, fencing and CLI tests, a fuzzing smoke (when a
+# nightly toolchain is there), then the ublk VM suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,13 @@ echo "== tests"
 cargo test --locked -- --skip random_crashes_preserve_the_durability_contract
 echo "== model checker (crash points)"
 cargo test --locked --test model -- --nocapture
+
+echo "== fuzzing smoke (every decoder of bucket and disk bytes, 20 s each)"
+if rustup run nightly rustc --version >/dev/null 2>&1; then
+  scripts/fuzz.sh smoke
+else
+  echo "skipped: no nightly toolchain here (cargo-fuzz needs one: rustup toolchain install nightly)"
+fi
 
 echo "== engine benchmark smoke (not a measurement; see BENCHMARKS.md)"
 cargo run --release --locked --quiet -- bench --quick

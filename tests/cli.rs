@@ -159,6 +159,17 @@ fn import_from_stdin() {
     assert_eq!(&exported[..data.len()], &data[..]);
 }
 
+/// `create` of a 1 MiB volume with the cheapest KDF (tests, not security).
+const CREATE_WITH_PASSPHRASE: [&str; 7] = [
+    "create",
+    "--size",
+    "1M",
+    "--kdf-memory-mib",
+    "1",
+    "--kdf-passes",
+    "1",
+];
+
 #[test]
 fn passphrase_from_environment() {
     let env = Env::new();
@@ -171,18 +182,7 @@ fn passphrase_from_environment() {
             .output()
             .unwrap()
     };
-    ok(&with_pass(
-        &[
-            "create",
-            "--size",
-            "1M",
-            "--kdf-memory-mib",
-            "1",
-            "--kdf-passes",
-            "1",
-        ],
-        "s3cret",
-    ));
+    ok(&with_pass(&CREATE_WITH_PASSPHRASE, "s3cret"));
     ok(&with_pass(&["inspect"], "s3cret"));
     fails(
         &with_pass(&["inspect"], "wrong"),
@@ -202,17 +202,7 @@ fn the_passphrase_leaves_the_environment_of_a_running_process() {
             .env("ZEROFS_UBLK_PASSPHRASE", pass);
         c
     };
-    ok(&cmd(&[
-        "create",
-        "--size",
-        "1M",
-        "--kdf-memory-mib",
-        "1",
-        "--kdf-passes",
-        "1",
-    ])
-    .output()
-    .unwrap());
+    ok(&cmd(&CREATE_WITH_PASSPHRASE).output().unwrap());
     // An import from a FIFO nobody writes to yet: the process stays alive.
     let fifo = env.path("in.fifo");
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();

@@ -116,6 +116,20 @@ async fn concurrent_openers_one_wins() {
 /// retry-safe: a create that landed but whose response was lost (the
 /// caller saw an error) is recognized as ours, instead of burning the
 /// epoch (claim) or failing the open (seal).
+/// `store`, where write number `fail_at` (0-based) lands but reports an
+/// error (a lost response), once.
+fn lost_response_at(store: &DynStore, fail_at: u64) -> DynStore {
+    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
+    let faulty = FaultyStore::new(store.clone());
+    faulty.set_plan(FaultPlan {
+        writes_before_failure: Some(fail_at),
+        land_then_fail: true,
+        failures: Some(1),
+        ..FaultPlan::default()
+    });
+    std::sync::Arc::new(faulty)
+}
+
 /// Review of issue 10: a create whose conditional PUT landed but whose
 /// answer was lost (the retry then finds the object) is still this
 /// create's — for the backend probe and for the superblock. (Failed
@@ -123,20 +137,11 @@ async fn concurrent_openers_one_wins() {
 /// the volume just created.)
 #[tokio::test]
 async fn a_lost_response_to_the_probe_or_superblock_does_not_fail_the_create() {
-    use std::sync::Arc;
-    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
     // Writes of a create: probe create, probe create, probe delete,
     // superblock.
     for (fail_at, what) in [(0, "probe"), (3, "superblock")] {
         let store = memory();
-        let faulty = FaultyStore::new(store.clone());
-        faulty.set_plan(FaultPlan {
-            writes_before_failure: Some(fail_at),
-            land_then_fail: true,
-            failures: Some(1),
-            ..FaultPlan::default()
-        });
-        let faulty: DynStore = Arc::new(faulty);
+        let faulty = lost_response_at(&store, fail_at);
         Volume::create(&faulty, &params(16), &secret(), false)
             .await
             .unwrap_or_else(|e| panic!("lost response to the {what}: {e}"));
@@ -149,22 +154,13 @@ async fn a_lost_response_to_the_probe_or_superblock_does_not_fail_the_create() {
 
 #[tokio::test]
 async fn a_lost_response_to_the_claim_or_seal_does_not_fail_the_open() {
-    use std::sync::Arc;
-    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
     let store = memory();
     let a = create_and_open(&store, 16).await;
     a.write(0, &pattern(1, 4096)).await.unwrap();
     a.close().await.unwrap();
     // Writes of an open: the conditional-create probe (3), claim, seal.
     for (fail_at, what) in [(3, "claim"), (4, "seal")] {
-        let faulty = FaultyStore::new(store.clone());
-        faulty.set_plan(FaultPlan {
-            writes_before_failure: Some(fail_at),
-            land_then_fail: true,
-            failures: Some(1),
-            ..FaultPlan::default()
-        });
-        let faulty: DynStore = Arc::new(faulty);
+        let faulty = lost_response_at(&store, fail_at);
         let v = Volume::open(faulty, &secret(), writer(false), test_config())
             .await
             .unwrap_or_else(|e| panic!("lost response to the {what}: {e}"));

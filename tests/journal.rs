@@ -31,6 +31,13 @@ async fn open_journaled(store: &DynStore, dir: &Path) -> Volume {
     .unwrap()
 }
 
+/// A new 16-chunk volume served by a journaled writer in `dir`.
+async fn first_server(store: &DynStore, dir: &Path) -> Volume {
+    let a = create_and_open_journaled(store, 16, dir).await;
+    a.attach_journal(dir).await.unwrap();
+    a
+}
+
 /// Journal segment files in `dir`.
 fn journal_files(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -49,8 +56,7 @@ fn journal_files(dir: &Path) -> usize {
 async fn unflushed_writes_survive_a_killed_server() {
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16, dir.path()).await;
-    a.attach_journal(dir.path()).await.unwrap();
+    let a = first_server(&store, dir.path()).await;
     a.write(0, &pattern(1, 3 * 4096)).await.unwrap();
     a.flush().await.unwrap();
     a.write(4096, &pattern(2, 512)).await.unwrap(); // partial, after a flush
@@ -97,8 +103,7 @@ async fn a_failed_recovery_attempt_keeps_the_dead_servers_journal() {
     use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16, dir.path()).await;
-    a.attach_journal(dir.path()).await.unwrap();
+    let a = first_server(&store, dir.path()).await;
     a.write(0, &pattern(1, 4 * 4096)).await.unwrap();
     a.flush().await.unwrap();
     a.write(4096, &pattern(2, 2 * 4096)).await.unwrap();
@@ -169,8 +174,7 @@ async fn a_copy_of_the_bucket_leaves_the_originals_journal_alone() {
 async fn next_writer_replays_and_flushes_the_journal() {
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16, dir.path()).await;
-    a.attach_journal(dir.path()).await.unwrap();
+    let a = first_server(&store, dir.path()).await;
     a.write(0, &pattern(1, 4 * 4096)).await.unwrap();
     a.flush().await.unwrap();
     a.write(512, &pattern(2, 1024)).await.unwrap();
@@ -246,22 +250,14 @@ async fn rewriting_one_chunk_keeps_the_journal_bounded() {
 /// consumed: the third replayed the zombie's segment.)
 #[tokio::test]
 async fn a_fenced_servers_late_journal_never_rolls_back_newer_writes() {
-    use std::sync::Arc;
     use std::time::Duration;
-    use zerofs_ublk::store::backend::{LatencyPlan, LatencyStore};
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
     Volume::create(&store, &params(16), &secret(), false)
         .await
         .unwrap();
     // a's uploads are slow, so writes land while its flush is under way.
-    let slow: DynStore = Arc::new(LatencyStore::new(
-        store.clone(),
-        LatencyPlan {
-            latency: Duration::from_millis(20),
-            ..LatencyPlan::default()
-        },
-    ));
+    let slow = behind_latency(store.clone(), Duration::from_millis(20));
     let a = open_journaled(&slow, dir.path()).await;
     a.attach_journal(dir.path()).await.unwrap();
     a.write(0, &pattern(1, 4096)).await.unwrap();
@@ -302,8 +298,7 @@ async fn a_server_with_another_journal_directory_makes_older_journals_stale() {
     let dir = tempfile::tempdir().unwrap();
     let other = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16, dir.path()).await;
-    a.attach_journal(dir.path()).await.unwrap();
+    let a = first_server(&store, dir.path()).await;
     a.write(0, &pattern(1, 4096)).await.unwrap();
     drop(a); // dies with its write only in dir's journal
 
@@ -334,8 +329,7 @@ async fn attach_refuses_a_directory_other_than_the_claimed_one() {
 async fn a_segment_a_dead_server_was_creating_is_removed() {
     let dir = tempfile::tempdir().unwrap();
     let store = memory();
-    let a = create_and_open_journaled(&store, 16, dir.path()).await;
-    a.attach_journal(dir.path()).await.unwrap();
+    let a = first_server(&store, dir.path()).await;
     a.write(0, &pattern(1, 4096)).await.unwrap();
     let name = std::fs::read_dir(dir.path())
         .unwrap()

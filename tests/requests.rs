@@ -128,21 +128,13 @@ async fn dirty_data_past_flush_bytes_wakes_the_flusher_at_once() {
 /// A volume of `chunks` chunks of random data behind a store with 25 ms
 /// per request, reopened cold (empty cache).
 async fn cold_volume_behind_latency(chunks: u64, readahead: u64) -> Volume {
-    use std::sync::Arc;
-    use zerofs_ublk::store::backend::{DynStore, LatencyPlan, LatencyStore};
     let store = memory();
     let vol = create_and_open(&store, chunks).await;
     vol.write(0, &pattern(9, (chunks * CHUNK as u64) as usize))
         .await
         .unwrap();
     vol.close().await.unwrap();
-    let slow: DynStore = Arc::new(LatencyStore::new(
-        store,
-        LatencyPlan {
-            latency: Duration::from_millis(25),
-            ..LatencyPlan::default()
-        },
-    ));
+    let slow = behind_latency(store, Duration::from_millis(25));
     let cfg = VolumeConfig {
         readahead_chunks: readahead,
         cache_bytes: 64 << 20,
@@ -228,8 +220,6 @@ async fn a_cold_multi_chunk_read_waits_for_one_request_not_one_per_chunk() {
 
 #[tokio::test(start_paused = true)]
 async fn open_fetches_the_seals_concurrently() {
-    use std::sync::Arc;
-    use zerofs_ublk::store::backend::{DynStore, LatencyPlan, LatencyStore};
     // Every writer open seals the log: 48 opens leave 48 seals.
     let store = memory();
     create_and_open(&store, 4).await.close().await.unwrap();
@@ -243,13 +233,7 @@ async fn open_fetches_the_seals_concurrently() {
     }
     let seals = store.list("seals/").await.unwrap().len() as u32;
     assert_eq!(seals, 48);
-    let slow: DynStore = Arc::new(LatencyStore::new(
-        store,
-        LatencyPlan {
-            latency: Duration::from_millis(25),
-            ..LatencyPlan::default()
-        },
-    ));
+    let slow = behind_latency(store, Duration::from_millis(25));
     let t = tokio::time::Instant::now();
     let vol = Volume::open(slow, &secret(), read_only(), test_config())
         .await
@@ -265,8 +249,6 @@ async fn open_fetches_the_seals_concurrently() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_partial_writes_stay_within_the_dirty_limit() {
-    use std::sync::Arc;
-    use zerofs_ublk::store::backend::{DynStore, LatencyPlan, LatencyStore};
     // 64 chunks in the bucket; then 64 writers at once, each patching 1 KiB
     // of its own chunk, so each first reads its chunk (25 ms). All of them
     // pass a dirty-limit check made before that read.
@@ -276,13 +258,7 @@ async fn concurrent_partial_writes_stay_within_the_dirty_limit() {
         .await
         .unwrap();
     vol.close().await.unwrap();
-    let slow: DynStore = Arc::new(LatencyStore::new(
-        store,
-        LatencyPlan {
-            latency: Duration::from_millis(25),
-            ..LatencyPlan::default()
-        },
-    ));
+    let slow = behind_latency(store, Duration::from_millis(25));
     let limit = 4 * CHUNK as usize;
     let cfg = VolumeConfig {
         dirty_limit: limit,

@@ -74,6 +74,14 @@ impl Codec {
     /// (for the fuzz targets: lets them reach decompression).
     #[doc(hidden)]
     pub fn seal_frame_for_fuzzing(&self, loc: Loc, chunk: u64, flag: u8, body: &[u8]) -> Vec<u8> {
+        let (key, nonce, aad) = self.frame_crypto(loc, chunk, flag);
+        let mut frame = vec![flag];
+        frame.extend_from_slice(&key.seal(&nonce, &aad, body));
+        frame
+    }
+
+    /// Key, nonce and AAD of the frame of `chunk` at `loc` with `flag`.
+    fn frame_crypto(&self, loc: Loc, chunk: u64, flag: u8) -> (SubKey, [u8; 12], Vec<u8>) {
         let key = self.keys.subkey("segment-frames", &loc.segment.name());
         let nonce = counter_nonce(domain::FRAME, loc.offset as u64);
         let aad = aad(
@@ -83,9 +91,7 @@ impl Codec {
             chunk,
             flag,
         );
-        let mut frame = vec![flag];
-        frame.extend_from_slice(&key.seal(&nonce, &aad, body));
-        frame
+        (key, nonce, aad)
     }
 
     pub fn new(keys: VolumeKeys, level: i32, chunk_size: u32) -> Self {
@@ -207,15 +213,7 @@ impl Codec {
         }
         let flag = frame[0];
         let (body, tag) = frame[1..].split_at(frame.len() - 1 - TAG_LEN);
-        let key = self.keys.subkey("segment-frames", &loc.segment.name());
-        let nonce = counter_nonce(domain::FRAME, loc.offset as u64);
-        let aad = aad(
-            &self.keys.volume_id,
-            loc.segment,
-            loc.offset as u64,
-            chunk,
-            flag,
-        );
+        let (key, nonce, aad) = self.frame_crypto(loc, chunk, flag);
         let mut plain = body.to_vec();
         let tag = tag.try_into().expect("tag length");
         if !key.open_in_place(&nonce, &aad, &mut plain, tag) {

@@ -234,3 +234,15 @@ pub fn unique(prefix: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// `store` behind a fixed latency per request (no bandwidth cap).
+pub fn behind_latency(store: DynStore, latency: std::time::Duration) -> DynStore {
+    use zerofs_ublk::store::backend::{LatencyPlan, LatencyStore};
+    Arc::new(LatencyStore::new(
+        store,
+        LatencyPlan {
+            latency,
+            ..LatencyPlan::default()
+        },
+    ))
+}
