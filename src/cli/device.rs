@@ -207,6 +207,7 @@ pub async fn add(mut a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     if std::env::var_os("ZEROFS_UBLK_LOG").is_none() {
         cmd.env("ZEROFS_UBLK_LOG", "info");
     }
+    cmd.env(super::logfile::LOG_PATH_ENV, &log_path);
     super::harden::pass_passphrase(&mut cmd);
     // SAFETY: setsid is async-signal-safe; detaches from our terminal.
     unsafe {
@@ -396,6 +397,7 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     };
     std::fs::write(record_path(info.id), serde_json::to_vec_pretty(&record)?)?;
     let status = spawn_status_server(info.id, shared.clone(), started)?;
+    super::logfile::spawn_rotation();
     tracing::info!("serving {} as {}", a.bucket.bucket, info.block_device);
     println!("{READY} {}", info.block_device);
     let _ = std::io::stdout().flush();

@@ -10,6 +10,7 @@ mod device;
 mod harden;
 mod image;
 mod inspect;
+mod logfile;
 mod units;
 
 use std::process::ExitCode;
