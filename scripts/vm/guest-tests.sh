@@ -163,7 +163,8 @@ if [ -x $T/s3s-fs ]; then
   suite s3 --bucket s3://vols/db --endpoint http://127.0.0.1:9000
 
   step "[s3] del while the bucket is unreachable: fails, keeps the device; recover replays"
-  B="--bucket s3://vols/stop --endpoint http://127.0.0.1:9000 --request-timeout 5 --key-file /tmp/key"
+  # --retry-for 10: the stop gives up on the bucket after ~15 s, not 120.
+  B="--bucket s3://vols/stop --endpoint http://127.0.0.1:9000 --request-timeout 5 --retry-for 10 --key-file /tmp/key"
   DEV=$($Z add $B --create --size 64M --name vol-stop) || fail "add (stop test)"
   ID=${DEV#/dev/ublkb}
   # Acknowledged, never flushed: O_DIRECT, no fsync. Only the server's
