@@ -213,6 +213,15 @@ impl LogStore {
         open_record(&self.keys, "claim", epoch, &data)
     }
 
+    /// The claim of `epoch`, or None if the bucket has none.
+    pub async fn claim_if_present(&self, epoch: u64) -> Result<Option<Claim>> {
+        match self.read_claim(epoch).await {
+            Ok(c) => Ok(Some(c)),
+            Err(Error::Store(StoreError::NotFound(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn latest_epoch(&self) -> Result<u64> {
         let listed = self.store.list(EPOCH_PREFIX).await?;
         Ok(names(&listed, EPOCH_PREFIX)

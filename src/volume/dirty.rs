@@ -32,9 +32,6 @@ struct Dirty {
 pub struct DirtyTable {
     map: HashMap<u64, Dirty>,
     bytes: usize,
-    /// Room promised to writers between their dirty-limit check and their
-    /// chunk landing here (see `Inner::wait_for_space`).
-    pub reserved: usize,
     /// The most bytes ever dirty at once.
     peak: usize,
 }

@@ -18,7 +18,7 @@ mod flush;
 pub mod journal;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -128,6 +128,10 @@ pub(crate) struct Inner {
     /// so encoding and uploading overlap with the writes that follow
     /// instead of waiting for the writer to hit the dirty limit.
     flush_wanted: Arc<tokio::sync::Notify>,
+    /// Room promised to writers between their dirty-limit check and their
+    /// chunk landing in the dirty table: added under the state lock with
+    /// the check, given back without it (see `wait_for_space`).
+    reserved: AtomicUsize,
     /// Signalled when a writer's reserved room is released.
     room: tokio::sync::Notify,
 }
@@ -221,6 +225,7 @@ impl Volume {
             disk,
             runtime: tokio::runtime::Handle::current(),
             flush_wanted: Arc::new(tokio::sync::Notify::new()),
+            reserved: AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
             chunk_size: sb.chunk_size as usize,
             log,
@@ -527,14 +532,10 @@ impl Volume {
             )));
         }
         let tag = journal::read_tag(first)?;
-        let owner = match log.read_claim(e).await {
-            Ok(c) => c,
-            Err(Error::Store(crate::store::backend::StoreError::NotFound(_))) => {
-                return Ok(JournalFate::Foreign(format!(
-                    "this bucket has no claim of epoch {e} (a copy of the volume elsewhere?)"
-                )));
-            }
-            Err(err) => return Err(err),
+        let Some(owner) = log.claim_if_present(e).await? else {
+            return Ok(JournalFate::Foreign(format!(
+                "this bucket has no claim of epoch {e} (a copy of the volume elsewhere?)"
+            )));
         };
         if journal::claim_tag(&owner.token) != tag {
             return Ok(JournalFate::Foreign(format!(
@@ -542,14 +543,10 @@ impl Volume {
             )));
         }
         for k in e + 1..ours {
-            let between = match log.read_claim(k).await {
-                Ok(c) => c,
-                Err(Error::Store(crate::store::backend::StoreError::NotFound(_))) => {
-                    return Ok(JournalFate::Stale(format!(
-                        "the claim of epoch {k} is gone, so whether it wrote over the journal is unknown"
-                    )));
-                }
-                Err(err) => return Err(err),
+            let Some(between) = log.claim_if_present(k).await? else {
+                return Ok(JournalFate::Stale(format!(
+                    "the claim of epoch {k} is gone, so whether it wrote over the journal is unknown"
+                )));
             };
             if !(between.journal == here && between.is_this_boot()) {
                 return Ok(JournalFate::Stale(format!(
@@ -595,7 +592,7 @@ struct Room<'a> {
 
 impl Drop for Room<'_> {
     fn drop(&mut self) {
-        self.inner.state.lock().dirty.reserved -= self.bytes;
+        self.inner.reserved.fetch_sub(self.bytes, Ordering::AcqRel);
         self.inner.room.notify_waiters();
     }
 }
@@ -775,13 +772,13 @@ impl Inner {
             tokio::pin!(released);
             released.as_mut().enable();
             let flush_first = {
-                let mut st = self.state.lock();
+                let st = self.state.lock();
                 let journal = st.journal.as_ref().map_or(0, |j| j.live_bytes());
-                let used = st.dirty.bytes() + st.dirty.reserved;
+                let used = st.dirty.bytes() + self.reserved.load(Ordering::Acquire);
                 let journal_full =
                     journal >= 2 * self.cfg.dirty_limit as u64 && !st.dirty.is_empty();
                 if !journal_full && (used == 0 || used + need <= self.cfg.dirty_limit) {
-                    st.dirty.reserved += need;
+                    self.reserved.fetch_add(need, Ordering::AcqRel);
                     return Ok(Room {
                         inner: self,
                         bytes: need,
