@@ -265,6 +265,7 @@ impl Inner {
         let Some(position) = fs.last_segment else {
             return Ok(());
         };
+        // O(1): the index is a persistent map (see store::index).
         let index = self.state.lock().index.clone();
         self.log.put_checkpoint(position, index).await?;
         fs.segments_since_checkpoint = 0;
