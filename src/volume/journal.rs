@@ -41,6 +41,8 @@ const HEADER_LEN: usize = 8 + 16 + 8 + 16 + 8 + 4;
 const RECORD_HEADER: usize = 1 + 8 + 8 + 4;
 const KIND_DATA: u8 = 1;
 const KIND_ZEROES: u8 = 2;
+/// Data in one record: one chunk at most (the largest chunk size).
+const MAX_RECORD_DATA: u64 = crate::store::superblock::MAX_CHUNK_SIZE as u64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -90,6 +92,8 @@ pub struct Journal {
     /// Bytes in each segment not yet released (the journal's footprint in
     /// tmpfs, which is memory).
     sizes: std::collections::BTreeMap<u64, u64>,
+    /// Footprint past which writers flush before appending more.
+    limit: u64,
 }
 
 fn io(path: &Path, e: std::io::Error) -> Error {
@@ -191,6 +195,7 @@ impl Journal {
             #[cfg(test)]
             short_write: None,
             sizes: [(0, HEADER_LEN as u64)].into(),
+            limit: u64::MAX,
         })
     }
 
@@ -299,6 +304,16 @@ impl Journal {
         self.sizes.values().sum()
     }
 
+    /// Cap the footprint (see [`budget`]); writers flush past it.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
+    }
+
+    /// Whether writers must flush (which releases segments) first.
+    pub fn is_full(&self) -> bool {
+        self.live_bytes() >= self.limit
+    }
+
     /// Start a new segment; records before this point are in segments
     /// below the returned number.
     pub fn rotate(&mut self) -> Result<u64> {
@@ -338,6 +353,38 @@ impl Journal {
     pub fn remove(mut self) {
         self.release_before(self.segment + 1);
     }
+}
+
+/// Bytes available to unprivileged writers in the filesystem of `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("bad path {}", dir.display())))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io(dir, std::io::Error::last_os_error()));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// How large the journal may grow in a directory with `free` bytes free:
+/// twice the dirty limit (rewrites of dirty chunks grow the journal, not
+/// the dirty table), but at most half of what is free — tmpfs is memory
+/// shared with everyone else in `/run`, and ENOSPC there would fail
+/// writes. Writers flush when it is reached. Too little room for a few
+/// chunks is an error, naming the way out.
+pub fn budget(dir: &Path, free: u64, dirty_limit: u64, chunk_size: u64) -> Result<u64> {
+    let floor = 4 * (chunk_size + RECORD_HEADER as u64) + HEADER_LEN as u64;
+    let limit = (2 * dirty_limit).min(free / 2);
+    if limit < floor {
+        return Err(Error::InvalidArgument(format!(
+            "the journal directory {} has only {free} bytes free; the journal needs at least {}              (free space there, or set ZEROFS_UBLK_RUN_DIR to a tmpfs with room)",
+            dir.display(),
+            2 * floor
+        )));
+    }
+    Ok(limit)
 }
 
 /// Journal files of `volume_id` in `dir`, as (epoch, segment, path), sorted.
@@ -444,19 +491,33 @@ fn check_header(path: &Path, h: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Read one segment's records. `last` allows a torn final record.
+/// The records of one segment file, read one at a time: replay holds one
+/// record in memory, not the segment (which can be hundreds of MiB), let
+/// alone the segment twice. `last` allows a torn final record.
+pub struct Records<R> {
+    path: PathBuf,
+    reader: R,
+    last: bool,
+    done: bool,
+}
+
+/// Open one segment file and check its header.
 pub fn read_segment(
     path: &Path,
     volume_id: &[u8; 16],
     epoch: u64,
     tag: &ClaimTag,
     last: bool,
-) -> Result<Vec<Record<'static>>> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| io(path, e))?;
-    parse_segment(path, &bytes, volume_id, epoch, tag, last)
+) -> Result<Records<std::io::BufReader<File>>> {
+    let file = File::open(path).map_err(|e| io(path, e))?;
+    Records::new(
+        path,
+        std::io::BufReader::with_capacity(1 << 20, file),
+        volume_id,
+        epoch,
+        tag,
+        last,
+    )
 }
 
 /// The records of one segment file's bytes (`path` names it in errors).
@@ -468,54 +529,120 @@ pub fn parse_segment(
     tag: &ClaimTag,
     last: bool,
 ) -> Result<Vec<Record<'static>>> {
-    let bad = |why: &str| Error::Integrity(format!("journal {}: {why}", path.display()));
-    check_header(path, bytes)?;
-    if bytes[8..24] != volume_id[..] {
-        return Err(bad("volume mismatch"));
+    Records::new(path, bytes, volume_id, epoch, tag, last)?.collect()
+}
+
+/// Fill `buf` from `r`; how many bytes there were (fewer only at the end).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    if u64::from_le_bytes(bytes[24..32].try_into().expect("8")) != epoch {
-        return Err(bad("epoch mismatch"));
-    }
-    if bytes[32..48] != tag[..] {
-        return Err(bad("claim mismatch"));
-    }
-    let mut records = Vec::new();
-    let mut pos = HEADER_LEN;
-    while pos < bytes.len() {
-        let torn = |records: Vec<Record<'static>>| {
-            if last {
-                Ok(records)
-            } else {
-                Err(bad("torn record before the newest segment"))
-            }
+    Ok(n)
+}
+
+impl<R: Read> Records<R> {
+    fn new(
+        path: &Path,
+        mut reader: R,
+        volume_id: &[u8; 16],
+        epoch: u64,
+        tag: &ClaimTag,
+        last: bool,
+    ) -> Result<Self> {
+        let mut h = [0u8; HEADER_LEN];
+        let n = read_full(&mut reader, &mut h).map_err(|e| io(path, e))?;
+        check_header(path, &h[..n])?;
+        let records = Records {
+            path: path.to_path_buf(),
+            reader,
+            last,
+            done: false,
         };
-        if bytes.len() - pos < RECORD_HEADER {
-            return torn(records);
+        if h[8..24] != volume_id[..] {
+            return Err(records.bad("volume mismatch"));
         }
-        let kind = bytes[pos];
-        let offset = u64::from_le_bytes(bytes[pos + 1..pos + 9].try_into().expect("8"));
-        let len = u64::from_le_bytes(bytes[pos + 9..pos + 17].try_into().expect("8"));
-        let crc = u32::from_le_bytes(bytes[pos + 17..pos + 21].try_into().expect("4"));
-        let data_len = if kind == KIND_DATA { len as usize } else { 0 };
-        let start = pos + RECORD_HEADER;
-        if bytes.len() - start < data_len {
-            return torn(records);
+        if u64::from_le_bytes(h[24..32].try_into().expect("8")) != epoch {
+            return Err(records.bad("epoch mismatch"));
         }
-        let data = &bytes[start..start + data_len];
-        if record_crc(kind, offset, len, data) != crc {
-            return torn(records);
+        if h[32..48] != tag[..] {
+            return Err(records.bad("claim mismatch"));
         }
-        records.push(match kind {
-            KIND_DATA => Record::Data {
-                offset,
-                data: Cow::Owned(data.to_vec()),
-            },
-            KIND_ZEROES => Record::Zeroes { offset, len },
-            _ => return Err(bad("unknown record kind")),
-        });
-        pos = start + data_len;
+        Ok(records)
     }
-    Ok(records)
+
+    fn bad(&self, why: &str) -> Error {
+        Error::Integrity(format!("journal {}: {why}", self.path.display()))
+    }
+
+    /// A torn record: the end of the newest segment, an error elsewhere.
+    fn torn(&mut self) -> Option<Result<Record<'static>>> {
+        self.done = true;
+        if self.last {
+            None
+        } else {
+            Some(Err(self.bad("torn record before the newest segment")))
+        }
+    }
+
+    fn next_record(&mut self) -> Option<Result<Record<'static>>> {
+        let mut h = [0u8; RECORD_HEADER];
+        match read_full(&mut self.reader, &mut h) {
+            Err(e) => return Some(Err(io(&self.path, e))),
+            Ok(0) => {
+                self.done = true;
+                return None;
+            }
+            Ok(n) if n < RECORD_HEADER => return self.torn(),
+            Ok(_) => {}
+        }
+        let kind = h[0];
+        let offset = u64::from_le_bytes(h[1..9].try_into().expect("8"));
+        let len = u64::from_le_bytes(h[9..17].try_into().expect("8"));
+        let crc = u32::from_le_bytes(h[17..21].try_into().expect("4"));
+        let data_len = if kind == KIND_DATA { len } else { 0 };
+        // A record is one chunk's write at most; a larger length is a torn
+        // or corrupt header, and must not size an allocation.
+        if data_len > MAX_RECORD_DATA {
+            return self.torn();
+        }
+        let mut data = vec![0u8; data_len as usize];
+        match read_full(&mut self.reader, &mut data) {
+            Err(e) => return Some(Err(io(&self.path, e))),
+            Ok(n) if n < data.len() => return self.torn(),
+            Ok(_) => {}
+        }
+        if record_crc(kind, offset, len, &data) != crc {
+            return self.torn();
+        }
+        Some(match kind {
+            KIND_DATA => Ok(Record::Data {
+                offset,
+                data: Cow::Owned(data),
+            }),
+            KIND_ZEROES => Ok(Record::Zeroes { offset, len }),
+            _ => {
+                self.done = true;
+                Err(self.bad("unknown record kind"))
+            }
+        })
+    }
+}
+
+impl<R: Read> Iterator for Records<R> {
+    type Item = Result<Record<'static>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        self.next_record()
+    }
 }
 
 #[cfg(test)]
@@ -523,6 +650,56 @@ mod tests {
     use super::*;
 
     const TAG: ClaimTag = [7; 16];
+
+    fn read_all(
+        path: &Path,
+        id: &[u8; 16],
+        epoch: u64,
+        tag: &ClaimTag,
+        last: bool,
+    ) -> Result<Vec<Record<'static>>> {
+        read_segment(path, id, epoch, tag, last)?.collect()
+    }
+
+    #[test]
+    fn the_budget_is_twice_the_dirty_limit_but_at_most_half_the_free_space() {
+        let dir = Path::new("/run/x");
+        let mib = 1u64 << 20;
+        assert_eq!(budget(dir, 4096 * mib, 256 * mib, 128 << 10).unwrap(), 512 * mib);
+        assert_eq!(budget(dir, 300 * mib, 256 * mib, 128 << 10).unwrap(), 150 * mib);
+        let err = budget(dir, mib, 256 * mib, 128 << 10).unwrap_err().to_string();
+        assert!(err.contains("/run/x") && err.contains("ZEROFS_UBLK_RUN_DIR"), "{err}");
+    }
+
+    #[test]
+    fn free_bytes_reads_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(dir.path()).unwrap() > 0);
+        assert!(free_bytes(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_length_is_a_torn_record_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [3u8; 16];
+        let mut j = Journal::create(dir.path(), &id, 2, TAG).unwrap();
+        let a = Record::Zeroes { offset: 0, len: 4096 };
+        j.append(&a).unwrap();
+        let path = j.path();
+        // A data record claiming 2^60 bytes.
+        let mut rec = vec![KIND_DATA];
+        rec.extend_from_slice(&0u64.to_le_bytes());
+        rec.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        rec.extend_from_slice(&0u32.to_le_bytes());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&rec)
+            .unwrap();
+        assert_eq!(read_all(&path, &id, 2, &TAG, true).unwrap(), vec![a]);
+        assert!(read_all(&path, &id, 2, &TAG, false).is_err());
+    }
 
     #[test]
     fn records_roundtrip_and_torn_tail_is_dropped() {
@@ -543,24 +720,24 @@ mod tests {
         assert_eq!(files.len(), 1);
         let path = &files[0].2;
         assert_eq!(
-            read_segment(path, &id, 7, &TAG, true).unwrap(),
+            read_all(path, &id, 7, &TAG, true).unwrap(),
             vec![a.clone(), z.clone()]
         );
         // A torn append (process killed mid-write) is dropped, not misread.
         let full = std::fs::read(path).unwrap();
         std::fs::write(path, &full[..full.len() - 10]).unwrap();
-        assert_eq!(read_segment(path, &id, 7, &TAG, true).unwrap(), vec![a]);
-        assert!(read_segment(path, &id, 7, &TAG, false).is_err());
+        assert_eq!(read_all(path, &id, 7, &TAG, true).unwrap(), vec![a]);
+        assert!(read_all(path, &id, 7, &TAG, false).is_err());
         assert!(
-            read_segment(path, &[4u8; 16], 7, &TAG, true).is_err(),
+            read_all(path, &[4u8; 16], 7, &TAG, true).is_err(),
             "other volume"
         );
         assert!(
-            read_segment(path, &id, 8, &TAG, true).is_err(),
+            read_all(path, &id, 8, &TAG, true).is_err(),
             "other epoch"
         );
         assert!(
-            read_segment(path, &id, 7, &[8; 16], true).is_err(),
+            read_all(path, &id, 7, &[8; 16], true).is_err(),
             "other claim (a copy of the bucket)"
         );
     }
@@ -630,7 +807,7 @@ mod tests {
         let found = find(dir.path(), &id);
         assert_eq!(found.len(), 1);
         assert_eq!(
-            read_segment(&found[0].2, &id, 3, &TAG, true).unwrap(),
+            read_all(&found[0].2, &id, 3, &TAG, true).unwrap(),
             vec![rec(5)]
         );
     }
@@ -653,7 +830,7 @@ mod tests {
         let (epoch, segment, path) = &found[0];
         assert_eq!((*epoch, *segment), (3, 0));
         assert_eq!(read_tag(path).unwrap(), TAG);
-        assert_eq!(read_segment(path, &id, 3, &TAG, true).unwrap(), vec![rec]);
+        assert_eq!(read_all(path, &id, 3, &TAG, true).unwrap(), vec![rec]);
         let leftovers = || std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(leftovers(), 2, "segment 0 and the unfinished segment 1");
         remove_unfinished(dir.path(), &id, 3);
@@ -686,7 +863,7 @@ mod tests {
         // Not the last segment: any torn record would be an error, and
         // record 3 must not be lost behind record 2's remains.
         assert_eq!(
-            read_segment(path, &id, 3, &TAG, false).unwrap(),
+            read_all(path, &id, 3, &TAG, false).unwrap(),
             vec![rec1, rec3]
         );
     }

@@ -467,13 +467,24 @@ impl Volume {
                 }
             }
         }
-        let mut replayed = 0;
+        // Check every segment before applying any (a corrupt one must not
+        // leave half a replay behind), then apply record by record: replay
+        // holds one record in memory, not the journal.
         for (e, tag, paths) in &replay {
             for (i, path) in paths.iter().enumerate() {
                 // Only an epoch's newest segment may end in a torn record.
                 let last = i + 1 == paths.len();
                 for record in journal::read_segment(path, &id, *e, tag, last)? {
-                    match record {
+                    record?;
+                }
+            }
+        }
+        let mut replayed = 0;
+        for (e, tag, paths) in &replay {
+            for (i, path) in paths.iter().enumerate() {
+                let last = i + 1 == paths.len();
+                for record in journal::read_segment(path, &id, *e, tag, last)? {
+                    match record? {
                         journal::Record::Data { offset, data } => self.write(offset, &data).await?,
                         journal::Record::Zeroes { offset, len } => {
                             self.write_zeroes(offset, len).await?
@@ -510,7 +521,20 @@ impl Volume {
                 }
             }
         }
-        let j = journal::Journal::create(dir, &id, epoch, journal::claim_tag(&claim.token))?;
+        journal::prepare_dir(dir)?;
+        let limit = journal::budget(
+            dir,
+            journal::free_bytes(dir)?,
+            self.inner.cfg.dirty_limit as u64,
+            self.inner.chunk_size as u64,
+        )?;
+        let mut j = journal::Journal::create(dir, &id, epoch, journal::claim_tag(&claim.token))?;
+        j.set_limit(limit);
+        tracing::info!(
+            "journal in {}: up to {} MiB before writers flush",
+            dir.display(),
+            limit >> 20
+        );
         self.inner.state.lock().journal = Some(j);
         Ok(replayed)
     }
@@ -773,10 +797,9 @@ impl Inner {
             released.as_mut().enable();
             let flush_first = {
                 let st = self.state.lock();
-                let journal = st.journal.as_ref().map_or(0, |j| j.live_bytes());
                 let used = st.dirty.bytes() + self.reserved.load(Ordering::Acquire);
                 let journal_full =
-                    journal >= 2 * self.cfg.dirty_limit as u64 && !st.dirty.is_empty();
+                    st.journal.as_ref().is_some_and(|j| j.is_full()) && !st.dirty.is_empty();
                 if !journal_full && (used == 0 || used + need <= self.cfg.dirty_limit) {
                     self.reserved.fetch_add(need, Ordering::AcqRel);
                     return Ok(Room {
