@@ -156,7 +156,10 @@ mod tests {
             index.set(chunk, Some(loc(chunk / 1000, (chunk % 1000) as u32 * 100)));
         }
         let snapshot = index.clone();
-        assert!(snapshot.shares_storage_with(&index), "clone copied the maps");
+        assert!(
+            snapshot.shares_storage_with(&index),
+            "clone copied the maps"
+        );
         index.set(5, Some(loc(999, 0)));
         index.set(6, None);
         assert!(!snapshot.shares_storage_with(&index));
@@ -166,7 +169,13 @@ mod tests {
         assert_eq!(index.get(6), None);
         assert_eq!(snapshot.len(), 100_000);
         assert_eq!(index.len(), 99_999);
-        assert_eq!(snapshot.live_segments()[&SegmentId { epoch: 1, seq: 0 }].chunks, 1000);
-        assert_eq!(index.live_segments()[&SegmentId { epoch: 1, seq: 0 }].chunks, 998);
+        assert_eq!(
+            snapshot.live_segments()[&SegmentId { epoch: 1, seq: 0 }].chunks,
+            1000
+        );
+        assert_eq!(
+            index.live_segments()[&SegmentId { epoch: 1, seq: 0 }].chunks,
+            998
+        );
     }
 }

@@ -665,10 +665,21 @@ mod tests {
     fn the_budget_is_twice_the_dirty_limit_but_at_most_half_the_free_space() {
         let dir = Path::new("/run/x");
         let mib = 1u64 << 20;
-        assert_eq!(budget(dir, 4096 * mib, 256 * mib, 128 << 10).unwrap(), 512 * mib);
-        assert_eq!(budget(dir, 300 * mib, 256 * mib, 128 << 10).unwrap(), 150 * mib);
-        let err = budget(dir, mib, 256 * mib, 128 << 10).unwrap_err().to_string();
-        assert!(err.contains("/run/x") && err.contains("ZEROFS_UBLK_RUN_DIR"), "{err}");
+        assert_eq!(
+            budget(dir, 4096 * mib, 256 * mib, 128 << 10).unwrap(),
+            512 * mib
+        );
+        assert_eq!(
+            budget(dir, 300 * mib, 256 * mib, 128 << 10).unwrap(),
+            150 * mib
+        );
+        let err = budget(dir, mib, 256 * mib, 128 << 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/run/x") && err.contains("ZEROFS_UBLK_RUN_DIR"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -683,7 +694,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = [3u8; 16];
         let mut j = Journal::create(dir.path(), &id, 2, TAG).unwrap();
-        let a = Record::Zeroes { offset: 0, len: 4096 };
+        let a = Record::Zeroes {
+            offset: 0,
+            len: 4096,
+        };
         j.append(&a).unwrap();
         let path = j.path();
         // A data record claiming 2^60 bytes.
@@ -732,10 +746,7 @@ mod tests {
             read_all(path, &[4u8; 16], 7, &TAG, true).is_err(),
             "other volume"
         );
-        assert!(
-            read_all(path, &id, 8, &TAG, true).is_err(),
-            "other epoch"
-        );
+        assert!(read_all(path, &id, 8, &TAG, true).is_err(), "other epoch");
         assert!(
             read_all(path, &id, 7, &[8; 16], true).is_err(),
             "other claim (a copy of the bucket)"
