@@ -162,6 +162,22 @@ if [ -x $T/s3s-fs ]; then
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testsecret AWS_REGION=us-east-1
   suite s3 --bucket s3://vols/db --endpoint http://127.0.0.1:9000
 
+  step "[s3 faults] the whole suite again, through a proxy that fails 10 % of requests (503 SlowDown), stalls 2 % (up to 8 s, past the 5 s request timeout) and drops 2 % after forwarding them"
+  $T/fault_proxy --listen 127.0.0.1:9001 --upstream 127.0.0.1:9000 --fail 0.10 --stall 0.02 \
+    --stall-max-ms 8000 --drop 0.02 --seed 7 2> /tmp/proxy.log &
+  PROXY=$!
+  sleep 1
+  dmesg -c > /dev/null
+  suite faults --bucket s3://vols/faults --endpoint http://127.0.0.1:9001 --request-timeout 5
+  kill "$PROXY"
+  F503=$(grep -c '^fault: 503' /tmp/proxy.log || true)
+  FSTALL=$(grep -c '^fault: stall' /tmp/proxy.log || true)
+  FDROP=$(grep -c '^fault: drop' /tmp/proxy.log || true)
+  FALL=$(sed -n 's/^fault: .* #\([0-9]*\) .*/\1/p' /tmp/proxy.log | sort -n | tail -n 1)
+  echo "fault proxy: $F503 answered 503, $FSTALL stalled, $FDROP dropped after forwarding, of $FALL requests"
+  [ $((F503 + FSTALL + FDROP)) -ge 50 ] || fail "too few faults were injected to mean anything"
+  if dmesg | grep -i "I/O error"; then fail "an I/O error reached the kernel under store faults"; fi
+
   step "[s3] del while the bucket is unreachable: fails, keeps the device; recover replays"
   # --retry-for 10: the stop gives up on the bucket after ~15 s, not 120.
   B="--bucket s3://vols/stop --endpoint http://127.0.0.1:9000 --request-timeout 5 --retry-for 10 --key-file /tmp/key"
