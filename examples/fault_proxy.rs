@@ -118,7 +118,9 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<(String,
                 len = v.trim().parse().unwrap_or(0);
             }
             if k.eq_ignore_ascii_case("transfer-encoding") && v.trim() != "identity" {
-                return Err(std::io::Error::other("chunked request bodies are not supported"));
+                return Err(std::io::Error::other(
+                    "chunked request bodies are not supported",
+                ));
             }
         }
     }

@@ -59,8 +59,8 @@ const CHUNKS: u64 = 12;
 const CS: usize = CHUNK as usize;
 const SECTORS_PER_CHUNK: u64 = CHUNK as u64 / 512;
 const SECTORS: u64 = CHUNKS * SECTORS_PER_CHUNK;
-/// Bytes before a journal record's data (kind, offset, len, crc).
-const JOURNAL_RECORD_HEADER: u64 = 21;
+/// Bytes before a journal record's data (kind, offset, len, counter, tag).
+const JOURNAL_RECORD_HEADER: u64 = 41;
 
 // ---- A deterministic RNG ---------------------------------------------------
 

@@ -233,6 +233,8 @@ pub struct SubKey(Aes256Gcm);
 pub mod domain {
     pub const FRAME: u32 = 0;
     pub const TABLE: u32 = 1;
+    pub const JOURNAL: u32 = 2;
+    pub const JOURNAL_HEADER: u32 = 3;
 }
 
 /// A deterministic nonce: 4-byte domain + 8-byte counter.

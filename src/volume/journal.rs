@@ -14,7 +14,14 @@
 //! Files: `<volume id>-<epoch>-<segment>.journal`, a new segment at each
 //! flush capture; a successful flush deletes the segments it covered.
 //! Segment = header (magic, volume id, epoch, claim tag, segment, crc) then
-//! records `kind u8 | offset u64 | len u64 | crc32c u32 | data`. The claim
+//! records `kind u8 | offset u64 | len u64 | counter u64 | tag [16] | data`,
+//! the data encrypted with AES-256-GCM under a key derived from the volume's
+//! data key for this claim (epoch and claim token), nonce = the counter,
+//! which rises with every append attempt (a failed append that was cut
+//! back never gives its nonce to another record), the header fields as
+//! associated data. (Format 2 journals — plaintext records with a CRC —
+//! are still read, so a server upgraded while a device is live replays
+//! what the old one left.) The claim
 //! tag binds the file to the claim of its epoch in *this* bucket (a copy of
 //! the bucket under another prefix has the same volume id). A torn record
 //! at the end of an epoch's newest segment (the process died mid-append,
@@ -22,9 +29,9 @@
 //! append is cut back off the file before the error is returned, so no
 //! acknowledged record ever follows a torn one.
 //!
-//! The directory is 0700 and the files 0600: they hold plaintext of an
-//! encrypted volume (see ARCHITECTURE.md, "journal", for what that means
-//! and what it does not protect against).
+//! The directory is 0700 and the files 0600; the records are encrypted,
+//! so neither another user nor the swap device (tmpfs pages can be
+//! swapped out) sees the volume's plaintext (ARCHITECTURE.md, "journal").
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
@@ -35,10 +42,22 @@ use std::path::{Path, PathBuf};
 use sha2::Digest;
 
 use crate::error::{Error, Result};
+use crate::store::keys::{SubKey, TAG_LEN, VolumeKeys, counter_nonce, domain};
 
-const MAGIC: &[u8; 8] = b"ZUBLKJN2";
+/// Encrypted records (what this build writes).
+const MAGIC: &[u8; 8] = b"ZUBLKJN3";
+/// Plaintext records with a CRC (read only, from older builds).
+const MAGIC_V2: &[u8; 8] = b"ZUBLKJN2";
+/// magic, volume id, epoch, claim tag, segment, crc (both formats).
 const HEADER_LEN: usize = 8 + 16 + 8 + 16 + 8 + 4;
-const RECORD_HEADER: usize = 1 + 8 + 8 + 4;
+/// Format 3 adds a key check: a GCM tag over the header under the
+/// journal's key (a journal under another key is an error, not a stream
+/// of records that fail to authenticate and look torn).
+const HEADER_V3: usize = HEADER_LEN + TAG_LEN;
+/// kind, offset, len, counter: the associated data of a record.
+const RECORD_AAD: usize = 1 + 8 + 8 + 8;
+const RECORD_HEADER: usize = RECORD_AAD + TAG_LEN;
+const RECORD_HEADER_V2: usize = 1 + 8 + 8 + 4;
 const KIND_DATA: u8 = 1;
 const KIND_ZEROES: u8 = 2;
 /// Data in one record: one chunk at most (the largest chunk size).
@@ -66,12 +85,22 @@ pub fn claim_tag(token: &str) -> ClaimTag {
         .expect("16 bytes")
 }
 
+/// The key the journal of the claim `token` of `epoch` is encrypted under
+/// (one per claim: the token is random, so no two journals share a key).
+pub fn journal_key(keys: &VolumeKeys, epoch: u64, token: &str) -> SubKey {
+    let object = format!("{}/{token}", crate::store::fencing::epoch_name(epoch));
+    keys.subkey("journal", &object)
+}
+
 pub struct Journal {
     dir: PathBuf,
     volume: String,
     volume_id: [u8; 16],
     epoch: u64,
     tag: ClaimTag,
+    key: SubKey,
+    /// Nonce of the next append; never reused, even after a failed one.
+    counter: u64,
     segment: u64,
     file: File,
     /// Length of the current segment file (an append that fails is cut
@@ -129,24 +158,25 @@ fn parse_name(name: &str, volume: &str) -> Option<(u64, u64)> {
 
 /// A segment file's header (for the fuzz targets).
 #[doc(hidden)]
-pub fn header_for_fuzzing(
-    volume_id: &[u8; 16],
-    epoch: u64,
-    tag: &ClaimTag,
-    segment: u64,
-) -> Vec<u8> {
-    header(volume_id, epoch, tag, segment)
+pub fn header_for_fuzzing(owner: &Owner, segment: u64) -> Vec<u8> {
+    header(owner, segment)
 }
 
-fn header(volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag, segment: u64) -> Vec<u8> {
+fn header(owner: &Owner, segment: u64) -> Vec<u8> {
     let mut h = MAGIC.to_vec();
-    h.extend_from_slice(volume_id);
-    h.extend_from_slice(&epoch.to_le_bytes());
-    h.extend_from_slice(tag);
+    h.extend_from_slice(owner.volume_id);
+    h.extend_from_slice(&owner.epoch.to_le_bytes());
+    h.extend_from_slice(owner.tag);
     h.extend_from_slice(&segment.to_le_bytes());
     let crc = crc32c::crc32c(&h);
     h.extend_from_slice(&crc.to_le_bytes());
+    let check = owner.key.seal_in_place(&header_nonce(segment), &h, &mut []);
+    h.extend_from_slice(&check);
     h
+}
+
+fn header_nonce(segment: u64) -> [u8; crate::store::keys::NONCE_LEN] {
+    counter_nonce(domain::JOURNAL_HEADER, segment)
 }
 
 fn record_crc(kind: u8, offset: u64, len: u64, data: &[u8]) -> u32 {
@@ -176,16 +206,30 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
 impl Journal {
     /// Start this writer's journal (segment 0) for the claim `tag` of
     /// `epoch`.
-    pub fn create(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: ClaimTag) -> Result<Self> {
+    pub fn create(
+        dir: &Path,
+        volume_id: &[u8; 16],
+        epoch: u64,
+        tag: ClaimTag,
+        key: SubKey,
+    ) -> Result<Self> {
         prepare_dir(dir)?;
         let volume = hex::encode(volume_id);
-        let (file, len) = Self::open_segment(dir, &volume, volume_id, epoch, &tag, 0)?;
+        let owner = Owner {
+            volume_id,
+            epoch,
+            tag: &tag,
+            key: &key,
+        };
+        let (file, len) = Self::open_segment(dir, &volume, &owner, 0)?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             volume,
             volume_id: *volume_id,
             epoch,
             tag,
+            key,
+            counter: 0,
             segment: 0,
             file,
             len,
@@ -194,7 +238,7 @@ impl Journal {
             fail_undo: false,
             #[cfg(test)]
             short_write: None,
-            sizes: [(0, HEADER_LEN as u64)].into(),
+            sizes: [(0, len)].into(),
             limit: u64::MAX,
         })
     }
@@ -205,14 +249,8 @@ impl Journal {
     /// `kill -9`, or an exit while the flusher rotates). On failure no
     /// file is left; after a crash at most a `.new` file, which
     /// [`remove_unfinished`] deletes.
-    fn open_segment(
-        dir: &Path,
-        volume: &str,
-        id: &[u8; 16],
-        epoch: u64,
-        tag: &ClaimTag,
-        segment: u64,
-    ) -> Result<(File, u64)> {
+    fn open_segment(dir: &Path, volume: &str, owner: &Owner, segment: u64) -> Result<(File, u64)> {
+        let epoch = owner.epoch;
         let path = dir.join(file_name(volume, epoch, segment));
         let new = dir.join(format!("{}{UNFINISHED}", file_name(volume, epoch, segment)));
         let mut file = OpenOptions::new()
@@ -226,7 +264,7 @@ impl Journal {
         if CRASH_AFTER_CREATE.with(|c| c.replace(false)) {
             return Err(io(&new, std::io::Error::other("simulated crash")));
         }
-        let h = header(id, epoch, tag, segment);
+        let h = header(owner, segment);
         if let Err(e) = file
             .write_all(&h)
             .and_then(|()| std::fs::rename(&new, &path))
@@ -260,12 +298,22 @@ impl Journal {
             Record::Data { offset, data } => (KIND_DATA, *offset, data.len() as u64, data),
             Record::Zeroes { offset, len } => (KIND_ZEROES, *offset, *len, &[]),
         };
+        let counter = self.counter;
+        self.counter += 1;
         let mut buf = Vec::with_capacity(RECORD_HEADER + data.len());
         buf.push(kind);
         buf.extend_from_slice(&offset.to_le_bytes());
         buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&record_crc(kind, offset, len, data).to_le_bytes());
+        buf.extend_from_slice(&counter.to_le_bytes());
+        buf.extend_from_slice(&[0u8; TAG_LEN]);
         buf.extend_from_slice(data);
+        let (head, body) = buf.split_at_mut(RECORD_HEADER);
+        let tag = self.key.seal_in_place(
+            &counter_nonce(domain::JOURNAL, counter),
+            &head[..RECORD_AAD],
+            body,
+        );
+        head[RECORD_AAD..].copy_from_slice(&tag);
         if let Err(e) = self.write_record(&buf) {
             // The file offset moved with whatever part was written; cut the
             // file back and put the offset where the next record starts.
@@ -318,18 +366,17 @@ impl Journal {
     /// below the returned number.
     pub fn rotate(&mut self) -> Result<u64> {
         let next = self.segment + 1;
-        let (file, len) = Self::open_segment(
-            &self.dir,
-            &self.volume,
-            &self.volume_id,
-            self.epoch,
-            &self.tag,
-            next,
-        )?;
+        let owner = Owner {
+            volume_id: &self.volume_id,
+            epoch: self.epoch,
+            tag: &self.tag,
+            key: &self.key,
+        };
+        let (file, len) = Self::open_segment(&self.dir, &self.volume, &owner, next)?;
         self.file = file;
         self.len = len;
         self.segment = next;
-        self.sizes.insert(next, HEADER_LEN as u64);
+        self.sizes.insert(next, len);
         Ok(next)
     }
 
@@ -375,7 +422,7 @@ pub fn free_bytes(dir: &Path) -> Result<u64> {
 /// writes. Writers flush when it is reached. Too little room for a few
 /// chunks is an error, naming the way out.
 pub fn budget(dir: &Path, free: u64, dirty_limit: u64, chunk_size: u64) -> Result<u64> {
-    let floor = 4 * (chunk_size + RECORD_HEADER as u64) + HEADER_LEN as u64;
+    let floor = 4 * (chunk_size + RECORD_HEADER as u64) + HEADER_V3 as u64;
     let limit = (2 * dirty_limit).min(free / 2);
     if limit < floor {
         return Err(Error::InvalidArgument(format!(
@@ -475,7 +522,7 @@ pub fn read_tag(path: &Path) -> Result<ClaimTag> {
 }
 
 fn check_header(path: &Path, h: &[u8]) -> Result<()> {
-    if h.len() < HEADER_LEN || &h[..8] != MAGIC {
+    if h.len() < HEADER_LEN || (&h[..8] != MAGIC && &h[..8] != MAGIC_V2) {
         return Err(Error::Integrity(format!(
             "journal {}: bad header (or the format of another version)",
             path.display()
@@ -497,25 +544,35 @@ fn check_header(path: &Path, h: &[u8]) -> Result<()> {
 pub struct Records<R> {
     path: PathBuf,
     reader: R,
+    key: SubKey,
+    /// Format 2: plaintext records with a CRC.
+    plaintext: bool,
+    /// Counter of the last record read (they rise strictly).
+    counter: Option<u64>,
     last: bool,
     done: bool,
+}
+
+/// Where a segment file must belong: the volume, the epoch and claim that
+/// wrote it, and the key of that claim's journal.
+pub struct Owner<'a> {
+    pub volume_id: &'a [u8; 16],
+    pub epoch: u64,
+    pub tag: &'a ClaimTag,
+    pub key: &'a SubKey,
 }
 
 /// Open one segment file and check its header.
 pub fn read_segment(
     path: &Path,
-    volume_id: &[u8; 16],
-    epoch: u64,
-    tag: &ClaimTag,
+    owner: &Owner,
     last: bool,
 ) -> Result<Records<std::io::BufReader<File>>> {
     let file = File::open(path).map_err(|e| io(path, e))?;
     Records::new(
         path,
         std::io::BufReader::with_capacity(1 << 20, file),
-        volume_id,
-        epoch,
-        tag,
+        owner,
         last,
     )
 }
@@ -524,12 +581,10 @@ pub fn read_segment(
 pub fn parse_segment(
     path: &Path,
     bytes: &[u8],
-    volume_id: &[u8; 16],
-    epoch: u64,
-    tag: &ClaimTag,
+    owner: &Owner,
     last: bool,
 ) -> Result<Vec<Record<'static>>> {
-    Records::new(path, bytes, volume_id, epoch, tag, last)?.collect()
+    Records::new(path, bytes, owner, last)?.collect()
 }
 
 /// Fill `buf` from `r`; how many bytes there were (fewer only at the end).
@@ -547,31 +602,39 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl<R: Read> Records<R> {
-    fn new(
-        path: &Path,
-        mut reader: R,
-        volume_id: &[u8; 16],
-        epoch: u64,
-        tag: &ClaimTag,
-        last: bool,
-    ) -> Result<Self> {
+    fn new(path: &Path, mut reader: R, owner: &Owner, last: bool) -> Result<Self> {
         let mut h = [0u8; HEADER_LEN];
         let n = read_full(&mut reader, &mut h).map_err(|e| io(path, e))?;
         check_header(path, &h[..n])?;
-        let records = Records {
+        let mut records = Records {
             path: path.to_path_buf(),
             reader,
+            key: owner.key.clone(),
+            plaintext: &h[..8] == MAGIC_V2,
+            counter: None,
             last,
             done: false,
         };
-        if h[8..24] != volume_id[..] {
+        if h[8..24] != owner.volume_id[..] {
             return Err(records.bad("volume mismatch"));
         }
-        if u64::from_le_bytes(h[24..32].try_into().expect("8")) != epoch {
+        if u64::from_le_bytes(h[24..32].try_into().expect("8")) != owner.epoch {
             return Err(records.bad("epoch mismatch"));
         }
-        if h[32..48] != tag[..] {
+        if h[32..48] != owner.tag[..] {
             return Err(records.bad("claim mismatch"));
+        }
+        if !records.plaintext {
+            let mut check = [0u8; TAG_LEN];
+            let n = read_full(&mut records.reader, &mut check).map_err(|e| io(path, e))?;
+            let segment = u64::from_le_bytes(h[48..56].try_into().expect("8"));
+            if n < TAG_LEN
+                || !owner
+                    .key
+                    .open_in_place(&header_nonce(segment), &h, &mut [], &check)
+            {
+                return Err(records.bad("not written under this claim's journal key"));
+            }
         }
         Ok(records)
     }
@@ -591,20 +654,25 @@ impl<R: Read> Records<R> {
     }
 
     fn next_record(&mut self) -> Option<Result<Record<'static>>> {
+        let header_len = if self.plaintext {
+            RECORD_HEADER_V2
+        } else {
+            RECORD_HEADER
+        };
         let mut h = [0u8; RECORD_HEADER];
-        match read_full(&mut self.reader, &mut h) {
+        let h = &mut h[..header_len];
+        match read_full(&mut self.reader, h) {
             Err(e) => return Some(Err(io(&self.path, e))),
             Ok(0) => {
                 self.done = true;
                 return None;
             }
-            Ok(n) if n < RECORD_HEADER => return self.torn(),
+            Ok(n) if n < header_len => return self.torn(),
             Ok(_) => {}
         }
         let kind = h[0];
         let offset = u64::from_le_bytes(h[1..9].try_into().expect("8"));
         let len = u64::from_le_bytes(h[9..17].try_into().expect("8"));
-        let crc = u32::from_le_bytes(h[17..21].try_into().expect("4"));
         let data_len = if kind == KIND_DATA { len } else { 0 };
         // A record is one chunk's write at most; a larger length is a torn
         // or corrupt header, and must not size an allocation.
@@ -617,7 +685,27 @@ impl<R: Read> Records<R> {
             Ok(n) if n < data.len() => return self.torn(),
             Ok(_) => {}
         }
-        if record_crc(kind, offset, len, &data) != crc {
+        let authentic = if self.plaintext {
+            let crc = u32::from_le_bytes(h[17..21].try_into().expect("4"));
+            record_crc(kind, offset, len, &data) == crc
+        } else {
+            let counter = u64::from_le_bytes(h[17..25].try_into().expect("8"));
+            let tag: [u8; TAG_LEN] = h[RECORD_AAD..].try_into().expect("16");
+            let nonce = counter_nonce(domain::JOURNAL, counter);
+            if !self
+                .key
+                .open_in_place(&nonce, &h[..RECORD_AAD], &mut data, &tag)
+            {
+                false
+            } else if self.counter.is_some_and(|c| counter <= c) {
+                self.done = true;
+                return Some(Err(self.bad("records out of order")));
+            } else {
+                self.counter = Some(counter);
+                true
+            }
+        };
+        if !authentic {
             return self.torn();
         }
         Some(match kind {
@@ -651,6 +739,31 @@ mod tests {
 
     const TAG: ClaimTag = [7; 16];
 
+    fn key() -> &'static SubKey {
+        static KEY: std::sync::OnceLock<SubKey> = std::sync::OnceLock::new();
+        KEY.get_or_init(|| {
+            let keys = VolumeKeys::new([3; 16], crate::store::keys::DataKey::random());
+            journal_key(&keys, 1, "token")
+        })
+    }
+
+    fn read_with(
+        path: &Path,
+        id: &[u8; 16],
+        epoch: u64,
+        tag: &ClaimTag,
+        key: &SubKey,
+        last: bool,
+    ) -> Result<Vec<Record<'static>>> {
+        let owner = Owner {
+            volume_id: id,
+            epoch,
+            tag,
+            key,
+        };
+        read_segment(path, &owner, last)?.collect()
+    }
+
     fn read_all(
         path: &Path,
         id: &[u8; 16],
@@ -658,7 +771,102 @@ mod tests {
         tag: &ClaimTag,
         last: bool,
     ) -> Result<Vec<Record<'static>>> {
-        read_segment(path, id, epoch, tag, last)?.collect()
+        read_with(path, id, epoch, tag, key(), last)
+    }
+
+    #[test]
+    fn records_are_encrypted_and_bound_to_the_claims_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [3u8; 16];
+        let mut j = Journal::create(dir.path(), &id, 4, TAG, key().clone()).unwrap();
+        let secret = b"plaintext that must not reach tmpfs or swap".repeat(40);
+        let rec = Record::Data {
+            offset: 8192,
+            data: Cow::Owned(secret.clone()),
+        };
+        j.append(&rec).unwrap();
+        let path = j.path();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(
+            !on_disk.windows(24).any(|w| w == &secret[..24]),
+            "the record's data is in the file in the clear"
+        );
+        assert_eq!(read_all(&path, &id, 4, &TAG, true).unwrap(), vec![rec]);
+        // Another claim's key: a loud error, not an empty (torn) replay.
+        let other = journal_key(
+            &VolumeKeys::new(id, crate::store::keys::DataKey::random()),
+            4,
+            "token",
+        );
+        let err = read_with(&path, &id, 4, &TAG, &other, true).unwrap_err();
+        assert!(err.to_string().contains("journal key"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_append_never_gives_its_nonce_to_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [3u8; 16];
+        let mut j = Journal::create(dir.path(), &id, 4, TAG, key().clone()).unwrap();
+        j.short_write = Some(30);
+        let a = Record::Data {
+            offset: 0,
+            data: Cow::Owned(vec![1u8; 512]),
+        };
+        assert!(j.append(&a).is_err());
+        let b = Record::Data {
+            offset: 0,
+            data: Cow::Owned(vec![2u8; 512]),
+        };
+        j.append(&b).unwrap();
+        let on_disk = std::fs::read(j.path()).unwrap();
+        let counter =
+            u64::from_le_bytes(on_disk[HEADER_V3 + 17..HEADER_V3 + 25].try_into().unwrap());
+        assert_eq!(
+            counter, 1,
+            "the record after a failed append reused nonce 0"
+        );
+        assert_eq!(read_all(&j.path(), &id, 4, &TAG, true).unwrap(), vec![b]);
+    }
+
+    /// A journal written by the previous format (plaintext records with a
+    /// CRC) is still replayed: a server upgraded while a device is live
+    /// must not lose what the old one acknowledged.
+    #[test]
+    fn format_2_journals_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [3u8; 16];
+        let path = dir.path().join("v2.journal");
+        let mut bytes = MAGIC_V2.to_vec();
+        bytes.extend_from_slice(&id);
+        bytes.extend_from_slice(&5u64.to_le_bytes());
+        bytes.extend_from_slice(&TAG);
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let data = vec![7u8; 1024];
+        bytes.push(KIND_DATA);
+        bytes.extend_from_slice(&4096u64.to_le_bytes());
+        bytes.extend_from_slice(&1024u64.to_le_bytes());
+        bytes.extend_from_slice(&record_crc(KIND_DATA, 4096, 1024, &data).to_le_bytes());
+        bytes.extend_from_slice(&data);
+        bytes.push(KIND_ZEROES);
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&512u64.to_le_bytes());
+        bytes.extend_from_slice(&record_crc(KIND_ZEROES, 0, 512, &[]).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            read_all(&path, &id, 5, &TAG, true).unwrap(),
+            vec![
+                Record::Data {
+                    offset: 4096,
+                    data: Cow::Owned(data)
+                },
+                Record::Zeroes {
+                    offset: 0,
+                    len: 512
+                }
+            ]
+        );
     }
 
     #[test]
@@ -693,7 +901,7 @@ mod tests {
     fn a_corrupt_length_is_a_torn_record_not_an_allocation() {
         let dir = tempfile::tempdir().unwrap();
         let id = [3u8; 16];
-        let mut j = Journal::create(dir.path(), &id, 2, TAG).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 2, TAG, key().clone()).unwrap();
         let a = Record::Zeroes {
             offset: 0,
             len: 4096,
@@ -719,7 +927,7 @@ mod tests {
     fn records_roundtrip_and_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let id = [3u8; 16];
-        let mut j = Journal::create(dir.path(), &id, 7, TAG).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 7, TAG, key().clone()).unwrap();
         let a = Record::Data {
             offset: 4096,
             data: vec![9; 1000].into(),
@@ -757,7 +965,7 @@ mod tests {
     fn rotation_and_release() {
         let dir = tempfile::tempdir().unwrap();
         let id = [5u8; 16];
-        let mut j = Journal::create(dir.path(), &id, 1, TAG).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 1, TAG, key().clone()).unwrap();
         j.append(&Record::Zeroes {
             offset: 0,
             len: 512,
@@ -785,7 +993,7 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let id = [6u8; 16];
-        let mut j = Journal::create(&dir, &id, 1, TAG).unwrap();
+        let mut j = Journal::create(&dir, &id, 1, TAG, key().clone()).unwrap();
         j.rotate().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700, "an existing 0755 directory is narrowed");
@@ -802,7 +1010,7 @@ mod tests {
             offset: seed as u64 * 4096,
             data: vec![seed; 4096].into(),
         };
-        let mut j = Journal::create(dir.path(), &id, 3, TAG).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 3, TAG, key().clone()).unwrap();
         j.append(&rec(1)).unwrap();
         j.short_write = Some(100);
         j.fail_undo = true;
@@ -831,7 +1039,7 @@ mod tests {
             offset: 4096,
             data: vec![1; 4096].into(),
         };
-        let mut j = Journal::create(dir.path(), &id, 3, TAG).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 3, TAG, key().clone()).unwrap();
         j.append(&rec).unwrap();
         CRASH_AFTER_CREATE.with(|c| c.set(true));
         assert!(j.rotate().is_err());
@@ -858,7 +1066,7 @@ mod tests {
     fn a_failed_append_leaves_no_torn_record_before_later_ones() {
         let dir = tempfile::tempdir().unwrap();
         let id = [9u8; 16];
-        let mut j = Journal::create(dir.path(), &id, 3, TAG).unwrap();
+        let mut j = Journal::create(dir.path(), &id, 3, TAG, key().clone()).unwrap();
         let rec = |seed: u8, len: usize| Record::Data {
             offset: seed as u64 * 65536,
             data: vec![seed; len].into(),

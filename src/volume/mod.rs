@@ -142,8 +142,23 @@ pub struct Volume {
     summary: LogSummary,
 }
 
+fn owner<'a>(
+    volume_id: &'a [u8; 16],
+    epoch: u64,
+    tag: &'a journal::ClaimTag,
+    key: &'a crate::store::keys::SubKey,
+) -> journal::Owner<'a> {
+    journal::Owner {
+        volume_id,
+        epoch,
+        tag,
+        key,
+    }
+}
+
 enum JournalFate {
-    Replay(journal::ClaimTag),
+    /// Replay it: its claim's tag, and the key its records are under.
+    Replay(journal::ClaimTag, Box<crate::store::keys::SubKey>),
     /// A writer in between may have written over it.
     Stale(String),
     /// Not this bucket's (same volume id, other claim): not ours to delete.
@@ -457,7 +472,7 @@ impl Volume {
         let mut done_with = Vec::new();
         for (e, paths) in by_epoch {
             match self.journal_fate(e, epoch, &paths[0], dir, &here).await? {
-                JournalFate::Replay(tag) => replay.push((e, tag, paths)),
+                JournalFate::Replay(tag, key) => replay.push((e, tag, key, paths)),
                 JournalFate::Stale(why) => {
                     tracing::warn!("discarding the journal of epoch {e}: {why}");
                     done_with.push((e, paths));
@@ -470,20 +485,20 @@ impl Volume {
         // Check every segment before applying any (a corrupt one must not
         // leave half a replay behind), then apply record by record: replay
         // holds one record in memory, not the journal.
-        for (e, tag, paths) in &replay {
+        for (e, tag, key, paths) in &replay {
             for (i, path) in paths.iter().enumerate() {
                 // Only an epoch's newest segment may end in a torn record.
                 let last = i + 1 == paths.len();
-                for record in journal::read_segment(path, &id, *e, tag, last)? {
+                for record in journal::read_segment(path, &owner(&id, *e, tag, key), last)? {
                     record?;
                 }
             }
         }
         let mut replayed = 0;
-        for (e, tag, paths) in &replay {
+        for (e, tag, key, paths) in &replay {
             for (i, path) in paths.iter().enumerate() {
                 let last = i + 1 == paths.len();
-                for record in journal::read_segment(path, &id, *e, tag, last)? {
+                for record in journal::read_segment(path, &owner(&id, *e, tag, key), last)? {
                     match record? {
                         journal::Record::Data { offset, data } => self.write(offset, &data).await?,
                         journal::Record::Zeroes { offset, len } => {
@@ -497,7 +512,7 @@ impl Volume {
         }
         if replayed > 0 {
             self.flush().await?;
-            let epochs: Vec<u64> = replay.iter().map(|(e, _, _)| *e).collect();
+            let epochs: Vec<u64> = replay.iter().map(|(e, ..)| *e).collect();
             tracing::warn!(
                 "replayed {replayed} acknowledged writes from the journal of epochs {epochs:?} (servers that died)"
             );
@@ -528,7 +543,13 @@ impl Volume {
             self.inner.cfg.dirty_limit as u64,
             self.inner.chunk_size as u64,
         )?;
-        let mut j = journal::Journal::create(dir, &id, epoch, journal::claim_tag(&claim.token))?;
+        let mut j = journal::Journal::create(
+            dir,
+            &id,
+            epoch,
+            journal::claim_tag(&claim.token),
+            journal::journal_key(log.keys(), epoch, &claim.token),
+        )?;
         j.set_limit(limit);
         tracing::info!(
             "journal in {}: up to {} MiB before writers flush",
@@ -579,7 +600,10 @@ impl Volume {
                 )));
             }
         }
-        Ok(JournalFate::Replay(tag))
+        Ok(JournalFate::Replay(
+            tag,
+            Box::new(journal::journal_key(log.keys(), e, &owner.token)),
+        ))
     }
 
     /// Flush, checkpoint and release ownership (a clean shutdown).
