@@ -213,54 +213,6 @@ async fn cached_reads_match_and_decline_on_miss() {
     assert!(vol.try_read_cached(3, &mut hot).is_err(), "misaligned");
 }
 
-/// A backend that ignores `If-None-Match: *` (as some S3-compatible
-/// servers do): it claims support, but a second create overwrites.
-#[derive(Debug)]
-struct IgnoresConditions(zerofs_ublk::store::backend::DynStore);
-
-#[async_trait::async_trait]
-impl zerofs_ublk::store::backend::ObjectStore for IgnoresConditions {
-    async fn put(&self, k: &str, d: Bytes) -> zerofs_ublk::store::backend::StoreResult<()> {
-        self.0.put(k, d).await
-    }
-    async fn put_if_absent(
-        &self,
-        k: &str,
-        d: Bytes,
-    ) -> zerofs_ublk::store::backend::StoreResult<bool> {
-        self.0.put(k, d).await.map(|_| true)
-    }
-    async fn get(&self, k: &str) -> zerofs_ublk::store::backend::StoreResult<Bytes> {
-        self.0.get(k).await
-    }
-    async fn get_range(
-        &self,
-        k: &str,
-        r: std::ops::Range<u64>,
-    ) -> zerofs_ublk::store::backend::StoreResult<Bytes> {
-        self.0.get_range(k, r).await
-    }
-    async fn exists(&self, k: &str) -> zerofs_ublk::store::backend::StoreResult<bool> {
-        self.0.exists(k).await
-    }
-    async fn list(
-        &self,
-        p: &str,
-    ) -> zerofs_ublk::store::backend::StoreResult<Vec<zerofs_ublk::store::backend::ObjectInfo>>
-    {
-        self.0.list(p).await
-    }
-    async fn delete(&self, k: &str) -> zerofs_ublk::store::backend::StoreResult<()> {
-        self.0.delete(k).await
-    }
-    fn supports_conditional_create(&self) -> bool {
-        true
-    }
-    fn describe(&self) -> String {
-        "ignores-conditions".into()
-    }
-}
-
 #[tokio::test]
 async fn backend_without_conditional_create_is_refused_unless_accepted() {
     let store: DynStore = std::sync::Arc::new(IgnoresConditions(common::memory()));

@@ -53,6 +53,7 @@ use zerofs_ublk::store::backend::{
 use zerofs_ublk::store::checkpoint::CHECKPOINT_PREFIX;
 use zerofs_ublk::store::fencing::{EPOCH_PREFIX, SEAL_PREFIX, parse_epoch};
 use zerofs_ublk::store::index::SEGMENT_PREFIX;
+use zerofs_ublk::store::keys::key_use;
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 const CHUNKS: u64 = 12;
@@ -1459,6 +1460,7 @@ async fn run_case(seed: u64, ops: usize, stats: &mut Stats) -> Result<(), (Strin
         case.cfg.checkpoint_every
     );
     case.note(setup);
+    key_use::start();
     let store: DynStore = Arc::new(case.faults.clone());
     Volume::create(&store, &params(CHUNKS), &secret(), false)
         .await
@@ -1475,7 +1477,15 @@ async fn run_case(seed: u64, ops: usize, stats: &mut Stats) -> Result<(), (Strin
         // The end of every life: a crash, then everything acknowledged.
         case.note("final crash");
         case.die();
-        case.recover(stats, "between operations").await.map(drop)
+        case.recover(stats, "between operations").await?;
+        // No key and nonce ever encrypted two different messages, through
+        // every crash, takeover, zombie and retry of this life.
+        check(key_use::reuses() == 0, || {
+            format!(
+                "{} (key, nonce) pairs encrypted two different messages",
+                key_use::reuses()
+            )
+        })
     }
     .await;
     stats.cases += 1;

@@ -82,7 +82,9 @@ impl Codec {
 
     /// Key, nonce and AAD of the frame of `chunk` at `loc` with `flag`.
     fn frame_crypto(&self, loc: Loc, chunk: u64, flag: u8) -> (SubKey, [u8; 12], Vec<u8>) {
-        let key = self.keys.subkey("segment-frames", &loc.segment.name());
+        let key = self
+            .keys
+            .segment_key("segment-frames", loc.segment.epoch, &loc.segment.name());
         let nonce = counter_nonce(domain::FRAME, loc.offset as u64);
         let aad = aad(
             &self.keys.volume_id,
@@ -109,7 +111,9 @@ impl Codec {
     pub fn frame_key(&self, segment: SegmentId) -> FrameKey {
         FrameKey {
             segment,
-            key: self.keys.subkey("segment-frames", &segment.name()),
+            key: self
+                .keys
+                .segment_key("segment-frames", segment.epoch, &segment.name()),
         }
     }
 

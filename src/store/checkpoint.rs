@@ -37,11 +37,13 @@ fn aad(keys: &VolumeKeys, position: SegmentId) -> Vec<u8> {
 /// targets: plaintext that passes authentication).
 #[doc(hidden)]
 pub fn seal_for_fuzzing(keys: &VolumeKeys, position: SegmentId, compressed: &[u8]) -> Bytes {
-    let sealed = keys.subkey("checkpoint", &position.name()).seal(
-        &counter_nonce(domain::TABLE, 0),
-        &aad(keys, position),
-        compressed,
-    );
+    let sealed = keys
+        .segment_key("checkpoint", position.epoch, &position.name())
+        .seal(
+            &counter_nonce(domain::TABLE, 0),
+            &aad(keys, position),
+            compressed,
+        );
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&sealed);
     Bytes::from(out)
@@ -68,11 +70,13 @@ pub fn encode(keys: &VolumeKeys, position: SegmentId, index: &Index) -> Bytes {
             .u32(loc.len);
     }
     let compressed = zstd::bulk::compress(&e.0, 3).expect("zstd compress to memory");
-    let sealed = keys.subkey("checkpoint", &position.name()).seal(
-        &counter_nonce(domain::TABLE, 0),
-        &aad(keys, position),
-        &compressed,
-    );
+    let sealed = keys
+        .segment_key("checkpoint", position.epoch, &position.name())
+        .seal(
+            &counter_nonce(domain::TABLE, 0),
+            &aad(keys, position),
+            &compressed,
+        );
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&sealed);
     Bytes::from(out)
@@ -84,7 +88,7 @@ pub fn decode(keys: &VolumeKeys, position: SegmentId, bytes: &[u8], chunks: u64)
         return Err(bad("bad magic"));
     }
     let compressed = keys
-        .subkey("checkpoint", &position.name())
+        .segment_key("checkpoint", position.epoch, &position.name())
         .open(
             &counter_nonce(domain::TABLE, 0),
             &aad(keys, position),

@@ -103,6 +103,10 @@ pub struct Claim {
     /// something only there. Empty in claims of older builds.
     #[serde(default)]
     pub pid_ns: String,
+    /// The claimant keys its epoch's objects to `token` (format 3,
+    /// docs/rfcs/0001); false in claims of format-2 builds.
+    #[serde(default)]
+    pub keys_bound: bool,
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -147,6 +151,7 @@ impl Claim {
             token: hex::encode(rand::random::<[u8; 16]>()),
             journal: journal.unwrap_or_default(),
             pid_ns: pid_namespace(),
+            keys_bound: true,
         }
     }
 
@@ -192,6 +197,11 @@ pub struct Seal {
     pub segments: BTreeMap<u64, Vec<(u64, u64)>>,
     /// Checkpoints present, as (epoch, seq) positions.
     pub checkpoints: Vec<(u64, u64)>,
+    /// epoch → claim token of its writer, for the covered epochs whose
+    /// objects are keyed to it (docs/rfcs/0001). Authenticated with the
+    /// seal: nobody without the data key can substitute a token.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub writers: BTreeMap<u64, String>,
 }
 
 fn to_ranges(mut seqs: Vec<u64>) -> Vec<(u64, u64)> {
@@ -230,7 +240,17 @@ impl Seal {
                 .filter(in_scope)
                 .map(|s| (s.epoch, s.seq))
                 .collect(),
+            writers: BTreeMap::new(),
         }
+    }
+
+    /// Epochs this seal names objects of.
+    pub fn epochs(&self) -> std::collections::BTreeSet<u64> {
+        self.segments
+            .keys()
+            .copied()
+            .chain(self.checkpoints.iter().map(|(e, _)| *e))
+            .collect()
     }
 
     fn has_segment(&self, id: SegmentId) -> bool {
@@ -289,6 +309,15 @@ impl SealChain {
 
     pub fn checkpoint_is_valid(&self, id: SegmentId) -> bool {
         self.deciding(id.epoch).is_none_or(|s| s.has_checkpoint(id))
+    }
+
+    /// epoch → writer token, as the seals of the chain record them (each
+    /// epoch is decided by one seal).
+    pub fn writers(&self) -> BTreeMap<u64, String> {
+        self.0
+            .values()
+            .flat_map(|s| s.writers.iter().map(|(e, t)| (*e, t.clone())))
+            .collect()
     }
 }
 

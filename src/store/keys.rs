@@ -5,11 +5,17 @@
 //! Nonce discipline (argued in docs/ARCHITECTURE.md): every subkey is bound
 //! to one object name; objects written once per name (segments, checkpoints)
 //! use deterministic counters, objects that may be attempted by several
-//! writers under one name (epoch claims) use random nonces.
+//! writers under one name (epoch claims) use random nonces. Objects of an
+//! epoch are also bound to its writer's claim token (docs/rfcs/0001), so
+//! two writers of one epoch never share a key.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use aes_gcm::aead::{Aead as _, AeadInPlace as _, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -227,7 +233,62 @@ impl WrappedKey {
 
 /// An AES-256-GCM key for one purpose and one object.
 #[derive(Clone)]
-pub struct SubKey(Aes256Gcm);
+pub struct SubKey {
+    cipher: Aes256Gcm,
+    /// A fingerprint of the key (for the key-use log; not secret-bearing
+    /// beyond what equality of keys reveals to this process).
+    id: u64,
+}
+
+/// Test instrumentation for docs/rfcs/0001: while on, every encryption
+/// under a deterministic nonce is recorded as (key, nonce) → digest of
+/// (AAD, plaintext); a second, different message under one pair — the
+/// AES-GCM failure the RFC removes — is counted. Process-wide: one test
+/// binary at a time should use it.
+#[doc(hidden)]
+pub mod key_use {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use parking_lot::Mutex;
+
+    use super::NONCE_LEN;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static REUSES: AtomicU64 = AtomicU64::new(0);
+    /// (key fingerprint, nonce) → digest of the first message under it.
+    type Log = HashMap<(u64, [u8; NONCE_LEN]), u64>;
+    static LOG: Mutex<Option<Log>> = Mutex::new(None);
+
+    /// Start (or restart) recording with an empty log.
+    pub fn start() {
+        *LOG.lock() = Some(HashMap::new());
+        REUSES.store(0, Ordering::SeqCst);
+        ON.store(true, Ordering::SeqCst);
+    }
+
+    /// (key, nonce) pairs that encrypted two different messages so far.
+    pub fn reuses() -> u64 {
+        REUSES.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn note(key: u64, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) {
+        if !ON.load(Ordering::Relaxed) {
+            return;
+        }
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        aad.hash(&mut h);
+        msg.hash(&mut h);
+        let digest = h.finish();
+        if let Some(log) = LOG.lock().as_mut() {
+            let seen = *log.entry((key, *nonce)).or_insert(digest);
+            if seen != digest {
+                REUSES.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
 
 /// Nonce domains keep the nonce spaces of different uses of one subkey apart.
 pub mod domain {
@@ -248,24 +309,60 @@ pub fn counter_nonce(domain: u32, counter: u64) -> [u8; NONCE_LEN] {
 impl SubKey {
     /// HKDF-SHA256(data key, salt = volume id, info = purpose || object).
     pub fn derive(key: &DataKey, volume_id: &[u8], purpose: &str, object: &str) -> Self {
-        let info = format!("zerofs-ublk/v1/{purpose}/{object}");
+        Self::expand(
+            key,
+            volume_id,
+            &format!("zerofs-ublk/v1/{purpose}/{object}"),
+        )
+    }
+
+    /// The same, bound to the claim token of the writer that owns the
+    /// object's epoch (docs/rfcs/0001): two writers of one epoch — a
+    /// backend without conditional create, two copies of a bucket — never
+    /// share a key, however their object names collide.
+    pub fn derive_bound(
+        key: &DataKey,
+        volume_id: &[u8],
+        purpose: &str,
+        object: &str,
+        token: &str,
+    ) -> Self {
+        let info = format!("zerofs-ublk/v3/{purpose}/{object}/{token}");
+        Self::expand(key, volume_id, &info)
+    }
+
+    fn expand(key: &DataKey, volume_id: &[u8], info: &str) -> Self {
         let mut okm = Zeroizing::new([0u8; KEY_LEN]);
         Hkdf::<Sha256>::new(Some(volume_id), &key.0)
             .expand(info.as_bytes(), okm.as_mut())
             .expect("32 bytes is a valid HKDF length");
-        SubKey(Aes256Gcm::new_from_slice(okm.as_ref()).expect("key length"))
+        let id = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            okm.as_ref().hash(&mut h);
+            h.finish()
+        };
+        SubKey {
+            cipher: Aes256Gcm::new_from_slice(okm.as_ref()).expect("key length"),
+            id,
+        }
     }
 
     /// Encrypt `msg`; output is ciphertext followed by the 16-byte tag.
     pub fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Vec<u8> {
-        self.0
+        key_use::note(self.id, nonce, aad, msg);
+        self.seal_unrecorded(nonce, aad, msg)
+    }
+
+    fn seal_unrecorded(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Vec<u8> {
+        self.cipher
             .encrypt(Nonce::from_slice(nonce), Payload { msg, aad })
             .expect("AES-GCM encryption cannot fail below 64 GiB")
     }
 
     /// Decrypt and authenticate; `None` when the bytes are not authentic.
     pub fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], ct: &[u8]) -> Option<Vec<u8>> {
-        self.0
+        self.cipher
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
             .ok()
     }
@@ -277,7 +374,8 @@ impl SubKey {
         aad: &[u8],
         buf: &mut [u8],
     ) -> [u8; TAG_LEN] {
-        self.0
+        key_use::note(self.id, nonce, aad, buf);
+        self.cipher
             .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
             .expect("AES-GCM encryption cannot fail below 64 GiB")
             .into()
@@ -292,7 +390,7 @@ impl SubKey {
         buf: &mut [u8],
         tag: &[u8; TAG_LEN],
     ) -> bool {
-        self.0
+        self.cipher
             .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, tag.into())
             .is_ok()
     }
@@ -301,7 +399,7 @@ impl SubKey {
     pub fn seal_random(&self, aad: &[u8], msg: &[u8]) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
         let mut out = nonce.to_vec();
-        out.extend_from_slice(&self.seal(&nonce, aad, msg));
+        out.extend_from_slice(&self.seal_unrecorded(&nonce, aad, msg));
         out
     }
 
@@ -315,24 +413,82 @@ impl SubKey {
 }
 
 /// The data key together with the volume id it belongs to: everything the
-/// layers above need to derive their subkeys.
+/// layers above need to derive their subkeys. Clones share the map of
+/// epochs whose objects are keyed to their writer's claim token.
 #[derive(Clone)]
 pub struct VolumeKeys {
     pub volume_id: [u8; 16],
     key: DataKey,
+    writers: Arc<RwLock<BTreeMap<u64, String>>>,
 }
 
 impl VolumeKeys {
     pub fn new(volume_id: [u8; 16], key: DataKey) -> Self {
-        VolumeKeys { volume_id, key }
+        VolumeKeys {
+            volume_id,
+            key,
+            writers: Arc::default(),
+        }
     }
 
     pub fn subkey(&self, purpose: &str, object: &str) -> SubKey {
         SubKey::derive(&self.key, &self.volume_id, purpose, object)
     }
 
+    /// Objects of `epoch` (segments, their tables, checkpoints) are keyed
+    /// to the claim `token` of that epoch's writer.
+    pub fn bind_epoch(&self, epoch: u64, token: &str) {
+        self.writers.write().insert(epoch, token.to_string());
+    }
+
+    /// The token objects of `epoch` are keyed to, if they are bound.
+    pub fn epoch_token(&self, epoch: u64) -> Option<String> {
+        self.writers.read().get(&epoch).cloned()
+    }
+
+    /// The key of an object of `epoch` (a segment's frames or table, a
+    /// checkpoint): bound to the epoch's writer when its claim was made by
+    /// a format-3 writer, else the format-2 derivation.
+    pub fn segment_key(&self, purpose: &str, epoch: u64, object: &str) -> SubKey {
+        match self.writers.read().get(&epoch) {
+            Some(token) => SubKey::derive_bound(&self.key, &self.volume_id, purpose, object, token),
+            None => self.subkey(purpose, object),
+        }
+    }
+
     /// The data key, for re-wrapping under a new passphrase.
     pub fn data_key(&self) -> &DataKey {
         &self.key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/rfcs/0001, test 1: one object name, plaintext and nonce under
+    /// two writers' tokens give different ciphertexts, and neither opens
+    /// under the other's key (nor under the unbound, format-2 key).
+    #[test]
+    fn keys_bound_to_different_tokens_never_coincide() {
+        let keys = VolumeKeys::new([7; 16], DataKey::random());
+        let a = SubKey::derive_bound(&keys.key, &keys.volume_id, "segment-frames", "s", "aaaa");
+        let b = SubKey::derive_bound(&keys.key, &keys.volume_id, "segment-frames", "s", "bbbb");
+        let unbound = keys.subkey("segment-frames", "s");
+        let nonce = counter_nonce(domain::FRAME, 0);
+        let (ca, cb) = (
+            a.seal(&nonce, b"aad", b"same"),
+            b.seal(&nonce, b"aad", b"same"),
+        );
+        assert_ne!(ca, cb);
+        assert!(b.open(&nonce, b"aad", &ca).is_none());
+        assert!(unbound.open(&nonce, b"aad", &ca).is_none());
+        assert_eq!(a.open(&nonce, b"aad", &ca).unwrap(), b"same");
+        // The binding follows the epoch.
+        keys.bind_epoch(4, "aaaa");
+        let bound = keys.segment_key("segment-frames", 4, "s");
+        assert_eq!(bound.open(&nonce, b"aad", &ca).unwrap(), b"same");
+        let other_epoch = keys.segment_key("segment-frames", 5, "s");
+        assert!(other_epoch.open(&nonce, b"aad", &ca).is_none());
     }
 }

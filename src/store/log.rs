@@ -196,8 +196,12 @@ impl LogStore {
         if let OpenMode::Writer(opts) = mode {
             require_conditional_create(&log.store, opts.allow_unconditional).await?;
             let (epoch, claim) = log.claim_epoch(opts.force, opts.journal.clone()).await?;
+            log.keys.bind_epoch(epoch, &claim.token);
             log.epoch = Some(epoch);
             log.claim = Some(claim);
+            // Before any object of ours exists: an older build must refuse
+            // the volume rather than fail on every object keyed to us.
+            log.upgrade_format(secret).await?;
         }
         // Listing strictly after the claim: see ARCHITECTURE.md, fencing.
         let (index, _) = log.recover(&mut summary).await?;
@@ -313,7 +317,17 @@ impl LogStore {
         if let Some(epoch) = self.epoch {
             let seg_ids: Vec<SegmentId> = segments.iter().map(|(s, _)| *s).collect();
             let cp_ids: Vec<SegmentId> = checkpoints.iter().map(|(s, _)| *s).collect();
-            let seal = Seal::from_listing(chain.latest(), epoch, &seg_ids, &cp_ids);
+            let mut seal = Seal::from_listing(chain.latest(), epoch, &seg_ids, &cp_ids);
+            // Whose token each sealed epoch's objects are keyed to: that
+            // epoch's claim says (usually the one epoch before ours, whose
+            // claim the takeover read already).
+            for e in seal.epochs() {
+                if let Some(c) = self.claim_if_present(e).await?
+                    && c.keys_bound
+                {
+                    seal.writers.insert(e, c.token);
+                }
+            }
             let key = format!("{SEAL_PREFIX}{}", epoch_name(epoch));
             let record = seal_record(&self.keys, "seal", epoch, &seal);
             let ours = |data: &Bytes| {
@@ -327,6 +341,7 @@ impl LogStore {
             chain = SealChain::from_seals(seals);
         }
 
+        self.bind_writers(&chain, &segments, &checkpoints).await?;
         let valid_segments: Vec<(SegmentId, u64)> = segments
             .iter()
             .filter(|(id, _)| chain.segment_is_valid(*id))
@@ -408,6 +423,56 @@ impl LogStore {
             last = Some(id);
         }
         Ok((index, last))
+    }
+
+    /// Key every epoch's objects to its writer: sealed epochs as their
+    /// seal records it, the unsealed tail (a live writer's epoch, for a
+    /// reader) as its claim says.
+    async fn bind_writers(
+        &self,
+        chain: &SealChain,
+        segments: &[(SegmentId, u64)],
+        checkpoints: &[(SegmentId, u64)],
+    ) -> Result<()> {
+        for (e, token) in chain.writers() {
+            self.keys.bind_epoch(e, &token);
+        }
+        let tail: std::collections::BTreeSet<u64> = segments
+            .iter()
+            .chain(checkpoints)
+            .map(|(id, _)| id.epoch)
+            .filter(|e| *e >= chain.latest() && self.keys.epoch_token(*e).is_none())
+            .collect();
+        for e in tail {
+            if let Some(c) = self.claim_if_present(e).await?
+                && c.keys_bound
+            {
+                self.keys.bind_epoch(e, &c.token);
+            }
+        }
+        Ok(())
+    }
+
+    /// A format-2 volume becomes format 3 when a format-3 writer first
+    /// claims it (docs/rfcs/0001): the superblock is replaced by one with
+    /// the new version, the data key re-wrapped (the public parameters are
+    /// its associated data). Readers see the old or the new object whole;
+    /// both unwrap to the same key.
+    async fn upgrade_format(&mut self, secret: &Secret) -> Result<()> {
+        if self.superblock.params.format_version >= super::superblock::FORMAT_VERSION {
+            return Ok(());
+        }
+        let upgraded = self.superblock.upgraded(secret, &self.keys)?;
+        self.store
+            .put(SUPERBLOCK_KEY, Bytes::from(upgraded.encode()))
+            .await?;
+        tracing::info!(
+            "volume format upgraded from {} to {} (older builds now refuse it)",
+            self.superblock.params.format_version,
+            upgraded.params.format_version
+        );
+        self.superblock = upgraded;
+        Ok(())
     }
 
     /// Fetch and authenticate one segment's table.

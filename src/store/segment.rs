@@ -45,7 +45,7 @@ impl TableEntry {
 }
 
 fn table_key(keys: &VolumeKeys, id: SegmentId) -> SubKey {
-    keys.subkey("segment-table", &id.name())
+    keys.segment_key("segment-table", id.epoch, &id.name())
 }
 
 /// Seal `plain` as segment `id`'s table: lets the fuzz targets feed the

@@ -12,7 +12,11 @@ use super::keys::{Argon2Cost, DataKey, KdfParams, Secret, VolumeKeys, WrappedKey
 use crate::error::{Error, Result};
 
 pub const SUPERBLOCK_KEY: &str = "superblock";
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: objects of an epoch are keyed to its writer's claim token
+/// (docs/rfcs/0001). 2 is still read; a format-3 writer upgrades it.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this build opens.
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
 const MAGIC: &str = "zerofs-ublk volume";
 pub const MIN_CHUNK_SIZE: u32 = 4096;
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
@@ -140,6 +144,19 @@ impl Superblock {
         Ok(VolumeKeys::new(self.volume_id()?, key))
     }
 
+    /// This superblock at the current format version, its data key
+    /// re-wrapped for the new parameters.
+    pub fn upgraded(&self, secret: &Secret, keys: &VolumeKeys) -> Result<Superblock> {
+        let mut params = self.params.clone();
+        params.format_version = FORMAT_VERSION;
+        let kek = params.kdf.derive_kek(secret)?;
+        let wrapped_key = WrappedKey::wrap(&kek, keys.data_key(), &aad(&params));
+        Ok(Superblock {
+            params,
+            wrapped_key,
+        })
+    }
+
     pub fn volume_id(&self) -> Result<[u8; 16]> {
         hex::decode(&self.params.volume_id)
             .ok()
@@ -170,9 +187,9 @@ impl Superblock {
                 "object is not a zerofs-ublk superblock".into(),
             ));
         }
-        if sb.params.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&sb.params.format_version) {
             return Err(Error::Unsupported(format!(
-                "volume format version {} is not supported by this build (supports {FORMAT_VERSION})",
+                "volume format version {} is not supported by this build (supports {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
                 sb.params.format_version
             )));
         }

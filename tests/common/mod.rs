@@ -246,3 +246,64 @@ pub fn behind_latency(store: DynStore, latency: std::time::Duration) -> DynStore
         },
     ))
 }
+
+// ---- A backend without conditional create ---------------------------------
+
+/// A backend that ignores `If-None-Match: *` (as some S3-compatible
+/// servers do): it claims support, but a second create overwrites.
+#[derive(Debug)]
+pub struct IgnoresConditions(pub zerofs_ublk::store::backend::DynStore);
+
+#[async_trait::async_trait]
+impl zerofs_ublk::store::backend::ObjectStore for IgnoresConditions {
+    async fn put(&self, k: &str, d: bytes::Bytes) -> zerofs_ublk::store::backend::StoreResult<()> {
+        self.0.put(k, d).await
+    }
+    async fn put_if_absent(
+        &self,
+        k: &str,
+        d: bytes::Bytes,
+    ) -> zerofs_ublk::store::backend::StoreResult<bool> {
+        self.0.put(k, d).await.map(|_| true)
+    }
+    async fn get(&self, k: &str) -> zerofs_ublk::store::backend::StoreResult<bytes::Bytes> {
+        self.0.get(k).await
+    }
+    async fn get_range(
+        &self,
+        k: &str,
+        r: std::ops::Range<u64>,
+    ) -> zerofs_ublk::store::backend::StoreResult<bytes::Bytes> {
+        self.0.get_range(k, r).await
+    }
+    async fn exists(&self, k: &str) -> zerofs_ublk::store::backend::StoreResult<bool> {
+        self.0.exists(k).await
+    }
+    async fn list(
+        &self,
+        p: &str,
+    ) -> zerofs_ublk::store::backend::StoreResult<Vec<zerofs_ublk::store::backend::ObjectInfo>>
+    {
+        self.0.list(p).await
+    }
+    async fn delete(&self, k: &str) -> zerofs_ublk::store::backend::StoreResult<()> {
+        self.0.delete(k).await
+    }
+    fn supports_conditional_create(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        "ignores-conditions".into()
+    }
+}
+
+/// A writer that accepts a backend without conditional create.
+pub fn unsafe_writer(force: bool) -> OpenOptions {
+    OpenOptions {
+        mode: OpenMode::Writer(WriterOptions {
+            force,
+            allow_unconditional: true,
+            journal: None,
+        }),
+    }
+}

@@ -1,0 +1,232 @@
+//! docs/rfcs/0001: objects are keyed to their writer's claim token, so two
+//! writers of one epoch — two copies of a bucket, a backend without
+//! conditional create — never encrypt under one key and nonce, and one's
+//! objects in the other's place are an integrity error, never data. Also:
+//! a volume of the previous format (a fixture written by that release)
+//! opens, reads, and is upgraded with its old objects still readable.
+//!
+//! The key-use log is process-wide, so these tests run one at a time.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use zerofs_ublk::Error;
+use zerofs_ublk::store::backend::{
+    BucketOptions, DynStore, ObjectInfo, ObjectStore, StoreResult, open_bucket,
+};
+use zerofs_ublk::store::keys::{Secret, key_use};
+use zerofs_ublk::store::log::LogStore;
+use zerofs_ublk::volume::{Volume, VolumeConfig};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn dir_store(path: &Path) -> DynStore {
+    open_bucket(&BucketOptions::new(format!("file://{}", path.display()))).unwrap()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+const SEGMENT_2_0: &str = "segments/0000000000000002-0000000000000000";
+
+/// Test 2 of the RFC: a restored backup or a `cp -a` of a `file://`
+/// bucket, each copy then opened by a writer. Both claim epoch 2 in their
+/// copy and write segment (2, 0) with a frame at offset 0.
+#[tokio::test]
+async fn a_copy_of_the_bucket_never_shares_a_key_with_the_original() {
+    let _one_at_a_time = SERIAL.lock().await;
+    key_use::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+    let a = dir_store(&pa);
+    let v = create_and_open(&a, 16).await;
+    v.write(0, &pattern(1, 4096)).await.unwrap();
+    v.close().await.unwrap();
+    copy_tree(&pa, &pb);
+    let b = dir_store(&pb);
+    for (store, seed) in [(&a, 2), (&b, 3)] {
+        let v = Volume::open(store.clone(), &secret(), writer(false), test_config())
+            .await
+            .unwrap();
+        assert_eq!(v.stats().epoch, Some(2));
+        v.write(4096, &pattern(seed, 4096)).await.unwrap();
+        v.close().await.unwrap();
+    }
+    assert_eq!(
+        key_use::reuses(),
+        0,
+        "the two copies encrypted different data under one key and nonce"
+    );
+    // The copy's segment in the original's place: never the copy's bytes.
+    std::fs::copy(pb.join(SEGMENT_2_0), pa.join(SEGMENT_2_0)).unwrap();
+    match Volume::open(a.clone(), &secret(), read_only(), test_config()).await {
+        Err(e) => assert!(matches!(e, Error::Integrity(_)), "{e}"),
+        Ok(v) => {
+            assert_eq!(v.read(0, 4096).await.unwrap(), pattern(1, 4096));
+            let got = v.read(4096, 4096).await;
+            assert!(
+                matches!(got, Err(Error::Integrity(_))),
+                "a foreign copy's frame must not read as data: {:?}",
+                got.map(|d| d == pattern(3, 4096))
+            );
+        }
+    }
+}
+
+/// Creates of `epochs/` wait until two openers have arrived, so both list
+/// the same latest epoch and both "win" the next one (the backend ignores
+/// the condition).
+#[derive(Debug)]
+struct Rendezvous {
+    inner: DynStore,
+    barrier: Arc<tokio::sync::Barrier>,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Rendezvous {
+    async fn put(&self, k: &str, d: bytes::Bytes) -> StoreResult<()> {
+        self.inner.put(k, d).await
+    }
+    async fn put_if_absent(&self, k: &str, d: bytes::Bytes) -> StoreResult<bool> {
+        if k.starts_with("epochs/") {
+            self.barrier.wait().await;
+        }
+        self.inner.put_if_absent(k, d).await
+    }
+    async fn get(&self, k: &str) -> StoreResult<bytes::Bytes> {
+        self.inner.get(k).await
+    }
+    async fn get_range(&self, k: &str, r: std::ops::Range<u64>) -> StoreResult<bytes::Bytes> {
+        self.inner.get_range(k, r).await
+    }
+    async fn exists(&self, k: &str) -> StoreResult<bool> {
+        self.inner.exists(k).await
+    }
+    async fn list(&self, p: &str) -> StoreResult<Vec<ObjectInfo>> {
+        self.inner.list(p).await
+    }
+    async fn delete(&self, k: &str) -> StoreResult<()> {
+        self.inner.delete(k).await
+    }
+    fn supports_conditional_create(&self) -> bool {
+        self.inner.supports_conditional_create()
+    }
+    fn describe(&self) -> String {
+        "rendezvous".into()
+    }
+}
+
+/// Test 3 of the RFC: `--allow-unsafe-no-conditional-create` on a backend
+/// that ignores the condition, two writers in one epoch. One loses its
+/// writes (that is what conditional create is for), but no key and nonce
+/// ever encrypt two messages, and a reader sees one writer's data or an
+/// integrity error.
+#[tokio::test]
+async fn two_writers_of_one_epoch_never_share_a_key() {
+    let _one_at_a_time = SERIAL.lock().await;
+    key_use::start();
+    let shared: DynStore = Arc::new(IgnoresConditions(memory()));
+    Volume::create(&shared, &params(16), &secret(), true)
+        .await
+        .unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let opener = |seed: u64| {
+        let store: DynStore = Arc::new(Rendezvous {
+            inner: shared.clone(),
+            barrier: barrier.clone(),
+        });
+        async move {
+            let v = Volume::open(store, &secret(), unsafe_writer(false), test_config())
+                .await
+                .unwrap();
+            v.write(0, &pattern(seed, 8192)).await.unwrap();
+            v.close().await.unwrap();
+        }
+    };
+    tokio::join!(opener(10), opener(11));
+    assert_eq!(
+        key_use::reuses(),
+        0,
+        "two writers of one epoch encrypted different data under one key and nonce"
+    );
+    match Volume::open(shared.clone(), &secret(), read_only(), test_config()).await {
+        Err(e) => assert!(matches!(e, Error::Integrity(_)), "{e}"),
+        Ok(v) => match v.read(0, 8192).await {
+            Ok(d) => assert!(d == pattern(10, 8192) || d == pattern(11, 8192)),
+            Err(e) => assert!(matches!(e, Error::Integrity(_)), "{e}"),
+        },
+    }
+}
+
+/// Test 5 of the RFC: `tests/fixtures/format2` was written by the previous
+/// release (`create --size 1M --chunk-size 64K` with the key file there,
+/// then `import` of 192 KiB = pattern(7)). It opens read-only as it is,
+/// a writer upgrades it to format 3, and old (unbound) and new (bound)
+/// objects read back together.
+#[tokio::test]
+async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format2");
+    copy_tree(&fixture.join("bucket"), &dir.path().join("bucket"));
+    let store = dir_store(&dir.path().join("bucket"));
+    let secret = || Secret::key_file(std::fs::read(fixture.join("key")).unwrap()).unwrap();
+    let cs = 64 << 10;
+    let cfg = VolumeConfig {
+        cache_bytes: 4 * cs,
+        ..test_config()
+    };
+    let mut expect = pattern(7, 3 * cs);
+    expect.resize(6 * cs, 0);
+    let version = |store: DynStore| async move {
+        LogStore::read_superblock(&store)
+            .await
+            .unwrap()
+            .params
+            .format_version
+    };
+
+    let ro = Volume::open(store.clone(), &secret(), read_only(), cfg.clone())
+        .await
+        .unwrap();
+    assert_eq!(ro.read(0, 6 * cs).await.unwrap(), expect);
+    assert_eq!(version(store.clone()).await, 2, "a reader does not upgrade");
+    drop(ro);
+
+    let w = Volume::open(store.clone(), &secret(), writer(false), cfg.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        version(store.clone()).await,
+        3,
+        "the writer upgraded the volume"
+    );
+    // New objects (bound) next to old ones (unbound), and a partial write
+    // that reads an old frame and writes a new one.
+    w.write(5 * cs as u64, &pattern(8, cs)).await.unwrap();
+    w.write(512, &pattern(9, 1024)).await.unwrap();
+    expect[5 * cs..].copy_from_slice(&pattern(8, cs));
+    expect[512..1536].copy_from_slice(&pattern(9, 1024));
+    w.close().await.unwrap();
+
+    for opts in [writer(false), read_only()] {
+        let v = Volume::open(store.clone(), &secret(), opts, cfg.clone())
+            .await
+            .unwrap();
+        assert_eq!(v.read(0, 6 * cs).await.unwrap(), expect);
+        v.close().await.unwrap();
+    }
+}
