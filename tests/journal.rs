@@ -347,3 +347,21 @@ async fn a_segment_a_dead_server_was_creating_is_removed() {
     assert!(!leftover.exists(), "{} left behind", leftover.display());
     assert_eq!(b.read(0, 4096).await.unwrap(), pattern(1, 4096));
 }
+
+/// Review of RFC 0001: a second attach on one volume would start a second
+/// journal of the same claim at counter 0 (nonce reuse) and rename over
+/// the live segment 0 (losing acknowledged records).
+#[tokio::test]
+async fn the_journal_cannot_be_attached_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    let vol = first_server(&store, dir.path()).await;
+    vol.write(0, &pattern(1, 4096)).await.unwrap();
+    let err = vol.attach_journal(dir.path()).await.unwrap_err();
+    assert!(err.to_string().contains("attached already"), "{err}");
+    // The first journal still holds the write: a crash now loses nothing.
+    drop(vol);
+    let next = open_journaled(&store, dir.path()).await;
+    assert_eq!(next.attach_journal(dir.path()).await.unwrap(), 1);
+    assert_eq!(next.read(0, 4096).await.unwrap(), pattern(1, 4096));
+}

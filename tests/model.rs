@@ -1180,6 +1180,17 @@ impl Case {
         self.zombie = Some(Zombie { proc_, vol, dirty });
     }
 
+    /// A takeover starts: the current writer steps aside (it lives on as a
+    /// zombie); returns whether the next opener replays its journal, its
+    /// process and its volume.
+    fn begin_takeover(&mut self, stats: &mut Stats) -> (bool, Arc<ProcStore>, Arc<Volume>) {
+        stats.takeovers += 1;
+        self.clear_faults();
+        let replayed = self.replays();
+        let old = self.vol.take().expect("live writer");
+        (replayed, Arc::clone(&self.proc_), old)
+    }
+
     /// A new writer takes over with --force while the old one lives on as
     /// a zombie — optionally with the old one's flush held in flight
     /// across the takeover.
@@ -1187,11 +1198,7 @@ impl Case {
         self.note(format!(
             "takeover with --force, old writer's flush held at {gate:?}"
         ));
-        stats.takeovers += 1;
-        self.clear_faults();
-        let replayed = self.replays();
-        let old_proc = Arc::clone(&self.proc_);
-        let old = self.vol.take().expect("live writer");
+        let (replayed, old_proc, old) = self.begin_takeover(stats);
         let marks = self.model.capture();
         let in_flight = match gate {
             Some(g) => {
@@ -1237,11 +1244,7 @@ impl Case {
         self.note(format!(
             "takeover with --force held at {gate:?} while the old writer flushes"
         ));
-        stats.takeovers += 1;
-        self.clear_faults();
-        let replayed = self.replays();
-        let old_proc = Arc::clone(&self.proc_);
-        let old = self.vol.take().expect("live writer");
+        let (replayed, old_proc, old) = self.begin_takeover(stats);
         if self.rng.chance(50) {
             self.random_write(&old, "  old writer: ").await?;
         }
@@ -1277,11 +1280,7 @@ impl Case {
     /// both open one after the other (the first is then fenced).
     async fn racing_takeovers(&mut self, stats: &mut Stats) -> Step {
         self.note("two takeovers with --force race");
-        stats.takeovers += 1;
-        self.clear_faults();
-        let replayed = self.replays();
-        let old_proc = Arc::clone(&self.proc_);
-        let old = self.vol.take().expect("live writer");
+        let (replayed, old_proc, old) = self.begin_takeover(stats);
         let (p1, p2) = (self.new_proc(), self.new_proc());
         let a = tokio::spawn(open_volume(
             Arc::clone(&p1),

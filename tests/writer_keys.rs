@@ -230,3 +230,68 @@ async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
         v.close().await.unwrap();
     }
 }
+
+/// Review of RFC 0001: a format-2 build that read the superblock before a
+/// format-3 writer upgraded it can still take over, and its seal records
+/// no writer tokens. The format-3 epoch it sealed must still be keyed to
+/// its writer — by its claim — or the volume no longer opens.
+#[tokio::test]
+async fn a_seal_written_by_a_format_2_build_over_a_format_3_epoch() {
+    use zerofs_ublk::store::fencing::{Claim, Seal, seal_record};
+    use zerofs_ublk::store::index::SegmentId;
+    let _one_at_a_time = SERIAL.lock().await;
+    let store = memory();
+    let v = create_and_open(&store, 16).await;
+    v.write(0, &pattern(20, 8192)).await.unwrap();
+    v.flush().await.unwrap();
+    drop(v); // epoch 1 (bound) dies
+    // What the format-2 build's takeover writes: an unbound claim of epoch
+    // 2 and a seal of epoch 1's objects without tokens.
+    let keys = LogStore::read_superblock(&store)
+        .await
+        .unwrap()
+        .unlock(&secret())
+        .unwrap();
+    let claim = Claim {
+        keys_bound: false,
+        ..Claim::mine(None)
+    };
+    store
+        .put(
+            "epochs/0000000000000002",
+            seal_record(&keys, "claim", 2, &claim),
+        )
+        .await
+        .unwrap();
+    let ids = |prefix: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .list(prefix)
+                .await
+                .unwrap()
+                .iter()
+                .filter_map(|o| SegmentId::parse(o.key.strip_prefix(prefix).unwrap()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let seal = Seal::from_listing(1, 2, &ids("segments/").await, &ids("checkpoints/").await);
+    assert!(!seal.writers_recorded && seal.writers.is_empty());
+    store
+        .put(
+            "seals/0000000000000002",
+            seal_record(&keys, "seal", 2, &seal),
+        )
+        .await
+        .unwrap();
+    // A format-3 writer takes over from the dead format-2 one.
+    let v = Volume::open(store.clone(), &secret(), writer(true), test_config())
+        .await
+        .expect("the volume opens");
+    assert_eq!(v.read(0, 8192).await.unwrap(), pattern(20, 8192));
+    v.close().await.unwrap();
+    let v = Volume::open(store.clone(), &secret(), read_only(), test_config())
+        .await
+        .unwrap();
+    assert_eq!(v.read(0, 8192).await.unwrap(), pattern(20, 8192));
+}

@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         epoch: 3,
         tag: &[5; 16],
         key: key(),
+        plaintext_allowed: true,
     };
     for last in [false, true] {
         let _ = journal::parse_segment(path, data, &owner, last);

@@ -202,6 +202,11 @@ pub struct Seal {
     /// seal: nobody without the data key can substitute a token.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub writers: BTreeMap<u64, String>,
+    /// `writers` is complete: a covered epoch missing from it is unbound.
+    /// False in seals of format-2 builds, which know nothing of tokens —
+    /// for their epochs the claims say.
+    #[serde(default)]
+    pub writers_recorded: bool,
 }
 
 fn to_ranges(mut seqs: Vec<u64>) -> Vec<(u64, u64)> {
@@ -241,6 +246,7 @@ impl Seal {
                 .map(|s| (s.epoch, s.seq))
                 .collect(),
             writers: BTreeMap::new(),
+            writers_recorded: false,
         }
     }
 
@@ -311,13 +317,14 @@ impl SealChain {
         self.deciding(id.epoch).is_none_or(|s| s.has_checkpoint(id))
     }
 
-    /// epoch → writer token, as the seals of the chain record them (each
-    /// epoch is decided by one seal).
-    pub fn writers(&self) -> BTreeMap<u64, String> {
-        self.0
-            .values()
-            .flat_map(|s| s.writers.iter().map(|(e, t)| (*e, t.clone())))
-            .collect()
+    /// Whose token the objects of `epoch` are keyed to, as the seal that
+    /// decides the epoch records it: `Some(Some(token))`, `Some(None)` for
+    /// unbound, `None` when no seal that records writers decides it (the
+    /// unsealed tail, or a format-2 build's seal) — then its claim says.
+    pub fn writer(&self, epoch: u64) -> Option<Option<String>> {
+        self.deciding(epoch)
+            .filter(|s| s.writers_recorded)
+            .map(|s| s.writers.get(&epoch).cloned())
     }
 }
 

@@ -322,12 +322,11 @@ impl LogStore {
             // epoch's claim says (usually the one epoch before ours, whose
             // claim the takeover read already).
             for e in seal.epochs() {
-                if let Some(c) = self.claim_if_present(e).await?
-                    && c.keys_bound
-                {
-                    seal.writers.insert(e, c.token);
+                if let Some(token) = self.writer_of(e).await? {
+                    seal.writers.insert(e, token);
                 }
             }
+            seal.writers_recorded = true;
             let key = format!("{SEAL_PREFIX}{}", epoch_name(epoch));
             let record = seal_record(&self.keys, "seal", epoch, &seal);
             let ours = |data: &Bytes| {
@@ -425,29 +424,50 @@ impl LogStore {
         Ok((index, last))
     }
 
-    /// Key every epoch's objects to its writer: sealed epochs as their
-    /// seal records it, the unsealed tail (a live writer's epoch, for a
-    /// reader) as its claim says.
+    /// The token objects of `epoch` are keyed to, by its claim (None:
+    /// unbound, a format-2 writer). An epoch with objects always had a
+    /// claim; a missing one is refused rather than guessed, since a seal
+    /// records the answer for good.
+    async fn writer_of(&self, epoch: u64) -> Result<Option<String>> {
+        match self.claim_if_present(epoch).await? {
+            Some(c) => Ok(c.keys_bound.then_some(c.token)),
+            None => Err(Error::Integrity(format!(
+                "epoch {epoch} has objects in the bucket but no claim ({EPOCH_PREFIX}{}): \
+                 whose keys they are under is unknown",
+                epoch_name(epoch)
+            ))),
+        }
+    }
+
+    /// Key every epoch's objects to its writer: as the seal deciding the
+    /// epoch records it, else (the unsealed tail, a format-2 build's seal)
+    /// as its claim says.
     async fn bind_writers(
         &self,
         chain: &SealChain,
         segments: &[(SegmentId, u64)],
         checkpoints: &[(SegmentId, u64)],
     ) -> Result<()> {
-        for (e, token) in chain.writers() {
-            self.keys.bind_epoch(e, &token);
-        }
-        let tail: std::collections::BTreeSet<u64> = segments
+        let epochs: std::collections::BTreeSet<u64> = segments
             .iter()
             .chain(checkpoints)
             .map(|(id, _)| id.epoch)
-            .filter(|e| *e >= chain.latest() && self.keys.epoch_token(*e).is_none())
+            .filter(|e| self.keys.epoch_token(*e).is_none())
             .collect();
-        for e in tail {
-            if let Some(c) = self.claim_if_present(e).await?
-                && c.keys_bound
-            {
-                self.keys.bind_epoch(e, &c.token);
+        let mut ask = Vec::new();
+        for e in epochs {
+            match chain.writer(e) {
+                Some(Some(token)) => self.keys.bind_epoch(e, &token),
+                Some(None) => {}
+                None => ask.push(e),
+            }
+        }
+        let mut claims = futures::stream::iter(ask)
+            .map(|e| async move { Ok::<_, Error>((e, self.writer_of(e).await?)) })
+            .buffer_unordered(REPLAY_CONCURRENCY);
+        while let Some(answer) = claims.next().await {
+            if let (e, Some(token)) = answer? {
+                self.keys.bind_epoch(e, &token);
             }
         }
         Ok(())

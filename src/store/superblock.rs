@@ -149,6 +149,12 @@ impl Superblock {
     pub fn upgraded(&self, secret: &Secret, keys: &VolumeKeys) -> Result<Superblock> {
         let mut params = self.params.clone();
         params.format_version = FORMAT_VERSION;
+        // A fresh salt, hence a fresh KEK, as for every (re)wrap.
+        let cost = match &params.kdf {
+            KdfParams::Argon2id { cost, .. } => *cost,
+            KdfParams::KeyFile { .. } => Argon2Cost::default(),
+        };
+        params.kdf = KdfParams::for_secret(secret, cost);
         let kek = params.kdf.derive_kek(secret)?;
         let wrapped_key = WrappedKey::wrap(&kek, keys.data_key(), &aad(&params));
         Ok(Superblock {

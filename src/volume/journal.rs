@@ -220,6 +220,7 @@ impl Journal {
             epoch,
             tag: &tag,
             key: &key,
+            plaintext_allowed: false,
         };
         let (file, len) = Self::open_segment(dir, &volume, &owner, 0)?;
         Ok(Journal {
@@ -371,6 +372,7 @@ impl Journal {
             epoch: self.epoch,
             tag: &self.tag,
             key: &self.key,
+            plaintext_allowed: false,
         };
         let (file, len) = Self::open_segment(&self.dir, &self.volume, &owner, next)?;
         self.file = file;
@@ -560,6 +562,9 @@ pub struct Owner<'a> {
     pub epoch: u64,
     pub tag: &'a ClaimTag,
     pub key: &'a SubKey,
+    /// The claim was made by a format-2 build, which wrote plaintext
+    /// records; for any other claim a plaintext journal is a forgery.
+    pub plaintext_allowed: bool,
 }
 
 /// Open one segment file and check its header.
@@ -623,6 +628,9 @@ impl<R: Read> Records<R> {
         }
         if h[32..48] != owner.tag[..] {
             return Err(records.bad("claim mismatch"));
+        }
+        if records.plaintext && !owner.plaintext_allowed {
+            return Err(records.bad("plaintext records under a claim whose journal is encrypted"));
         }
         if !records.plaintext {
             let mut check = [0u8; TAG_LEN];
@@ -760,6 +768,7 @@ mod tests {
             epoch,
             tag,
             key,
+            plaintext_allowed: true,
         };
         read_segment(path, &owner, last)?.collect()
     }
@@ -854,6 +863,17 @@ mod tests {
         bytes.extend_from_slice(&512u64.to_le_bytes());
         bytes.extend_from_slice(&record_crc(KIND_ZEROES, 0, 512, &[]).to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
+        // Only for a claim of a format-2 build: under any other, plaintext
+        // records are a forgery.
+        let format3_claim = Owner {
+            volume_id: &id,
+            epoch: 5,
+            tag: &TAG,
+            key: key(),
+            plaintext_allowed: false,
+        };
+        let err = read_segment(&path, &format3_claim, true).err().unwrap();
+        assert!(err.to_string().contains("plaintext"), "{err}");
         assert_eq!(
             read_all(&path, &id, 5, &TAG, true).unwrap(),
             vec![

@@ -142,23 +142,31 @@ pub struct Volume {
     summary: LogSummary,
 }
 
-fn owner<'a>(
-    volume_id: &'a [u8; 16],
+/// A journal to replay: its epoch, its claim's tag, the key its records
+/// are under, whether that claim's build wrote plaintext, its segments.
+struct Replay {
     epoch: u64,
-    tag: &'a journal::ClaimTag,
-    key: &'a crate::store::keys::SubKey,
-) -> journal::Owner<'a> {
-    journal::Owner {
-        volume_id,
-        epoch,
-        tag,
-        key,
+    tag: journal::ClaimTag,
+    key: crate::store::keys::SubKey,
+    plaintext_allowed: bool,
+    paths: Vec<std::path::PathBuf>,
+}
+
+impl Replay {
+    fn owner<'a>(&'a self, volume_id: &'a [u8; 16]) -> journal::Owner<'a> {
+        journal::Owner {
+            volume_id,
+            epoch: self.epoch,
+            tag: &self.tag,
+            key: &self.key,
+            plaintext_allowed: self.plaintext_allowed,
+        }
     }
 }
 
 enum JournalFate {
-    /// Replay it: its claim's tag, and the key its records are under.
-    Replay(journal::ClaimTag, Box<crate::store::keys::SubKey>),
+    /// Replay it (everything but the paths).
+    Replay(Box<Replay>),
     /// A writer in between may have written over it.
     Stale(String),
     /// Not this bucket's (same volume id, other claim): not ours to delete.
@@ -459,6 +467,11 @@ impl Volume {
                 claim.journal
             )));
         }
+        if self.inner.state.lock().journal.is_some() {
+            return Err(Error::InvalidArgument(
+                "the journal is attached already".into(),
+            ));
+        }
         let id = log.keys().volume_id;
         journal::remove_unfinished(dir, &id, epoch);
         let mut by_epoch: std::collections::BTreeMap<u64, Vec<std::path::PathBuf>> =
@@ -472,7 +485,10 @@ impl Volume {
         let mut done_with = Vec::new();
         for (e, paths) in by_epoch {
             match self.journal_fate(e, epoch, &paths[0], dir, &here).await? {
-                JournalFate::Replay(tag, key) => replay.push((e, tag, key, paths)),
+                JournalFate::Replay(mut r) => {
+                    r.paths = paths;
+                    replay.push(*r);
+                }
                 JournalFate::Stale(why) => {
                     tracing::warn!("discarding the journal of epoch {e}: {why}");
                     done_with.push((e, paths));
@@ -485,20 +501,20 @@ impl Volume {
         // Check every segment before applying any (a corrupt one must not
         // leave half a replay behind), then apply record by record: replay
         // holds one record in memory, not the journal.
-        for (e, tag, key, paths) in &replay {
-            for (i, path) in paths.iter().enumerate() {
+        for r in &replay {
+            for (i, path) in r.paths.iter().enumerate() {
                 // Only an epoch's newest segment may end in a torn record.
-                let last = i + 1 == paths.len();
-                for record in journal::read_segment(path, &owner(&id, *e, tag, key), last)? {
+                let last = i + 1 == r.paths.len();
+                for record in journal::read_segment(path, &r.owner(&id), last)? {
                     record?;
                 }
             }
         }
         let mut replayed = 0;
-        for (e, tag, key, paths) in &replay {
-            for (i, path) in paths.iter().enumerate() {
-                let last = i + 1 == paths.len();
-                for record in journal::read_segment(path, &owner(&id, *e, tag, key), last)? {
+        for r in &replay {
+            for (i, path) in r.paths.iter().enumerate() {
+                let last = i + 1 == r.paths.len();
+                for record in journal::read_segment(path, &r.owner(&id), last)? {
                     match record? {
                         journal::Record::Data { offset, data } => self.write(offset, &data).await?,
                         journal::Record::Zeroes { offset, len } => {
@@ -508,11 +524,11 @@ impl Volume {
                     replayed += 1;
                 }
             }
-            done_with.push((*e, paths.clone()));
+            done_with.push((r.epoch, r.paths.clone()));
         }
         if replayed > 0 {
             self.flush().await?;
-            let epochs: Vec<u64> = replay.iter().map(|(e, ..)| *e).collect();
+            let epochs: Vec<u64> = replay.iter().map(|r| r.epoch).collect();
             tracing::warn!(
                 "replayed {replayed} acknowledged writes from the journal of epochs {epochs:?} (servers that died)"
             );
@@ -600,10 +616,13 @@ impl Volume {
                 )));
             }
         }
-        Ok(JournalFate::Replay(
+        Ok(JournalFate::Replay(Box::new(Replay {
+            epoch: e,
             tag,
-            Box::new(journal::journal_key(log.keys(), e, &owner.token)),
-        ))
+            key: journal::journal_key(log.keys(), e, &owner.token),
+            plaintext_allowed: !owner.keys_bound,
+            paths: Vec::new(),
+        })))
     }
 
     /// Flush, checkpoint and release ownership (a clean shutdown).
