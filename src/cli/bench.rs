@@ -210,8 +210,46 @@ async fn p1(size: u64) -> Result<Vec<String>> {
             mib_s(size, dec),
             dec.as_secs_f64() / read.as_secs_f64()
         ));
+        if !compressible {
+            let journaled = journaled_write(&buf, size).await?;
+            rows.push(format!(
+                "| P1 seq write, random, journaled as the device server does (encrypted, tmpfs) | {:.0} MiB/s | the same without journal {:.0} MiB/s | {:.2} | — |",
+                mib_s(size, journaled),
+                mib_s(size, write),
+                write.as_secs_f64() / journaled.as_secs_f64()
+            ));
+        }
     }
     Ok(rows)
+}
+
+/// P1's write with the host-local journal attached in a tmpfs directory,
+/// as the device server writes: every write is encrypted into the journal
+/// before it is applied.
+async fn journaled_write(buf: &[u8], size: u64) -> Result<Duration> {
+    let scratch = ScratchDir::new();
+    let dir = scratch.0.join("journal");
+    crate::volume::journal::prepare_dir(&dir)?;
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let mut params = CreateParams::new(size);
+    params.chunk_size = CHUNK as u32;
+    Volume::create(&store, &params, &secret(), false).await?;
+    let opts = OpenOptions {
+        mode: OpenMode::Writer(WriterOptions {
+            journal: Some(crate::volume::journal::dir_identity(&dir)?),
+            ..WriterOptions::default()
+        }),
+    };
+    let vol = Volume::open(store, &secret(), opts, VolumeConfig::default()).await?;
+    vol.attach_journal(&dir).await?;
+    let t = Instant::now();
+    for (i, piece) in buf.chunks(1 << 20).enumerate() {
+        vol.write(i as u64 * (1 << 20), piece).await?;
+    }
+    vol.flush().await?;
+    let took = t.elapsed();
+    vol.close().await?;
+    Ok(took)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
