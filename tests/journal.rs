@@ -365,3 +365,50 @@ async fn the_journal_cannot_be_attached_twice() {
     assert_eq!(next.attach_journal(dir.path()).await.unwrap(), 1);
     assert_eq!(next.read(0, 4096).await.unwrap(), pattern(1, 4096));
 }
+
+/// Review of issue 10: two copies of one volume (a restored backup, a
+/// DR drill) served on one host claim the same epoch in their own bucket.
+/// Their journals used to share file names: the second server's segment 0
+/// was renamed over the first's, and a crash of the first then lost its
+/// acknowledged writes. Names now carry the claim tag.
+#[tokio::test]
+async fn two_copies_of_a_volume_on_one_host_keep_their_journals_apart() {
+    let run = tempfile::tempdir().unwrap();
+    let journal = run.path().join("journal");
+    let buckets = tempfile::tempdir().unwrap();
+    let (pa, pb) = (buckets.path().join("a"), buckets.path().join("b"));
+    let a = dir_store(&pa);
+    create_and_open(&a, 16).await.close().await.unwrap();
+    copy_tree(&pa, &pb);
+    let b = dir_store(&pb);
+    let server = |store: DynStore| {
+        let journal = journal.clone();
+        async move {
+            let v = open_journaled(&store, &journal).await;
+            v.attach_journal(&journal).await.unwrap();
+            v
+        }
+    };
+    let va = server(a.clone()).await;
+    va.write(0, &pattern(1, 4096)).await.unwrap(); // acknowledged, not flushed
+    let vb = server(b.clone()).await;
+    assert_eq!(
+        va.stats().epoch,
+        vb.stats().epoch,
+        "both copies at one epoch"
+    );
+    vb.write(0, &pattern(2, 4096)).await.unwrap();
+    drop(va); // the first copy's server dies
+    let va = server(a.clone()).await;
+    assert!(
+        va.read(0, 4096).await.unwrap() == pattern(1, 4096),
+        "the first copy's acknowledged write was lost"
+    );
+    drop(vb); // and the second's
+    let vb = server(b.clone()).await;
+    assert!(
+        vb.read(0, 4096).await.unwrap() == pattern(2, 4096),
+        "the second copy's acknowledged write was lost"
+    );
+    drop((va, vb));
+}

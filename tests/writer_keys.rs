@@ -14,31 +14,12 @@ use std::sync::Arc;
 
 use common::*;
 use zerofs_ublk::Error;
-use zerofs_ublk::store::backend::{
-    BucketOptions, DynStore, ObjectInfo, ObjectStore, StoreResult, open_bucket,
-};
+use zerofs_ublk::store::backend::{DynStore, ObjectInfo, ObjectStore, StoreResult};
 use zerofs_ublk::store::keys::{Secret, key_use};
 use zerofs_ublk::store::log::LogStore;
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn dir_store(path: &Path) -> DynStore {
-    open_bucket(&BucketOptions::new(format!("file://{}", path.display()))).unwrap()
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 const SEGMENT_2_0: &str = "segments/0000000000000002-0000000000000000";
 

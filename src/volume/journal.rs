@@ -11,7 +11,9 @@
 //! next writer of the volume — the very next epoch — replays it before it
 //! serves I/O, so the re-issued FLUSH really covers those writes.
 //!
-//! Files: `<volume id>-<epoch>-<segment>.journal`, a new segment at each
+//! Files: `<volume id>-<epoch>-<claim tag>-<segment>.journal` (the tag
+//! keeps two copies of one volume — same id, same epoch, other claims —
+//! apart on one host; format-2 builds wrote no tag), a new segment at each
 //! flush capture; a successful flush deletes the segments it covered.
 //! Segment = header (magic, volume id, epoch, claim tag, segment, crc) then
 //! records `kind u8 | offset u64 | len u64 | counter u64 | tag [16] | data`,
@@ -132,8 +134,11 @@ fn io(path: &Path, e: std::io::Error) -> Error {
     )))
 }
 
-fn file_name(volume: &str, epoch: u64, segment: u64) -> String {
-    format!("{volume}-{epoch:016x}-{segment:08x}.journal")
+fn file_name(volume: &str, epoch: u64, tag: &ClaimTag, segment: u64) -> String {
+    format!(
+        "{volume}-{epoch:016x}-{}-{segment:08x}.journal",
+        hex::encode(tag)
+    )
 }
 
 /// Suffix of a segment file whose header is not written yet.
@@ -146,12 +151,19 @@ thread_local! {
     static CRASH_AFTER_CREATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn parse_name(name: &str, volume: &str) -> Option<(u64, u64)> {
+/// (epoch, claim tag when the name has one, segment) of a segment file.
+fn parse_name(name: &str, volume: &str) -> Option<(u64, Option<ClaimTag>, u64)> {
     let rest = name.strip_prefix(volume)?.strip_prefix('-')?;
     let rest = rest.strip_suffix(".journal")?;
-    let (e, s) = rest.split_once('-')?;
+    let parts: Vec<&str> = rest.split('-').collect();
+    let (e, tag, s) = match parts[..] {
+        [e, s] => (e, None, s),
+        [e, t, s] => (e, Some(hex::decode(t).ok()?.try_into().ok()?), s),
+        _ => return None,
+    };
     Some((
         u64::from_str_radix(e, 16).ok()?,
+        tag,
         u64::from_str_radix(s, 16).ok()?,
     ))
 }
@@ -252,8 +264,9 @@ impl Journal {
     /// [`remove_unfinished`] deletes.
     fn open_segment(dir: &Path, volume: &str, owner: &Owner, segment: u64) -> Result<(File, u64)> {
         let epoch = owner.epoch;
-        let path = dir.join(file_name(volume, epoch, segment));
-        let new = dir.join(format!("{}{UNFINISHED}", file_name(volume, epoch, segment)));
+        let name = file_name(volume, epoch, owner.tag, segment);
+        let path = dir.join(&name);
+        let new = dir.join(format!("{name}{UNFINISHED}"));
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -278,7 +291,7 @@ impl Journal {
 
     fn path(&self) -> PathBuf {
         self.dir
-            .join(file_name(&self.volume, self.epoch, self.segment))
+            .join(file_name(&self.volume, self.epoch, &self.tag, self.segment))
     }
 
     /// Append one record with a single write; returns once it is in the
@@ -386,7 +399,9 @@ impl Journal {
     pub fn release_before(&mut self, segment: u64) {
         let released: Vec<u64> = self.sizes.range(..segment).map(|(s, _)| *s).collect();
         for s in released {
-            let path = self.dir.join(file_name(&self.volume, self.epoch, s));
+            let path = self
+                .dir
+                .join(file_name(&self.volume, self.epoch, &self.tag, s));
             let gone = match std::fs::remove_file(&path) {
                 Ok(()) => true,
                 Err(e) => e.kind() == std::io::ErrorKind::NotFound,
@@ -437,20 +452,36 @@ pub fn budget(dir: &Path, free: u64, dirty_limit: u64, chunk_size: u64) -> Resul
 }
 
 /// Journal files of `volume_id` in `dir`, as (epoch, segment, path), sorted.
-pub fn find(dir: &Path, volume_id: &[u8; 16]) -> Vec<(u64, u64, PathBuf)> {
+pub fn find(dir: &Path, volume_id: &[u8; 16]) -> Vec<Found> {
     let volume = hex::encode(volume_id);
-    let mut out: Vec<(u64, u64, PathBuf)> = std::fs::read_dir(dir)
+    let mut out: Vec<Found> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let (epoch, seg) = parse_name(&name, &volume)?;
-            Some((epoch, seg, e.path()))
+            let (epoch, tag, segment) = parse_name(&name, &volume)?;
+            Some(Found {
+                epoch,
+                tag,
+                segment,
+                path: e.path(),
+            })
         })
         .collect();
     out.sort();
     out
+}
+
+/// A journal segment file found in a directory.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Found {
+    pub epoch: u64,
+    /// The claim tag its name carries (None: named by a format-2 build;
+    /// the header has it).
+    pub tag: Option<ClaimTag>,
+    pub segment: u64,
+    pub path: PathBuf,
 }
 
 /// The identity of a journal directory, as claims record it: its path, and
@@ -474,8 +505,8 @@ pub fn dir_identity(dir: &Path) -> Result<String> {
 /// replayed (or judged stale) by a later writer. A file of that epoch that
 /// appears afterwards was written by its server after the takeover (a
 /// fenced writer still running) and must never be replayed.
-pub fn mark_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64) -> Result<()> {
-    let path = dir.join(consumed_name(&hex::encode(volume_id), epoch));
+pub fn mark_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag) -> Result<()> {
+    let path = dir.join(consumed_name(&hex::encode(volume_id), epoch, Some(tag)));
     OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -486,14 +517,27 @@ pub fn mark_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64) -> Result<()>
         .map_err(|e| io(&path, e))
 }
 
-/// Whether a later writer took over the journal of `epoch`.
-pub fn is_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64) -> Result<bool> {
-    let path = dir.join(consumed_name(&hex::encode(volume_id), epoch));
-    path.try_exists().map_err(|e| io(&path, e))
+/// Whether a later writer took over the journal of the claim `tag` of
+/// `epoch` (or, as format-2 builds marked it, every journal of `epoch`).
+pub fn is_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag) -> Result<bool> {
+    let volume = hex::encode(volume_id);
+    for name in [
+        consumed_name(&volume, epoch, Some(tag)),
+        consumed_name(&volume, epoch, None),
+    ] {
+        let path = dir.join(name);
+        if path.try_exists().map_err(|e| io(&path, e))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
-fn consumed_name(volume: &str, epoch: u64) -> String {
-    format!("{volume}-{epoch:016x}.consumed")
+fn consumed_name(volume: &str, epoch: u64, tag: Option<&ClaimTag>) -> String {
+    match tag {
+        Some(t) => format!("{volume}-{epoch:016x}-{}.consumed", hex::encode(t)),
+        None => format!("{volume}-{epoch:016x}.consumed"),
+    }
 }
 
 /// Delete the segment files of `volume_id` that a server of an epoch
@@ -507,7 +551,7 @@ pub fn remove_unfinished(dir: &Path, volume_id: &[u8; 16], epoch: u64) {
         let Some(done) = name.strip_suffix(UNFINISHED) else {
             continue;
         };
-        if parse_name(done, &volume).is_some_and(|(e, _)| e < epoch) {
+        if parse_name(done, &volume).is_some_and(|(e, _, _)| e < epoch) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -960,7 +1004,7 @@ mod tests {
         j.append(&z).unwrap();
         let files = find(dir.path(), &id);
         assert_eq!(files.len(), 1);
-        let path = &files[0].2;
+        let path = &files[0].path;
         assert_eq!(
             read_all(path, &id, 7, &TAG, true).unwrap(),
             vec![a.clone(), z.clone()]
@@ -1001,7 +1045,7 @@ mod tests {
         j.release_before(covered);
         let left = find(dir.path(), &id);
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].1, 1);
+        assert_eq!(left[0].segment, 1);
         j.remove();
         assert!(find(dir.path(), &id).is_empty());
     }
@@ -1017,7 +1061,7 @@ mod tests {
         j.rotate().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700, "an existing 0755 directory is narrowed");
-        for (_, _, path) in find(&dir, &id) {
+        for Found { path, .. } in find(&dir, &id) {
             assert_eq!(mode(&path), 0o600, "{}", path.display());
         }
     }
@@ -1046,7 +1090,7 @@ mod tests {
         let found = find(dir.path(), &id);
         assert_eq!(found.len(), 1);
         assert_eq!(
-            read_all(&found[0].2, &id, 3, &TAG, true).unwrap(),
+            read_all(&found[0].path, &id, 3, &TAG, true).unwrap(),
             vec![rec(5)]
         );
     }
@@ -1066,8 +1110,13 @@ mod tests {
         // The process is gone here; the next server finds what is on disk.
         let found = find(dir.path(), &id);
         assert_eq!(found.len(), 1, "{found:?}");
-        let (epoch, segment, path) = &found[0];
-        assert_eq!((*epoch, *segment), (3, 0));
+        let Found {
+            epoch,
+            tag,
+            segment,
+            path,
+        } = &found[0];
+        assert_eq!((*epoch, *tag, *segment), (3, Some(TAG), 0));
         assert_eq!(read_tag(path).unwrap(), TAG);
         assert_eq!(read_all(path, &id, 3, &TAG, true).unwrap(), vec![rec]);
         let leftovers = || std::fs::read_dir(dir.path()).unwrap().count();
@@ -1098,7 +1147,7 @@ mod tests {
         j.short_write = Some(6000);
         assert!(j.append(&rec(2, 8192)).is_err());
         j.append(&rec3).unwrap(); // acknowledged after the failure
-        let path = &find(dir.path(), &id)[0].2;
+        let path = &find(dir.path(), &id)[0].path;
         // Not the last segment: any torn record would be an error, and
         // record 3 must not be lost behind record 2's remains.
         assert_eq!(

@@ -167,8 +167,8 @@ impl Replay {
 enum JournalFate {
     /// Replay it (everything but the paths).
     Replay(Box<Replay>),
-    /// A writer in between may have written over it.
-    Stale(String),
+    /// A writer in between may have written over it (why, its claim tag).
+    Stale(String, journal::ClaimTag),
     /// Not this bucket's (same volume id, other claim): not ours to delete.
     Foreign(String),
 }
@@ -474,24 +474,27 @@ impl Volume {
         }
         let id = log.keys().volume_id;
         journal::remove_unfinished(dir, &id, epoch);
-        let mut by_epoch: std::collections::BTreeMap<u64, Vec<std::path::PathBuf>> =
+        // One journal per claim: by epoch, and by the claim tag in the
+        // names (two copies of one volume on this host share the epoch).
+        type Claimed = (u64, Option<journal::ClaimTag>);
+        let mut by_claim: std::collections::BTreeMap<Claimed, Vec<std::path::PathBuf>> =
             Default::default();
-        for (e, _, path) in journal::find(dir, &id) {
-            if e < epoch {
-                by_epoch.entry(e).or_default().push(path);
+        for f in journal::find(dir, &id) {
+            if f.epoch < epoch {
+                by_claim.entry((f.epoch, f.tag)).or_default().push(f.path);
             }
         }
         let mut replay = Vec::new();
         let mut done_with = Vec::new();
-        for (e, paths) in by_epoch {
+        for ((e, _), paths) in by_claim {
             match self.journal_fate(e, epoch, &paths[0], dir, &here).await? {
                 JournalFate::Replay(mut r) => {
                     r.paths = paths;
                     replay.push(*r);
                 }
-                JournalFate::Stale(why) => {
+                JournalFate::Stale(why, tag) => {
                     tracing::warn!("discarding the journal of epoch {e}: {why}");
-                    done_with.push((e, paths));
+                    done_with.push((e, tag, paths));
                 }
                 JournalFate::Foreign(why) => {
                     tracing::warn!("leaving the journal of epoch {e} alone: {why}");
@@ -524,7 +527,7 @@ impl Volume {
                     replayed += 1;
                 }
             }
-            done_with.push((r.epoch, r.paths.clone()));
+            done_with.push((r.epoch, r.tag, r.paths.clone()));
         }
         if replayed > 0 {
             self.flush().await?;
@@ -538,10 +541,10 @@ impl Volume {
         // (a later writer would replay it over our newer writes). First the
         // mark: whatever the old server may still write under its epoch
         // (it runs on, fenced) is never replayed over ours.
-        for (e, _) in &done_with {
-            journal::mark_consumed(dir, &id, *e)?;
+        for (e, tag, _) in &done_with {
+            journal::mark_consumed(dir, &id, *e, tag)?;
         }
-        for path in done_with.iter().flat_map(|(_, paths)| paths) {
+        for path in done_with.iter().flat_map(|(_, _, paths)| paths) {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -587,12 +590,15 @@ impl Volume {
         here: &str,
     ) -> Result<JournalFate> {
         let log = &self.inner.log;
-        if journal::is_consumed(dir, &log.keys().volume_id, e)? {
-            return Ok(JournalFate::Stale(format!(
-                "a later writer took it over already; these records were written after that, by the server of epoch {e} still running (fenced)"
-            )));
-        }
         let tag = journal::read_tag(first)?;
+        if journal::is_consumed(dir, &log.keys().volume_id, e, &tag)? {
+            return Ok(JournalFate::Stale(
+                format!(
+                    "a later writer took it over already; these records were written after that, by the server of epoch {e} still running (fenced)"
+                ),
+                tag,
+            ));
+        }
         let Some(owner) = log.claim_if_present(e).await? else {
             return Ok(JournalFate::Foreign(format!(
                 "this bucket has no claim of epoch {e} (a copy of the volume elsewhere?)"
@@ -605,15 +611,21 @@ impl Volume {
         }
         for k in e + 1..ours {
             let Some(between) = log.claim_if_present(k).await? else {
-                return Ok(JournalFate::Stale(format!(
-                    "the claim of epoch {k} is gone, so whether it wrote over the journal is unknown"
-                )));
+                return Ok(JournalFate::Stale(
+                    format!(
+                        "the claim of epoch {k} is gone, so whether it wrote over the journal is unknown"
+                    ),
+                    tag,
+                ));
             };
             if !(between.journal == here && between.is_this_boot()) {
-                return Ok(JournalFate::Stale(format!(
-                    "epoch {k} ({}) did not replay it and may have written newer data",
-                    between.describe()
-                )));
+                return Ok(JournalFate::Stale(
+                    format!(
+                        "epoch {k} ({}) did not replay it and may have written newer data",
+                        between.describe()
+                    ),
+                    tag,
+                ));
             }
         }
         Ok(JournalFate::Replay(Box::new(Replay {

@@ -307,3 +307,22 @@ pub fn unsafe_writer(force: bool) -> OpenOptions {
         }),
     }
 }
+
+/// `cp -a` of a directory tree (a copy of a `file://` bucket).
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A `file://` bucket at `path`.
+pub fn dir_store(path: &std::path::Path) -> DynStore {
+    open_bucket(&BucketOptions::new(format!("file://{}", path.display()))).unwrap()
+}
