@@ -171,12 +171,7 @@ async fn p1(size: u64) -> Result<Vec<String>> {
         // read cold churns through it), sequential readahead.
         let cfg = VolumeConfig::default();
         let vol = new_volume(&store, size, cfg.clone()).await?;
-        let t = Instant::now();
-        for (i, piece) in buf.chunks(1 << 20).enumerate() {
-            vol.write(i as u64 * (1 << 20), piece).await?;
-        }
-        vol.flush().await?;
-        let write = t.elapsed();
+        let write = timed_write(&vol, &buf).await?;
         vol.close().await?;
         let vol = Volume::open(store.clone(), &secret(), writer(), cfg).await?;
         // One reused request buffer, as the ublk frontend has per tag.
@@ -242,14 +237,19 @@ async fn journaled_write(buf: &[u8], size: u64) -> Result<Duration> {
     };
     let vol = Volume::open(store, &secret(), opts, VolumeConfig::default()).await?;
     vol.attach_journal(&dir).await?;
+    let took = timed_write(&vol, buf).await?;
+    vol.close().await?;
+    Ok(took)
+}
+
+/// Write `buf` from offset 0 in 1 MiB requests, then flush: how long.
+async fn timed_write(vol: &Volume, buf: &[u8]) -> Result<Duration> {
     let t = Instant::now();
     for (i, piece) in buf.chunks(1 << 20).enumerate() {
         vol.write(i as u64 * (1 << 20), piece).await?;
     }
     vol.flush().await?;
-    let took = t.elapsed();
-    vol.close().await?;
-    Ok(took)
+    Ok(t.elapsed())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
