@@ -3,6 +3,8 @@
 
 mod common;
 
+use zerofs_ublk::store::paths;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -68,7 +70,11 @@ async fn flipped_frame_byte_fails_that_chunk_only() {
     let (mem, store) = store_with_raw();
     let (loc0, _) = two_chunks(&store).await;
     for at in [0, loc0.len as usize / 2, loc0.len as usize - 1] {
-        flip(&mem, &loc0.segment.key(), loc0.offset as usize + at);
+        flip(
+            &mem,
+            &paths::segment(loc0.segment),
+            loc0.offset as usize + at,
+        );
         let vol = open(&store).await.unwrap();
         assert_integrity(vol.read(0, 512).await, "chunk 0");
         assert_eq!(
@@ -77,7 +83,11 @@ async fn flipped_frame_byte_fails_that_chunk_only() {
             "other chunks still read"
         );
         drop(vol);
-        flip(&mem, &loc0.segment.key(), loc0.offset as usize + at);
+        flip(
+            &mem,
+            &paths::segment(loc0.segment),
+            loc0.offset as usize + at,
+        );
     }
 }
 
@@ -89,7 +99,7 @@ async fn swapped_frames_fail_to_decrypt() {
     {
         let objects = mem.raw_objects();
         let mut objects = objects.lock();
-        let seg = objects.get_mut(&loc0.segment.key()).unwrap();
+        let seg = objects.get_mut(&paths::segment(loc0.segment)).unwrap();
         let mut b = seg.to_vec();
         let (a, c) = (loc0.offset as usize, loc1.offset as usize);
         let n = loc0.len as usize;
@@ -130,7 +140,9 @@ async fn renamed_segment_is_rejected() {
         epoch: id.epoch,
         seq: id.seq + 1,
     };
-    mem.raw_objects().lock().insert(replayed.key(), copy);
+    mem.raw_objects()
+        .lock()
+        .insert(paths::segment(replayed), copy);
     assert_integrity(open(&store).await, "segment");
 }
 

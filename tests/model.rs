@@ -50,10 +50,8 @@ use zerofs_ublk::store::backend::{
     DynStore, FaultPlan, FaultyStore, LocalDirStore, MemoryStore, ObjectInfo, ObjectStore,
     StoreError, StoreResult,
 };
-use zerofs_ublk::store::checkpoint::CHECKPOINT_PREFIX;
-use zerofs_ublk::store::fencing::{EPOCH_PREFIX, SEAL_PREFIX, parse_epoch};
-use zerofs_ublk::store::index::SEGMENT_PREFIX;
 use zerofs_ublk::store::keys::key_use;
+use zerofs_ublk::store::paths::{self, CHECKPOINTS, CLAIMS, SEALS, SEGMENTS};
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 const CHUNKS: u64 = 12;
@@ -129,13 +127,13 @@ enum Gate {
 impl Gate {
     fn holds(self, req: Req, key: &str) -> bool {
         let (want, prefix) = match self {
-            Gate::SegmentPut => (Req::Write, SEGMENT_PREFIX),
-            Gate::OwnerCheck => (Req::Read, EPOCH_PREFIX),
-            Gate::CheckpointPut => (Req::Write, CHECKPOINT_PREFIX),
-            Gate::ClaimPut => (Req::Write, EPOCH_PREFIX),
-            Gate::SealPut => (Req::Write, SEAL_PREFIX),
-            Gate::SegmentList => (Req::List, SEGMENT_PREFIX),
-            Gate::FrameGet => (Req::Read, SEGMENT_PREFIX),
+            Gate::SegmentPut => (Req::Write, SEGMENTS),
+            Gate::OwnerCheck => (Req::Read, CLAIMS),
+            Gate::CheckpointPut => (Req::Write, CHECKPOINTS),
+            Gate::ClaimPut => (Req::Write, CLAIMS),
+            Gate::SealPut => (Req::Write, SEALS),
+            Gate::SegmentList => (Req::List, SEGMENTS),
+            Gate::FrameGet => (Req::Read, SEGMENTS),
         };
         req == want && key.starts_with(prefix)
     }
@@ -1313,13 +1311,9 @@ impl Case {
         };
         // A racer that failed after claiming its epoch (its own seal or
         // replay flush found itself fenced) fences the other one too.
-        let latest = self
-            .faults
-            .list(EPOCH_PREFIX)
-            .await
-            .map_err(|e| e.to_string())?
-            .iter()
-            .filter_map(|o| o.key.strip_prefix(EPOCH_PREFIX).and_then(parse_epoch))
+        let claims = self.faults.list(CLAIMS).await.map_err(|e| e.to_string())?;
+        let latest = paths::listed_epochs(&claims, CLAIMS)
+            .into_iter()
             .max()
             .unwrap_or(0);
         let fenced = epoch(&winner) < latest;

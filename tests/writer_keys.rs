@@ -17,11 +17,14 @@ use zerofs_ublk::Error;
 use zerofs_ublk::store::backend::{DynStore, ObjectInfo, ObjectStore, StoreResult};
 use zerofs_ublk::store::keys::{Secret, key_use};
 use zerofs_ublk::store::log::LogStore;
+use zerofs_ublk::store::paths;
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const SEGMENT_2_0: &str = "segments/0000000000000002-0000000000000000";
+fn segment_2_0() -> String {
+    paths::segment(zerofs_ublk::store::SegmentId { epoch: 2, seq: 0 })
+}
 
 /// Test 2 of the RFC: a restored backup or a `cp -a` of a `file://`
 /// bucket, each copy then opened by a writer. Both claim epoch 2 in their
@@ -52,7 +55,7 @@ async fn a_copy_of_the_bucket_never_shares_a_key_with_the_original() {
         "the two copies encrypted different data under one key and nonce"
     );
     // The copy's segment in the original's place: never the copy's bytes.
-    std::fs::copy(pb.join(SEGMENT_2_0), pa.join(SEGMENT_2_0)).unwrap();
+    std::fs::copy(pb.join(segment_2_0()), pa.join(segment_2_0())).unwrap();
     match Volume::open(a.clone(), &secret(), read_only(), test_config()).await {
         Err(e) => assert!(matches!(e, Error::Integrity(_)), "{e}"),
         Ok(v) => {
@@ -82,7 +85,7 @@ impl ObjectStore for Rendezvous {
         self.inner.put(k, d).await
     }
     async fn put_if_absent(&self, k: &str, d: bytes::Bytes) -> StoreResult<bool> {
-        if k.starts_with("epochs/") {
+        if k.starts_with(paths::CLAIMS) {
             self.barrier.wait().await;
         }
         self.inner.put_if_absent(k, d).await
@@ -256,7 +259,12 @@ async fn a_seal_written_by_a_format_2_build_over_a_format_3_epoch() {
                 .collect::<Vec<_>>()
         }
     };
-    let seal = Seal::from_listing(1, 2, &ids("segments/").await, &ids("checkpoints/").await);
+    let seal = Seal::from_listing(
+        1,
+        2,
+        &ids(paths::SEGMENTS).await,
+        &ids(paths::CHECKPOINTS).await,
+    );
     assert!(!seal.writers_recorded && seal.writers.is_empty());
     store
         .put(

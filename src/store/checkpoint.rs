@@ -15,16 +15,11 @@ use super::keys::{VolumeKeys, counter_nonce, domain};
 use super::wire::{Decoder, Encoder};
 use crate::error::{Error, Result};
 
-pub const CHECKPOINT_PREFIX: &str = "checkpoints/";
 const MAGIC: &[u8; 8] = b"ZUBLKCKP";
 const VERSION: u32 = 1;
 /// Decompressed checkpoints larger than this are refused as corrupt
 /// (≈ 200 M chunk entries: 25 TiB of written 128 KiB chunks).
 const MAX_PLAIN: usize = 4 << 30;
-
-pub fn checkpoint_key(position: SegmentId) -> String {
-    format!("{CHECKPOINT_PREFIX}{}", position.name())
-}
 
 fn aad(keys: &VolumeKeys, position: SegmentId) -> Vec<u8> {
     let mut aad = b"checkpoint".to_vec();

@@ -24,19 +24,7 @@ use super::index::SegmentId;
 use super::keys::VolumeKeys;
 use crate::error::{Error, Result};
 
-pub const EPOCH_PREFIX: &str = "epochs/";
-pub const SEAL_PREFIX: &str = "seals/";
-pub const RELEASE_PREFIX: &str = "released/";
-
-pub fn epoch_name(epoch: u64) -> String {
-    format!("{epoch:016x}")
-}
-
-pub fn parse_epoch(name: &str) -> Option<u64> {
-    (name.len() == 16)
-        .then(|| u64::from_str_radix(name, 16).ok())
-        .flatten()
-}
+use super::paths::epoch_name;
 
 fn aad(keys: &VolumeKeys, kind: &str, epoch: u64) -> Vec<u8> {
     let mut aad = kind.as_bytes().to_vec();

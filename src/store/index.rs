@@ -22,15 +22,9 @@ pub struct SegmentId {
     pub seq: u64,
 }
 
-pub const SEGMENT_PREFIX: &str = "segments/";
-
 impl SegmentId {
     pub fn name(&self) -> String {
         format!("{:016x}-{:016x}", self.epoch, self.seq)
-    }
-
-    pub fn key(&self) -> String {
-        format!("{SEGMENT_PREFIX}{}", self.name())
     }
 
     /// Parse `EEEE…-SSSS…` (the name part of a key).

@@ -10,15 +10,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::backend::{CountingStore, DynStore, ObjectInfo, RequestStats, StoreError};
-use super::checkpoint::{self, CHECKPOINT_PREFIX, checkpoint_key};
-use super::fencing::{
-    Claim, EPOCH_PREFIX, RELEASE_PREFIX, SEAL_PREFIX, Seal, SealChain, epoch_name, open_record,
-    parse_epoch, seal_record,
-};
-use super::index::{Index, Loc, SEGMENT_PREFIX, SegmentId};
+use super::checkpoint;
+use super::fencing::{Claim, Seal, SealChain, open_record, seal_record};
+use super::index::{Index, Loc, SegmentId};
 use super::keys::{Secret, VolumeKeys};
+use super::paths;
 use super::segment::{self, TAIL_READ};
-use super::superblock::{CreateParams, SUPERBLOCK_KEY, Superblock};
+use super::superblock::{CreateParams, Superblock};
 use crate::error::{Error, Result};
 
 /// How many segment tables recovery fetches at once.
@@ -72,13 +70,6 @@ pub struct LogStore {
     next_seq: AtomicU64,
 }
 
-fn names(objects: &[ObjectInfo], prefix: &str) -> Vec<(String, u64)> {
-    objects
-        .iter()
-        .filter_map(|o| o.key.strip_prefix(prefix).map(|n| (n.to_string(), o.size)))
-        .collect()
-}
-
 /// Conditional create that survives a lost response: a create whose
 /// first attempt landed but reported an error (or was retried by the
 /// transport and then found the object) is recognized by reading the
@@ -109,7 +100,7 @@ async fn create_or_confirm(
 
 /// Check that the backend really refuses a second create of one key.
 async fn probe_conditional_create(store: &DynStore) -> Result<bool> {
-    let key = format!("probe/{}", hex::encode(rand::random::<[u8; 8]>()));
+    let key = paths::probe();
     let first =
         create_or_confirm(store, &key, Bytes::from_static(b"1"), |d| &d[..] == b"1").await?;
     let second =
@@ -151,21 +142,21 @@ impl LogStore {
             .list("")
             .await?
             .iter()
-            .all(|o| o.key.starts_with("probe/"))
+            .all(|o| o.key.starts_with(paths::PROBES))
         {
             return Err(Error::VolumeExists(store.describe()));
         }
         let (sb, _) = Superblock::new(params, secret)?;
         let encoded = Bytes::from(sb.encode());
         let ours = |d: &Bytes| *d == encoded;
-        if !create_or_confirm(store, SUPERBLOCK_KEY, encoded.clone(), ours).await? {
+        if !create_or_confirm(store, paths::SUPERBLOCK, encoded.clone(), ours).await? {
             return Err(Error::VolumeExists(store.describe()));
         }
         Ok(sb)
     }
 
     pub async fn read_superblock(store: &DynStore) -> Result<Superblock> {
-        match store.get(SUPERBLOCK_KEY).await {
+        match store.get(paths::SUPERBLOCK).await {
             Ok(bytes) => Superblock::decode(&bytes),
             Err(StoreError::NotFound(_)) => Err(Error::NoVolume(store.describe())),
             Err(e) => Err(e.into()),
@@ -210,10 +201,7 @@ impl LogStore {
 
     /// Who claimed `epoch` (authenticated).
     pub async fn read_claim(&self, epoch: u64) -> Result<Claim> {
-        let data = self
-            .store
-            .get(&format!("{EPOCH_PREFIX}{}", epoch_name(epoch)))
-            .await?;
+        let data = self.store.get(&paths::claim(epoch)).await?;
         open_record(&self.keys, "claim", epoch, &data)
     }
 
@@ -227,19 +215,15 @@ impl LogStore {
     }
 
     async fn latest_epoch(&self) -> Result<u64> {
-        let listed = self.store.list(EPOCH_PREFIX).await?;
-        Ok(names(&listed, EPOCH_PREFIX)
-            .iter()
-            .filter_map(|(n, _)| parse_epoch(n))
+        let listed = self.store.list(paths::CLAIMS).await?;
+        Ok(paths::listed_epochs(&listed, paths::CLAIMS)
+            .into_iter()
             .max()
             .unwrap_or(0))
     }
 
     async fn is_released(&self, epoch: u64) -> Result<bool> {
-        Ok(self
-            .store
-            .exists(&format!("{RELEASE_PREFIX}{}", epoch_name(epoch)))
-            .await?)
+        Ok(self.store.exists(&paths::release(epoch)).await?)
     }
 
     /// Claim the next epoch by conditional create.
@@ -257,7 +241,7 @@ impl LogStore {
         }
         let epoch = current + 1;
         let mine = Claim::mine(journal);
-        let key = format!("{EPOCH_PREFIX}{}", epoch_name(epoch));
+        let key = paths::claim(epoch);
         let record = seal_record(&self.keys, "claim", epoch, &mine);
         let ours = |data: &Bytes| {
             open_record::<Claim>(&self.keys, "claim", epoch, data)
@@ -275,13 +259,10 @@ impl LogStore {
     /// Every seal, fetched several at a time (one per takeover: a volume
     /// restarted daily has hundreds, and open waited for each in turn).
     async fn read_seals(&self, listed: &[ObjectInfo]) -> Result<BTreeMap<u64, Seal>> {
-        let wanted: Vec<(u64, String)> = names(listed, SEAL_PREFIX)
-            .into_iter()
-            .filter_map(|(name, _)| parse_epoch(&name).map(|e| (e, name)))
-            .collect();
+        let wanted = paths::listed_epochs(listed, paths::SEALS);
         let mut fetches = futures::stream::iter(wanted)
-            .map(|(epoch, name)| async move {
-                let data = self.store.get(&format!("{SEAL_PREFIX}{name}")).await?;
+            .map(|epoch| async move {
+                let data = self.store.get(&paths::seal(epoch)).await?;
                 Ok::<_, Error>((epoch, data))
             })
             .buffer_unordered(REPLAY_CONCURRENCY);
@@ -299,20 +280,14 @@ impl LogStore {
     /// List the log, seal it (writer), load the newest valid checkpoint and
     /// replay the valid segments after it.
     async fn recover(&self, summary: &mut LogSummary) -> Result<(Index, Option<SegmentId>)> {
-        let seals_listed = self.store.list(SEAL_PREFIX).await?;
-        let seg_listed = self.store.list(SEGMENT_PREFIX).await?;
-        let cp_listed = self.store.list(CHECKPOINT_PREFIX).await?;
+        let seals_listed = self.store.list(paths::SEALS).await?;
+        let seg_listed = self.store.list(paths::SEGMENTS).await?;
+        let cp_listed = self.store.list(paths::CHECKPOINTS).await?;
         let mut seals = self.read_seals(&seals_listed).await?;
         let mut chain = SealChain::from_seals(seals.clone());
 
-        let segments: Vec<(SegmentId, u64)> = names(&seg_listed, SEGMENT_PREFIX)
-            .into_iter()
-            .filter_map(|(n, size)| SegmentId::parse(&n).map(|id| (id, size)))
-            .collect();
-        let checkpoints: Vec<(SegmentId, u64)> = names(&cp_listed, CHECKPOINT_PREFIX)
-            .into_iter()
-            .filter_map(|(n, size)| SegmentId::parse(&n).map(|id| (id, size)))
-            .collect();
+        let segments = paths::listed_ids(&seg_listed, paths::SEGMENTS);
+        let checkpoints = paths::listed_ids(&cp_listed, paths::CHECKPOINTS);
 
         if let Some(epoch) = self.epoch {
             let seg_ids: Vec<SegmentId> = segments.iter().map(|(s, _)| *s).collect();
@@ -327,7 +302,7 @@ impl LogStore {
                 }
             }
             seal.writers_recorded = true;
-            let key = format!("{SEAL_PREFIX}{}", epoch_name(epoch));
+            let key = paths::seal(epoch);
             let record = seal_record(&self.keys, "seal", epoch, &seal);
             let ours = |data: &Bytes| {
                 open_record::<Seal>(&self.keys, "seal", epoch, data).is_ok_and(|s| s == seal)
@@ -376,7 +351,7 @@ impl LogStore {
                     .iter()
                     .find(|(id, _)| *id == cp)
                     .map_or(0, |c| c.1);
-                let data = self.store.get_sized(&checkpoint_key(cp), size).await?;
+                let data = self.store.get_sized(&paths::checkpoint(cp), size).await?;
                 let keys = self.keys.clone();
                 tokio::task::spawn_blocking(move || checkpoint::decode(&keys, cp, &data, chunks))
                     .await
@@ -400,7 +375,7 @@ impl LogStore {
             return Err(Error::Integrity(format!(
                 "object {} is missing from the bucket, but the log names it (seal of epoch {sealed_by}); \
                  refusing to open, as its chunks would read older data",
-                missing.key()
+                paths::segment(missing)
             )));
         }
 
@@ -432,9 +407,9 @@ impl LogStore {
         match self.claim_if_present(epoch).await? {
             Some(c) => Ok(c.keys_bound.then_some(c.token)),
             None => Err(Error::Integrity(format!(
-                "epoch {epoch} has objects in the bucket but no claim ({EPOCH_PREFIX}{}): \
+                "epoch {epoch} has objects in the bucket but no claim ({}): \
                  whose keys they are under is unknown",
-                epoch_name(epoch)
+                paths::claim(epoch)
             ))),
         }
     }
@@ -484,7 +459,7 @@ impl LogStore {
         }
         let upgraded = self.superblock.upgraded(secret, &self.keys)?;
         self.store
-            .put(SUPERBLOCK_KEY, Bytes::from(upgraded.encode()))
+            .put(paths::SUPERBLOCK, Bytes::from(upgraded.encode()))
             .await?;
         tracing::info!(
             "volume format upgraded from {} to {} (older builds now refuse it)",
@@ -502,7 +477,10 @@ impl LogStore {
         size: u64,
     ) -> Result<(SegmentId, Vec<segment::TableEntry>)> {
         let tail_start = size.saturating_sub(TAIL_READ);
-        let tail = self.store.get_range(&id.key(), tail_start..size).await?;
+        let tail = self
+            .store
+            .get_range(&paths::segment(id), tail_start..size)
+            .await?;
         let (table_off, table_len) = segment::table_range(id, &tail, size)?;
         let sealed = if table_off >= tail_start {
             tail.slice(
@@ -510,7 +488,7 @@ impl LogStore {
             )
         } else {
             self.store
-                .get_range(&id.key(), table_off..table_off + table_len)
+                .get_range(&paths::segment(id), table_off..table_off + table_len)
                 .await?
         };
         let (entries, _crc) = segment::decode_table(&self.keys, id, &sealed, table_off)?;
@@ -566,7 +544,7 @@ impl LogStore {
     }
 
     pub async fn put_segment(&self, id: SegmentId, data: Bytes) -> Result<()> {
-        self.store.put(&id.key(), data).await?;
+        self.store.put(&paths::segment(id), data).await?;
         Ok(())
     }
 
@@ -574,7 +552,7 @@ impl LogStore {
     /// FLUSH's segments are acknowledged and before the FLUSH is.
     pub async fn check_owner(&self) -> Result<()> {
         let epoch = self.writer_epoch()?;
-        let next = format!("{EPOCH_PREFIX}{}", epoch_name(epoch + 1));
+        let next = paths::claim(epoch + 1);
         if self.store.exists(&next).await? {
             return Err(Error::Fenced(epoch));
         }
@@ -592,7 +570,7 @@ impl LogStore {
         let data = tokio::task::spawn_blocking(move || checkpoint::encode(&keys, position, &index))
             .await
             .expect("checkpoint encode task");
-        self.store.put(&checkpoint_key(position), data).await?;
+        self.store.put(&paths::checkpoint(position), data).await?;
         Ok(())
     }
 
@@ -601,7 +579,7 @@ impl LogStore {
         let start = loc.offset as u64;
         Ok(self
             .store
-            .get_range(&loc.segment.key(), start..start + loc.len as u64)
+            .get_range(&paths::segment(loc.segment), start..start + loc.len as u64)
             .await?)
     }
 
@@ -611,7 +589,7 @@ impl LogStore {
         self.check_owner().await?;
         self.store
             .put(
-                &format!("{RELEASE_PREFIX}{}", epoch_name(epoch)),
+                &paths::release(epoch),
                 seal_record(&self.keys, "release", epoch, &epoch),
             )
             .await?;

@@ -5,6 +5,7 @@
 //! - `superblock`: the public volume parameters and wrapped key;
 //! - `segment`, `index`, `checkpoint`: the log of chunk frames and its map;
 //! - `fencing`: epoch claims and seals (single writer);
+//! - `paths`: every object name and its parsing;
 //! - `log`: open / recover / append, tying the above together.
 //!
 //! This layer never sees plaintext chunk data: frames arrive encrypted
@@ -16,6 +17,7 @@ pub mod fencing;
 pub mod index;
 pub mod keys;
 pub mod log;
+pub mod paths;
 pub mod segment;
 pub mod superblock;
 mod wire;

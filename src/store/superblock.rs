@@ -11,7 +11,6 @@ use sha2::{Digest, Sha256};
 use super::keys::{Argon2Cost, DataKey, KdfParams, Secret, VolumeKeys, WrappedKey};
 use crate::error::{Error, Result};
 
-pub const SUPERBLOCK_KEY: &str = "superblock";
 /// 3: objects of an epoch are keyed to its writer's claim token
 /// (docs/rfcs/0001). 2 is still read; a format-3 writer upgrades it.
 pub const FORMAT_VERSION: u32 = 3;

@@ -90,7 +90,7 @@ pub fn claim_tag(token: &str) -> ClaimTag {
 /// The key the journal of the claim `token` of `epoch` is encrypted under
 /// (one per claim: the token is random, so no two journals share a key).
 pub fn journal_key(keys: &VolumeKeys, epoch: u64, token: &str) -> SubKey {
-    let object = format!("{}/{token}", crate::store::fencing::epoch_name(epoch));
+    let object = format!("{}/{token}", crate::store::paths::epoch_name(epoch));
     keys.subkey("journal", &object)
 }
 
