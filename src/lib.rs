@@ -3,10 +3,12 @@
 //! Layers, top to bottom (a layer never imports one above it):
 //! `cli` → `volume` (block semantics, dirty table) → `cache` → `codec`
 //! (zstd + AES-256-GCM frames) → `store` (segments, index, checkpoints,
-//! fencing) → object storage. See docs/ARCHITECTURE.md.
+//! fencing) → object storage. `clock` and `error` sit below them all.
+//! See docs/ARCHITECTURE.md.
 
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod error;
 pub mod frontend;

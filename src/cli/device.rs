@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::args::{BucketArgs, KeyArgs, WriterArgs};
 use super::{format_bytes, open_store, parse_size};
+use crate::clock::unix_now;
 use crate::frontend::{self, Counters, DeviceInfo, DeviceOptions, Shared};
 use crate::store::LogStore;
-use crate::store::fencing::unix_now;
 use crate::store::superblock::CreateParams;
 use crate::volume::{OpenOptions, Volume, VolumeConfig};
 

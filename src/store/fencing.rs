@@ -25,6 +25,7 @@ use super::keys::VolumeKeys;
 use crate::error::{Error, Result};
 
 use super::paths::epoch_name;
+use crate::clock::unix_now;
 
 fn aad(keys: &VolumeKeys, kind: &str, epoch: u64) -> Vec<u8> {
     let mut aad = kind.as_bytes().to_vec();
@@ -120,13 +121,6 @@ fn pid_namespace() -> String {
     std::fs::read_link("/proc/self/ns/pid")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl Claim {

@@ -120,10 +120,7 @@ impl Superblock {
             chunk_size: create.chunk_size,
             codec: CodecParams::new(create.zstd_level),
             kdf: KdfParams::for_secret(secret, create.argon2),
-            created_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_unix: crate::clock::unix_now(),
         };
         let key = DataKey::random();
         let kek = params.kdf.derive_kek(secret)?;

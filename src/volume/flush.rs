@@ -247,7 +247,7 @@ impl Inner {
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.last_flush_unix
-            .store(crate::store::fencing::unix_now(), Ordering::Relaxed);
+            .store(crate::clock::unix_now(), Ordering::Relaxed);
         fs.segments_since_checkpoint += segments.len() as u64;
         fs.last_segment = segments.last().copied();
         if fs.segments_since_checkpoint >= self.cfg.checkpoint_every {
