@@ -274,7 +274,7 @@ fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
     // Authentic (sealed with the volume's key), but 64 MiB of plaintext
     // for a 16-chunk volume, whose checkpoint is at most 596 bytes.
     let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
-    let object = checkpoint::seal_for_fuzzing(&keys, pos, &bomb);
+    let object = checkpoint::encrypt_for_fuzzing(&keys, pos, &bomb);
     let err = checkpoint::decode(&keys, pos, &object, 16).unwrap_err();
     assert!(err.to_string().contains("declares 67108864 bytes"), "{err}");
     // A real checkpoint of that volume still decodes.

@@ -221,7 +221,7 @@ async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
 /// its writer — by its claim — or the volume no longer opens.
 #[tokio::test]
 async fn a_seal_written_by_a_format_2_build_over_a_format_3_epoch() {
-    use zerofs_ublk::store::fencing::{Claim, Seal, seal_record};
+    use zerofs_ublk::store::fencing::{Claim, Seal, encrypt_record};
     use zerofs_ublk::store::index::SegmentId;
     let _one_at_a_time = SERIAL.lock().await;
     let store = memory();
@@ -243,7 +243,7 @@ async fn a_seal_written_by_a_format_2_build_over_a_format_3_epoch() {
     store
         .put(
             "epochs/0000000000000002",
-            seal_record(&keys, "claim", 2, &claim),
+            encrypt_record(&keys, "claim", 2, &claim),
         )
         .await
         .unwrap();
@@ -269,7 +269,7 @@ async fn a_seal_written_by_a_format_2_build_over_a_format_3_epoch() {
     store
         .put(
             "seals/0000000000000002",
-            seal_record(&keys, "seal", 2, &seal),
+            encrypt_record(&keys, "seal", 2, &seal),
         )
         .await
         .unwrap();

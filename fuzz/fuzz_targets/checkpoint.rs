@@ -1,5 +1,5 @@
 //! A checkpoint: raw bytes, and arbitrary (compressed or not) plaintext
-//! sealed under the volume's key, so the decompression and the index
+//! encrypted under the volume's key, so the decompression and the index
 //! parser see hostile input that passes authentication.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -17,13 +17,13 @@ fuzz_target!(|data: &[u8]| {
     let object = match mode % 3 {
         0 => bytes::Bytes::copy_from_slice(rest),
         // Plaintext as the encoder makes it: zstd of the index encoding.
-        1 => checkpoint::seal_for_fuzzing(
+        1 => checkpoint::encrypt_for_fuzzing(
             &keys,
             pos,
             &zstd_compress(rest),
         ),
         // The compressed stream itself is hostile (bombs, bad frames).
-        _ => checkpoint::seal_for_fuzzing(&keys, pos, rest),
+        _ => checkpoint::encrypt_for_fuzzing(&keys, pos, rest),
     };
     let _ = checkpoint::decode(&keys, pos, &object, chunks);
 });

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let frame = if mode < 128 {
         rest.to_vec()
     } else {
-        codec.seal_frame_for_fuzzing(loc, 11, mode & 1, rest)
+        codec.encrypt_frame_for_fuzzing(loc, 11, mode & 1, rest)
     };
     if let Ok(plain) = codec.decode(loc, 11, &frame) {
         assert_eq!(plain.len(), 64 << 10, "a decoded frame is a whole chunk");

@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = journal::parse_segment(path, data, &owner, last);
     }
     // The same bytes behind a valid header, so the record parser is reached
-    // (records themselves only authenticate if sealed; the parser must
+    // (records themselves only authenticate if encrypted under the key; the parser must
     // still never panic or over-allocate on them).
     let mut file = journal::header_for_fuzzing(&owner, 0);
     file.extend_from_slice(data);

@@ -2,7 +2,7 @@
 //! raw bytes, and arbitrary JSON that passes authentication.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use zerofs_ublk::store::fencing::{Claim, Seal, SealChain, open_record, seal_record_bytes};
+use zerofs_ublk::store::fencing::{Claim, Seal, SealChain, decrypt_record, encrypt_record_bytes};
 use zerofs_ublk::store::keys::{DataKey, VolumeKeys};
 
 fuzz_target!(|data: &[u8]| {
@@ -13,10 +13,10 @@ fuzz_target!(|data: &[u8]| {
     let bytes = if mode % 2 == 0 {
         bytes::Bytes::copy_from_slice(rest)
     } else {
-        seal_record_bytes(&keys, "seal", 4, rest)
+        encrypt_record_bytes(&keys, "seal", 4, rest)
     };
-    let _ = open_record::<Claim>(&keys, "seal", 4, &bytes).map(|c| c.describe());
-    if let Ok(seal) = open_record::<Seal>(&keys, "seal", 4, &bytes) {
+    let _ = decrypt_record::<Claim>(&keys, "seal", 4, &bytes).map(|c| c.describe());
+    if let Ok(seal) = decrypt_record::<Seal>(&keys, "seal", 4, &bytes) {
         // What open does with seals: chain them and ask about segments.
         let chain = SealChain::from_seals([(4, seal)].into());
         let _ = chain.named_segments().count();

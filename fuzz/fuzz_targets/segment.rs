@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = segment::decode_table(&keys, id, rest, frames_len);
         }
         _ => {
-            let sealed = segment::seal_table_for_fuzzing(&keys, id, rest);
+            let sealed = segment::encrypt_table_for_fuzzing(&keys, id, rest);
             let _ = segment::decode_table(&keys, id, &sealed, frames_len);
         }
     }

@@ -73,10 +73,16 @@ impl Codec {
     /// A frame with flag byte `flag` whose authenticated body is `body`
     /// (for the fuzz targets: lets them reach decompression).
     #[doc(hidden)]
-    pub fn seal_frame_for_fuzzing(&self, loc: Loc, chunk: u64, flag: u8, body: &[u8]) -> Vec<u8> {
+    pub fn encrypt_frame_for_fuzzing(
+        &self,
+        loc: Loc,
+        chunk: u64,
+        flag: u8,
+        body: &[u8],
+    ) -> Vec<u8> {
         let (key, nonce, aad) = self.frame_crypto(loc, chunk, flag);
         let mut frame = vec![flag];
-        frame.extend_from_slice(&key.seal(&nonce, &aad, body));
+        frame.extend_from_slice(&key.encrypt(&nonce, &aad, body));
         frame
     }
 
@@ -122,7 +128,7 @@ impl Codec {
     pub fn encode(&self, key: &FrameKey, offset: u64, chunk: u64, data: &[u8]) -> Vec<u8> {
         let plain = self.compress(data);
         let mut frame = vec![0u8; self.frame_len(&plain)];
-        self.seal_into(key, offset, chunk, data, &plain, &mut frame);
+        self.encrypt_into(key, offset, chunk, data, &plain, &mut frame);
         frame
     }
 
@@ -139,7 +145,7 @@ impl Codec {
     /// which is exactly `frame_len` bytes at `offset` of the key's segment,
     /// and encrypt it there. Split from `compress` so a flush can compress
     /// in parallel, lay the segment out, then encrypt in parallel in place.
-    pub fn seal_into(
+    pub fn encrypt_into(
         &self,
         key: &FrameKey,
         offset: u64,
@@ -163,7 +169,7 @@ impl Codec {
         };
         let nonce = counter_nonce(domain::FRAME, offset);
         let aad = aad(&self.keys.volume_id, key.segment, offset, chunk, flag[0]);
-        tag.copy_from_slice(&key.key.seal_in_place(&nonce, &aad, payload));
+        tag.copy_from_slice(&key.key.encrypt_in_place(&nonce, &aad, payload));
     }
 
     /// Decide how a chunk is stored: zstd when it saves at least 1/64 of
@@ -220,7 +226,7 @@ impl Codec {
         let (key, nonce, aad) = self.frame_crypto(loc, chunk, flag);
         let mut plain = body.to_vec();
         let tag = tag.try_into().expect("tag length");
-        if !key.open_in_place(&nonce, &aad, &mut plain, tag) {
+        if !key.decrypt_in_place(&nonce, &aad, &mut plain, tag) {
             return Err(fail("frame failed authentication"));
         }
         let data = match flag {

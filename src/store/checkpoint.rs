@@ -28,19 +28,19 @@ fn aad(keys: &VolumeKeys, position: SegmentId) -> Vec<u8> {
     aad
 }
 
-/// A checkpoint object whose sealed content is `compressed` (for the fuzz
+/// A checkpoint object whose encrypted content is `compressed` (for the fuzz
 /// targets: plaintext that passes authentication).
 #[doc(hidden)]
-pub fn seal_for_fuzzing(keys: &VolumeKeys, position: SegmentId, compressed: &[u8]) -> Bytes {
-    let sealed = keys
+pub fn encrypt_for_fuzzing(keys: &VolumeKeys, position: SegmentId, compressed: &[u8]) -> Bytes {
+    let encrypted = keys
         .segment_key("checkpoint", position.epoch, &position.name())
-        .seal(
+        .encrypt(
             &counter_nonce(domain::TABLE, 0),
             &aad(keys, position),
             compressed,
         );
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(&encrypted);
     Bytes::from(out)
 }
 
@@ -65,15 +65,15 @@ pub fn encode(keys: &VolumeKeys, position: SegmentId, index: &Index) -> Bytes {
             .u32(loc.len);
     }
     let compressed = zstd::bulk::compress(&e.0, 3).expect("zstd compress to memory");
-    let sealed = keys
+    let encrypted = keys
         .segment_key("checkpoint", position.epoch, &position.name())
-        .seal(
+        .encrypt(
             &counter_nonce(domain::TABLE, 0),
             &aad(keys, position),
             &compressed,
         );
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(&encrypted);
     Bytes::from(out)
 }
 
@@ -84,7 +84,7 @@ pub fn decode(keys: &VolumeKeys, position: SegmentId, bytes: &[u8], chunks: u64)
     }
     let compressed = keys
         .segment_key("checkpoint", position.epoch, &position.name())
-        .open(
+        .decrypt(
             &counter_nonce(domain::TABLE, 0),
             &aad(keys, position),
             &bytes[MAGIC.len()..],

@@ -36,24 +36,24 @@ fn aad(keys: &VolumeKeys, kind: &str, epoch: u64) -> Vec<u8> {
 
 /// Encrypt a small record bound to (kind, epoch). Random nonce: several
 /// writers may race to create the same claim name with different content.
-pub fn seal_record<T: Serialize>(keys: &VolumeKeys, kind: &str, epoch: u64, value: &T) -> Bytes {
+pub fn encrypt_record<T: Serialize>(keys: &VolumeKeys, kind: &str, epoch: u64, value: &T) -> Bytes {
     let plain = serde_json::to_vec(value).expect("record serializes");
     Bytes::from(
         keys.subkey(kind, &epoch_name(epoch))
-            .seal_random(&aad(keys, kind, epoch), &plain),
+            .encrypt_random(&aad(keys, kind, epoch), &plain),
     )
 }
 
 /// Seal raw bytes as a record (for the fuzz targets).
 #[doc(hidden)]
-pub fn seal_record_bytes(keys: &VolumeKeys, kind: &str, epoch: u64, plain: &[u8]) -> Bytes {
+pub fn encrypt_record_bytes(keys: &VolumeKeys, kind: &str, epoch: u64, plain: &[u8]) -> Bytes {
     Bytes::from(
         keys.subkey(kind, &epoch_name(epoch))
-            .seal_random(&aad(keys, kind, epoch), plain),
+            .encrypt_random(&aad(keys, kind, epoch), plain),
     )
 }
 
-pub fn open_record<T: for<'de> Deserialize<'de>>(
+pub fn decrypt_record<T: for<'de> Deserialize<'de>>(
     keys: &VolumeKeys,
     kind: &str,
     epoch: u64,
@@ -61,7 +61,7 @@ pub fn open_record<T: for<'de> Deserialize<'de>>(
 ) -> Result<T> {
     let plain = keys
         .subkey(kind, &epoch_name(epoch))
-        .open_random(&aad(keys, kind, epoch), data)
+        .decrypt_random(&aad(keys, kind, epoch), data)
         .ok_or_else(|| {
             Error::Integrity(format!(
                 "{kind} record {} failed authentication",

@@ -349,26 +349,26 @@ impl SubKey {
     }
 
     /// Encrypt `msg`; output is ciphertext followed by the 16-byte tag.
-    pub fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Vec<u8> {
+    pub fn encrypt(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Vec<u8> {
         key_use::note(self.id, nonce, aad, msg);
-        self.seal_unrecorded(nonce, aad, msg)
+        self.encrypt_unrecorded(nonce, aad, msg)
     }
 
-    fn seal_unrecorded(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Vec<u8> {
+    fn encrypt_unrecorded(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Vec<u8> {
         self.cipher
             .encrypt(Nonce::from_slice(nonce), Payload { msg, aad })
             .expect("AES-GCM encryption cannot fail below 64 GiB")
     }
 
     /// Decrypt and authenticate; `None` when the bytes are not authentic.
-    pub fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], ct: &[u8]) -> Option<Vec<u8>> {
+    pub fn decrypt(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], ct: &[u8]) -> Option<Vec<u8>> {
         self.cipher
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
             .ok()
     }
 
     /// Encrypt `buf` where it lies (no copy); returns the tag.
-    pub fn seal_in_place(
+    pub fn encrypt_in_place(
         &self,
         nonce: &[u8; NONCE_LEN],
         aad: &[u8],
@@ -383,7 +383,7 @@ impl SubKey {
 
     /// Authenticate and decrypt `buf` where it lies. On `false` the bytes
     /// are not authentic and `buf` is left as it was (still ciphertext).
-    pub fn open_in_place(
+    pub fn decrypt_in_place(
         &self,
         nonce: &[u8; NONCE_LEN],
         aad: &[u8],
@@ -396,19 +396,19 @@ impl SubKey {
     }
 
     /// Seal with a fresh random nonce, which is prepended to the output.
-    pub fn seal_random(&self, aad: &[u8], msg: &[u8]) -> Vec<u8> {
+    pub fn encrypt_random(&self, aad: &[u8], msg: &[u8]) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
         let mut out = nonce.to_vec();
-        out.extend_from_slice(&self.seal_unrecorded(&nonce, aad, msg));
+        out.extend_from_slice(&self.encrypt_unrecorded(&nonce, aad, msg));
         out
     }
 
-    pub fn open_random(&self, aad: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    pub fn decrypt_random(&self, aad: &[u8], data: &[u8]) -> Option<Vec<u8>> {
         if data.len() < NONCE_LEN + TAG_LEN {
             return None;
         }
         let (nonce, ct) = data.split_at(NONCE_LEN);
-        self.open(nonce.try_into().ok()?, aad, ct)
+        self.decrypt(nonce.try_into().ok()?, aad, ct)
     }
 }
 
@@ -477,18 +477,18 @@ mod tests {
         let unbound = keys.subkey("segment-frames", "s");
         let nonce = counter_nonce(domain::FRAME, 0);
         let (ca, cb) = (
-            a.seal(&nonce, b"aad", b"same"),
-            b.seal(&nonce, b"aad", b"same"),
+            a.encrypt(&nonce, b"aad", b"same"),
+            b.encrypt(&nonce, b"aad", b"same"),
         );
         assert_ne!(ca, cb);
-        assert!(b.open(&nonce, b"aad", &ca).is_none());
-        assert!(unbound.open(&nonce, b"aad", &ca).is_none());
-        assert_eq!(a.open(&nonce, b"aad", &ca).unwrap(), b"same");
+        assert!(b.decrypt(&nonce, b"aad", &ca).is_none());
+        assert!(unbound.decrypt(&nonce, b"aad", &ca).is_none());
+        assert_eq!(a.decrypt(&nonce, b"aad", &ca).unwrap(), b"same");
         // The binding follows the epoch.
         keys.bind_epoch(4, "aaaa");
         let bound = keys.segment_key("segment-frames", 4, "s");
-        assert_eq!(bound.open(&nonce, b"aad", &ca).unwrap(), b"same");
+        assert_eq!(bound.decrypt(&nonce, b"aad", &ca).unwrap(), b"same");
         let other_epoch = keys.segment_key("segment-frames", 5, "s");
-        assert!(other_epoch.open(&nonce, b"aad", &ca).is_none());
+        assert!(other_epoch.decrypt(&nonce, b"aad", &ca).is_none());
     }
 }

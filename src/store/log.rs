@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use super::backend::{CountingStore, DynStore, ObjectInfo, RequestStats, StoreError};
 use super::checkpoint;
-use super::fencing::{Claim, Seal, SealChain, open_record, seal_record};
+use super::fencing::{Claim, Seal, SealChain, decrypt_record, encrypt_record};
 use super::index::{Index, Loc, SegmentId};
 use super::keys::{Secret, VolumeKeys};
 use super::paths;
@@ -202,7 +202,7 @@ impl LogStore {
     /// Who claimed `epoch` (authenticated).
     pub async fn read_claim(&self, epoch: u64) -> Result<Claim> {
         let data = self.store.get(&paths::claim(epoch)).await?;
-        open_record(&self.keys, "claim", epoch, &data)
+        decrypt_record(&self.keys, "claim", epoch, &data)
     }
 
     /// The claim of `epoch`, or None if the bucket has none.
@@ -242,9 +242,9 @@ impl LogStore {
         let epoch = current + 1;
         let mine = Claim::mine(journal);
         let key = paths::claim(epoch);
-        let record = seal_record(&self.keys, "claim", epoch, &mine);
+        let record = encrypt_record(&self.keys, "claim", epoch, &mine);
         let ours = |data: &Bytes| {
-            open_record::<Claim>(&self.keys, "claim", epoch, data)
+            decrypt_record::<Claim>(&self.keys, "claim", epoch, data)
                 .is_ok_and(|c| c.token == mine.token)
         };
         // A create whose first attempt landed reads back as ours.
@@ -271,7 +271,7 @@ impl LogStore {
             let (epoch, data) = fetched?;
             seals.insert(
                 epoch,
-                open_record::<Seal>(&self.keys, "seal", epoch, &data)?,
+                decrypt_record::<Seal>(&self.keys, "seal", epoch, &data)?,
             );
         }
         Ok(seals)
@@ -303,9 +303,9 @@ impl LogStore {
             }
             seal.writers_recorded = true;
             let key = paths::seal(epoch);
-            let record = seal_record(&self.keys, "seal", epoch, &seal);
+            let record = encrypt_record(&self.keys, "seal", epoch, &seal);
             let ours = |data: &Bytes| {
-                open_record::<Seal>(&self.keys, "seal", epoch, data).is_ok_and(|s| s == seal)
+                decrypt_record::<Seal>(&self.keys, "seal", epoch, data).is_ok_and(|s| s == seal)
             };
             if !create_or_confirm(&self.store, &key, record, ours).await? {
                 return Err(Error::InUse(format!("another writer sealed epoch {epoch}")));
@@ -482,7 +482,7 @@ impl LogStore {
             .get_range(&paths::segment(id), tail_start..size)
             .await?;
         let (table_off, table_len) = segment::table_range(id, &tail, size)?;
-        let sealed = if table_off >= tail_start {
+        let encrypted = if table_off >= tail_start {
             tail.slice(
                 (table_off - tail_start) as usize..(table_off - tail_start + table_len) as usize,
             )
@@ -491,7 +491,7 @@ impl LogStore {
                 .get_range(&paths::segment(id), table_off..table_off + table_len)
                 .await?
         };
-        let (entries, _crc) = segment::decode_table(&self.keys, id, &sealed, table_off)?;
+        let (entries, _crc) = segment::decode_table(&self.keys, id, &encrypted, table_off)?;
         Ok((id, entries))
     }
 
@@ -590,7 +590,7 @@ impl LogStore {
         self.store
             .put(
                 &paths::release(epoch),
-                seal_record(&self.keys, "release", epoch, &epoch),
+                encrypt_record(&self.keys, "release", epoch, &epoch),
             )
             .await?;
         Ok(())

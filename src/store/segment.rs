@@ -51,8 +51,8 @@ fn table_key(keys: &VolumeKeys, id: SegmentId) -> SubKey {
 /// Seal `plain` as segment `id`'s table: lets the fuzz targets feed the
 /// table parser plaintext that passes authentication.
 #[doc(hidden)]
-pub fn seal_table_for_fuzzing(keys: &VolumeKeys, id: SegmentId, plain: &[u8]) -> Vec<u8> {
-    table_key(keys, id).seal(
+pub fn encrypt_table_for_fuzzing(keys: &VolumeKeys, id: SegmentId, plain: &[u8]) -> Vec<u8> {
+    table_key(keys, id).encrypt(
         &counter_nonce(domain::TABLE, 0),
         &table_aad(keys, id),
         plain,
@@ -118,13 +118,13 @@ impl SegmentLayout {
         });
     }
 
-    /// The whole object's size: frames, sealed table, trailer.
+    /// The whole object's size: frames, encrypted table, trailer.
     pub fn object_len(&self) -> usize {
         self.frames_len + table_plain_len(self.entries.len()) + TAG_LEN + TRAILER_LEN
     }
 
     /// Given the object buffer (`object_len` bytes) with every frame
-    /// written, seal the table into its tail and produce the object.
+    /// written, encrypt the table into its tail and produce the object.
     pub fn finish(self, keys: &VolumeKeys, mut object: Vec<u8>) -> Bytes {
         assert_eq!(object.len(), self.object_len(), "segment buffer size");
         let (frames, tail) = object.split_at_mut(self.frames_len);
@@ -136,16 +136,16 @@ impl SegmentLayout {
         table
             .u64(self.frames_len as u64)
             .u32(crc32c::crc32c(frames));
-        let (sealed, trailer) = tail.split_at_mut(tail.len() - TRAILER_LEN);
-        let (body, tag) = sealed.split_at_mut(sealed.len() - TAG_LEN);
+        let (encrypted, trailer) = tail.split_at_mut(tail.len() - TRAILER_LEN);
+        let (body, tag) = encrypted.split_at_mut(encrypted.len() - TAG_LEN);
         body.copy_from_slice(&table.0);
-        tag.copy_from_slice(&table_key(keys, self.id).seal_in_place(
+        tag.copy_from_slice(&table_key(keys, self.id).encrypt_in_place(
             &counter_nonce(domain::TABLE, 0),
             &table_aad(keys, self.id),
             body,
         ));
-        let sealed_len = sealed.len() as u32;
-        trailer[..4].copy_from_slice(&sealed_len.to_le_bytes());
+        let encrypted_len = encrypted.len() as u32;
+        trailer[..4].copy_from_slice(&encrypted_len.to_le_bytes());
         trailer[4..8].copy_from_slice(&VERSION.to_le_bytes());
         trailer[8..].copy_from_slice(MAGIC);
         Bytes::from(object)
@@ -179,14 +179,14 @@ pub fn table_range(id: SegmentId, tail: &[u8], object_len: u64) -> Result<(u64, 
 pub fn decode_table(
     keys: &VolumeKeys,
     id: SegmentId,
-    sealed: &[u8],
+    encrypted: &[u8],
     frames_len: u64,
 ) -> Result<(Vec<TableEntry>, u32)> {
     let plain = table_key(keys, id)
-        .open(
+        .decrypt(
             &counter_nonce(domain::TABLE, 0),
             &table_aad(keys, id),
-            sealed,
+            encrypted,
         )
         .ok_or_else(|| Error::Integrity(format!("segment {id}: table failed authentication")))?;
     let mut d = Decoder::new(&plain, "segment table");

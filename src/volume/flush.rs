@@ -139,8 +139,8 @@ impl Inner {
 
     /// Build segment `n` of the plan: allocate the object once at its final
     /// size (zero-filled by calloc, no pass over it), cut it into one slot
-    /// per frame, encrypt every frame in place in parallel, seal the table.
-    fn seal_segment(&self, plan: &Plan, n: usize, layout: SegmentLayout) -> Bytes {
+    /// per frame, encrypt every frame in place in parallel, encrypt the table.
+    fn encrypt_segment(&self, plan: &Plan, n: usize, layout: SegmentLayout) -> Bytes {
         let mut object = vec![0u8; layout.object_len()];
         let key = self.codec.frame_key(layout.id);
         let mut rest = object.as_mut_slice();
@@ -155,12 +155,12 @@ impl Inner {
             let data = c.data.as_deref().expect("placed chunks hold data");
             let plain = plan.plains[i].as_ref().expect("placed chunks compressed");
             self.codec
-                .seal_into(&key, loc.offset as u64, c.chunk, data, plain, out);
+                .encrypt_into(&key, loc.offset as u64, c.chunk, data, plain, out);
         });
         layout.finish(self.log.keys(), object)
     }
 
-    /// Put one sealed segment, then give its frames to the SSD tier (a
+    /// Put one encrypted segment, then give its frames to the SSD tier (a
     /// frame cached before the flush is acknowledged is harmless: its
     /// location is never reused, and unpublished it is never looked up).
     async fn upload(&self, id: SegmentId, bytes: Bytes, frames: Vec<Loc>) -> Result<()> {
@@ -193,7 +193,7 @@ impl Inner {
                 uploads.next().await.expect("non-empty")?;
             }
             let (this, p) = (Arc::clone(self), Arc::clone(&plan));
-            let bytes = tokio::task::spawn_blocking(move || this.seal_segment(&p, n, layout))
+            let bytes = tokio::task::spawn_blocking(move || this.encrypt_segment(&p, n, layout))
                 .await
                 .expect("seal task");
             let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();

@@ -182,7 +182,9 @@ fn header(owner: &Owner, segment: u64) -> Vec<u8> {
     h.extend_from_slice(&segment.to_le_bytes());
     let crc = crc32c::crc32c(&h);
     h.extend_from_slice(&crc.to_le_bytes());
-    let check = owner.key.seal_in_place(&header_nonce(segment), &h, &mut []);
+    let check = owner
+        .key
+        .encrypt_in_place(&header_nonce(segment), &h, &mut []);
     h.extend_from_slice(&check);
     h
 }
@@ -322,7 +324,7 @@ impl Journal {
         buf.extend_from_slice(&[0u8; TAG_LEN]);
         buf.extend_from_slice(data);
         let (head, body) = buf.split_at_mut(RECORD_HEADER);
-        let tag = self.key.seal_in_place(
+        let tag = self.key.encrypt_in_place(
             &counter_nonce(domain::JOURNAL, counter),
             &head[..RECORD_AAD],
             body,
@@ -683,7 +685,7 @@ impl<R: Read> Records<R> {
             if n < TAG_LEN
                 || !owner
                     .key
-                    .open_in_place(&header_nonce(segment), &h, &mut [], &check)
+                    .decrypt_in_place(&header_nonce(segment), &h, &mut [], &check)
             {
                 return Err(records.bad("not written under this claim's journal key"));
             }
@@ -746,7 +748,7 @@ impl<R: Read> Records<R> {
             let nonce = counter_nonce(domain::JOURNAL, counter);
             if !self
                 .key
-                .open_in_place(&nonce, &h[..RECORD_AAD], &mut data, &tag)
+                .decrypt_in_place(&nonce, &h[..RECORD_AAD], &mut data, &tag)
             {
                 false
             } else if self.counter.is_some_and(|c| counter <= c) {
