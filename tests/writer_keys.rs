@@ -221,8 +221,8 @@ async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
 /// its writer — by its claim — or the volume no longer opens.
 #[tokio::test]
 async fn a_seal_written_by_a_format_2_build_over_a_format_3_epoch() {
+    use zerofs_ublk::store::SegmentId;
     use zerofs_ublk::store::fencing::{Claim, Seal, encrypt_record};
-    use zerofs_ublk::store::index::SegmentId;
     let _one_at_a_time = SERIAL.lock().await;
     let store = memory();
     let v = create_and_open(&store, 16).await;

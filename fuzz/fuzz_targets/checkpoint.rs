@@ -4,7 +4,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use zerofs_ublk::store::checkpoint;
-use zerofs_ublk::store::index::SegmentId;
+use zerofs_ublk::store::SegmentId;
 use zerofs_ublk::store::keys::{DataKey, VolumeKeys};
 
 fuzz_target!(|data: &[u8]| {

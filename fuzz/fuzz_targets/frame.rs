@@ -4,7 +4,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use zerofs_ublk::codec::Codec;
-use zerofs_ublk::store::index::{Loc, SegmentId};
+use zerofs_ublk::store::{Loc, SegmentId};
 use zerofs_ublk::store::keys::{DataKey, VolumeKeys};
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 //! and a bug, or an attacker who has it, must not crash a reader either).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use zerofs_ublk::store::index::SegmentId;
+use zerofs_ublk::store::SegmentId;
 use zerofs_ublk::store::keys::{DataKey, VolumeKeys};
 use zerofs_ublk::store::segment;
 

@@ -10,8 +10,9 @@
 
 use bytes::Bytes;
 
-use super::index::{Index, Loc, SegmentId};
+use super::index::{Index, Loc};
 use super::keys::{VolumeKeys, counter_nonce, domain};
+use super::segment::SegmentId;
 use super::wire::{Decoder, Encoder};
 use crate::error::{Error, Result};
 

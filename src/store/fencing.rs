@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::index::SegmentId;
 use super::keys::VolumeKeys;
+use super::segment::SegmentId;
 use crate::error::{Error, Result};
 
 use super::paths::epoch_name;

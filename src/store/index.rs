@@ -8,43 +8,10 @@
 //! write also takes; with a plain `BTreeMap` that clone was O(mapped
 //! chunks) — about 8 M entries at 1 TiB — with all I/O waiting on it.
 
-use std::fmt;
-
 use imbl::{HashMap, OrdMap};
 
+use super::segment::SegmentId;
 use crate::error::{Error, Result};
-
-/// A segment's identity: the writer epoch that wrote it and its sequence
-/// number within that epoch. Ordered as the log is: by epoch, then seq.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SegmentId {
-    pub epoch: u64,
-    pub seq: u64,
-}
-
-impl SegmentId {
-    pub fn name(&self) -> String {
-        format!("{:016x}-{:016x}", self.epoch, self.seq)
-    }
-
-    /// Parse `EEEE…-SSSS…` (the name part of a key).
-    pub fn parse(name: &str) -> Option<Self> {
-        let (e, s) = name.split_once('-')?;
-        if e.len() != 16 || s.len() != 16 {
-            return None;
-        }
-        Some(SegmentId {
-            epoch: u64::from_str_radix(e, 16).ok()?,
-            seq: u64::from_str_radix(s, 16).ok()?,
-        })
-    }
-}
-
-impl fmt::Display for SegmentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name())
-    }
-}
 
 /// Where one chunk's frame is: segment, byte offset, frame length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

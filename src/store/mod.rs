@@ -22,6 +22,7 @@ pub mod segment;
 pub mod superblock;
 mod wire;
 
-pub use index::{Index, Loc, SegmentId};
+pub use index::{Index, Loc};
 pub use log::{LogStore, LogSummary, OpenMode, WriterOptions};
+pub use segment::SegmentId;
 pub use superblock::{CreateParams, Superblock};

@@ -3,7 +3,7 @@
 //! Names are hex, fixed width, so lexicographic order is numeric order.
 
 use super::backend::ObjectInfo;
-use super::index::SegmentId;
+use super::segment::SegmentId;
 
 /// The volume's public parameters and wrapped key.
 pub const SUPERBLOCK: &str = "superblock";

@@ -14,10 +14,42 @@
 
 use bytes::Bytes;
 
-use super::index::{Loc, SegmentId};
+use super::index::Loc;
 use super::keys::{SubKey, TAG_LEN, VolumeKeys, counter_nonce, domain};
 use super::wire::{Decoder, Encoder};
 use crate::error::{Error, Result};
+
+/// A segment's identity: the writer epoch that wrote it and its sequence
+/// number within that epoch. Ordered as the log is: by epoch, then seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl SegmentId {
+    pub fn name(&self) -> String {
+        format!("{:016x}-{:016x}", self.epoch, self.seq)
+    }
+
+    /// Parse `EEEE…-SSSS…` (the name part of a key).
+    pub fn parse(name: &str) -> Option<Self> {
+        let (e, s) = name.split_once('-')?;
+        if e.len() != 16 || s.len() != 16 {
+            return None;
+        }
+        Some(SegmentId {
+            epoch: u64::from_str_radix(e, 16).ok()?,
+            seq: u64::from_str_radix(s, 16).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for SegmentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
 
 const MAGIC: &[u8; 8] = b"ZUBLKSEG";
 const VERSION: u32 = 1;
