@@ -974,11 +974,14 @@ mod tests {
         };
         j.append(&a).unwrap();
         let path = j.path();
-        // A data record claiming 2^60 bytes.
+        // A whole record header (kind, offset, len, counter, tag) whose
+        // data claims 2^60 bytes.
         let mut rec = vec![KIND_DATA];
         rec.extend_from_slice(&0u64.to_le_bytes());
         rec.extend_from_slice(&(1u64 << 60).to_le_bytes());
-        rec.extend_from_slice(&0u32.to_le_bytes());
+        rec.extend_from_slice(&1u64.to_le_bytes());
+        rec.extend_from_slice(&[0u8; TAG_LEN]);
+        assert_eq!(rec.len(), RECORD_HEADER);
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
