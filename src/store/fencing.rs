@@ -1,4 +1,5 @@
-//! Single-writer fencing records: epoch claims, seals and release markers.
+//! Single-writer fencing: the records (epoch claims, seals, release
+//! markers) and the `Fence` that runs the protocol over them.
 //!
 //! - `epochs/<epoch>`: a writer's claim, made by conditional create. Holds
 //!   (encrypted) who claimed it: host, pid, boot id, time, random token.
@@ -20,7 +21,11 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use futures::StreamExt;
+
+use super::backend::{DynStore, ObjectInfo, StoreError};
 use super::keys::VolumeKeys;
+use super::paths;
 use super::segment::SegmentId;
 use crate::error::{Error, Result};
 
@@ -307,6 +312,298 @@ impl SealChain {
         self.deciding(epoch)
             .filter(|s| s.writers_recorded)
             .map(|s| s.writers.get(&epoch).cloned())
+    }
+}
+
+/// The ownership protocol of one volume, as one process sees it: who
+/// holds which epoch (claims), what each new owner found (seals), the
+/// check a writer makes before it acknowledges a FLUSH, and the release
+/// at a clean shutdown. Readers use it to read the records; a writer
+/// holds its claim here. The argument: ARCHITECTURE.md, "Fencing".
+pub struct Fence {
+    store: DynStore,
+    keys: VolumeKeys,
+    /// Our epoch and its claim, once claimed.
+    owned: Option<(u64, Claim)>,
+}
+
+/// Conditional create that survives a lost response: a create whose
+/// first attempt landed but reported an error (or was retried by the
+/// transport and then found the object) is recognized by reading the
+/// object back. `Ok(false)`: someone else's object is there.
+pub(super) async fn create_or_confirm(
+    store: &DynStore,
+    key: &str,
+    data: Bytes,
+    ours: impl Fn(&Bytes) -> bool,
+) -> Result<bool> {
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match store.put_if_absent(key, data.clone()).await {
+            Ok(true) => return Ok(true),
+            Ok(false) => {
+                let existing = store.get(key).await?;
+                return Ok(ours(&existing));
+            }
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!("creating {key} failed (attempt {attempt}, retrying): {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Check that the backend really refuses a second create of one key.
+async fn probe_conditional_create(store: &DynStore) -> Result<bool> {
+    let key = paths::probe();
+    let first =
+        create_or_confirm(store, &key, Bytes::from_static(b"1"), |d| &d[..] == b"1").await?;
+    let second =
+        create_or_confirm(store, &key, Bytes::from_static(b"2"), |d| &d[..] == b"2").await?;
+    let kept = store.get(&key).await?;
+    // A probe object left behind is harmless (`create` ignores them, and
+    // garbage collection removes them).
+    if let Err(e) = store.delete(&key).await {
+        tracing::warn!("could not remove the probe object {key}: {e}");
+    }
+    Ok(first && !second && kept.as_ref() == b"1")
+}
+
+/// Fencing rests on conditional create: refuse a backend that does not
+/// enforce it, unless the user accepted the risk.
+pub(super) async fn require_conditional_create(
+    store: &DynStore,
+    allow_unconditional: bool,
+) -> Result<()> {
+    if allow_unconditional {
+        tracing::warn!("conditional create not verified: single-writer safety is on you");
+        return Ok(());
+    }
+    if !store.supports_conditional_create() || !probe_conditional_create(store).await? {
+        return Err(Error::Unsupported(format!(
+            "{} does not enforce conditional create (If-None-Match: *), so two writers could \
+             corrupt the volume; pass --allow-unsafe-no-conditional-create to accept that risk",
+            store.describe()
+        )));
+    }
+    Ok(())
+}
+
+/// How many records are fetched at once.
+const READ_CONCURRENCY: usize = 8;
+
+impl Fence {
+    pub fn new(store: DynStore, keys: VolumeKeys) -> Self {
+        Fence {
+            store,
+            keys,
+            owned: None,
+        }
+    }
+
+    /// Our epoch, when we hold one.
+    pub fn epoch(&self) -> Option<u64> {
+        self.owned.as_ref().map(|(e, _)| *e)
+    }
+
+    /// Our claim, when we hold one.
+    pub fn claim(&self) -> Option<&Claim> {
+        self.owned.as_ref().map(|(_, c)| c)
+    }
+
+    pub(super) fn owned_epoch(&self) -> Result<u64> {
+        self.epoch()
+            .ok_or_else(|| Error::InvalidArgument("volume is open read-only".into()))
+    }
+
+    /// Who claimed `epoch` (authenticated).
+    pub async fn read_claim(&self, epoch: u64) -> Result<Claim> {
+        let data = self.store.get(&paths::claim(epoch)).await?;
+        decrypt_record(&self.keys, "claim", epoch, &data)
+    }
+
+    /// The claim of `epoch`, or None if the bucket has none.
+    pub async fn claim_if_present(&self, epoch: u64) -> Result<Option<Claim>> {
+        match self.read_claim(epoch).await {
+            Ok(c) => Ok(Some(c)),
+            Err(Error::Store(StoreError::NotFound(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The highest claimed epoch (0: never claimed).
+    pub async fn latest_epoch(&self) -> Result<u64> {
+        let listed = self.store.list(paths::CLAIMS).await?;
+        Ok(paths::listed_epochs(&listed, paths::CLAIMS)
+            .into_iter()
+            .max()
+            .unwrap_or(0))
+    }
+
+    pub async fn is_released(&self, epoch: u64) -> Result<bool> {
+        Ok(self.store.exists(&paths::release(epoch)).await?)
+    }
+
+    /// Claim the next epoch by conditional create, taking over from a
+    /// released, provably dead or (with `force`) live writer, and key our
+    /// objects to the claim's token.
+    pub async fn claim_next(&mut self, force: bool, journal: Option<String>) -> Result<u64> {
+        assert!(self.owned.is_none(), "one claim per fence");
+        let current = self.latest_epoch().await?;
+        if current > 0 && !self.is_released(current).await? {
+            let owner = self.read_claim(current).await?;
+            if owner.is_provably_dead() {
+                tracing::warn!("previous writer {} is gone; taking over", owner.describe());
+            } else if force {
+                tracing::warn!("--force: fencing writer {}", owner.describe());
+            } else {
+                return Err(Error::InUse(owner.describe()));
+            }
+        }
+        let epoch = current + 1;
+        let mine = Claim::mine(journal);
+        let key = paths::claim(epoch);
+        let record = encrypt_record(&self.keys, "claim", epoch, &mine);
+        let ours = |data: &Bytes| {
+            decrypt_record::<Claim>(&self.keys, "claim", epoch, data)
+                .is_ok_and(|c| c.token == mine.token)
+        };
+        // A create whose first attempt landed reads back as ours.
+        if !create_or_confirm(&self.store, &key, record, ours).await? {
+            let winner = self.read_claim(epoch).await?;
+            return Err(Error::InUse(winner.describe()));
+        }
+        tracing::info!("claimed writer epoch {epoch}");
+        self.keys.bind_epoch(epoch, &mine.token);
+        self.owned = Some((epoch, mine));
+        Ok(epoch)
+    }
+
+    /// Every listed seal, fetched several at a time (one per takeover
+    /// until garbage collection removes the old ones).
+    pub async fn read_seals(&self, listed: &[ObjectInfo]) -> Result<BTreeMap<u64, Seal>> {
+        let wanted = paths::listed_epochs(listed, paths::SEALS);
+        let mut fetches = futures::stream::iter(wanted)
+            .map(|epoch| async move {
+                let data = self.store.get(&paths::seal(epoch)).await?;
+                Ok::<_, Error>((epoch, data))
+            })
+            .buffer_unordered(READ_CONCURRENCY);
+        let mut seals = BTreeMap::new();
+        while let Some(fetched) = fetches.next().await {
+            let (epoch, data) = fetched?;
+            seals.insert(
+                epoch,
+                decrypt_record::<Seal>(&self.keys, "seal", epoch, &data)?,
+            );
+        }
+        Ok(seals)
+    }
+
+    /// Write our seal: the segments and checkpoints of the epochs since
+    /// the chain's last seal, as listed strictly after our claim, with
+    /// the tokens their objects are keyed to. Returns the chain topped by
+    /// it.
+    pub async fn seal(
+        &self,
+        mut seals: BTreeMap<u64, Seal>,
+        segments: &[SegmentId],
+        checkpoints: &[SegmentId],
+    ) -> Result<SealChain> {
+        let epoch = self.owned_epoch()?;
+        let chain = SealChain::from_seals(seals.clone());
+        let mut seal = Seal::from_listing(chain.latest(), epoch, segments, checkpoints);
+        // Whose token each sealed epoch's objects are keyed to: that
+        // epoch's claim says (usually the one epoch before ours, whose
+        // claim the takeover read already).
+        for e in seal.epochs() {
+            if let Some(token) = self.writer_of(e).await? {
+                seal.writers.insert(e, token);
+            }
+        }
+        seal.writers_recorded = true;
+        let key = paths::seal(epoch);
+        let record = encrypt_record(&self.keys, "seal", epoch, &seal);
+        let ours = |data: &Bytes| {
+            decrypt_record::<Seal>(&self.keys, "seal", epoch, data).is_ok_and(|s| s == seal)
+        };
+        if !create_or_confirm(&self.store, &key, record, ours).await? {
+            return Err(Error::InUse(format!("another writer sealed epoch {epoch}")));
+        }
+        seals.insert(epoch, seal);
+        Ok(SealChain::from_seals(seals))
+    }
+
+    /// The token objects of `epoch` are keyed to, by its claim (None:
+    /// unbound, a format-2 writer). An epoch whose objects are read always
+    /// had a claim; a missing one is refused rather than guessed, since a
+    /// seal records the answer for good.
+    pub async fn writer_of(&self, epoch: u64) -> Result<Option<String>> {
+        match self.claim_if_present(epoch).await? {
+            Some(c) => Ok(c.keys_bound.then_some(c.token)),
+            None => Err(Error::Integrity(format!(
+                "epoch {epoch} has objects in the bucket but no claim ({}): \
+                 whose keys they are under is unknown",
+                paths::claim(epoch)
+            ))),
+        }
+    }
+
+    /// Key the objects of `epochs` to their writers: as the seal deciding
+    /// the epoch records it, else (the unsealed tail, a format-2 build's
+    /// seal, an epoch whose seal was collected) as its claim says.
+    pub async fn bind_writers(
+        &self,
+        chain: &SealChain,
+        epochs: impl IntoIterator<Item = u64>,
+    ) -> Result<()> {
+        let mut ask = Vec::new();
+        for e in epochs {
+            if self.keys.epoch_token(e).is_some() {
+                continue;
+            }
+            match chain.writer(e) {
+                Some(Some(token)) => self.keys.bind_epoch(e, &token),
+                Some(None) => {}
+                None => ask.push(e),
+            }
+        }
+        let mut claims = futures::stream::iter(ask)
+            .map(|e| async move { Ok::<_, Error>((e, self.writer_of(e).await?)) })
+            .buffer_unordered(READ_CONCURRENCY);
+        while let Some(answer) = claims.next().await {
+            if let (e, Some(token)) = answer? {
+                self.keys.bind_epoch(e, &token);
+            }
+        }
+        Ok(())
+    }
+
+    /// Confirm no newer writer has claimed the volume. A writer calls it
+    /// after a FLUSH's segments are stored and before the FLUSH is
+    /// acknowledged, and after a checkpoint before it deletes anything the
+    /// checkpoint made unneeded (docs/rfcs/0002).
+    pub async fn check_owner(&self) -> Result<()> {
+        let epoch = self.owned_epoch()?;
+        if self.store.exists(&paths::claim(epoch + 1)).await? {
+            return Err(Error::Fenced(epoch));
+        }
+        Ok(())
+    }
+
+    /// Mark a clean shutdown: the next opener needs no --force.
+    pub async fn release(&self) -> Result<()> {
+        let epoch = self.owned_epoch()?;
+        self.check_owner().await?;
+        self.store
+            .put(
+                &paths::release(epoch),
+                encrypt_record(&self.keys, "release", epoch, &epoch),
+            )
+            .await?;
+        Ok(())
     }
 }
 

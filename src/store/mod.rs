@@ -4,7 +4,8 @@
 //! - `keys`: data key, key wrapping, per-purpose subkeys;
 //! - `superblock`: the public volume parameters and wrapped key;
 //! - `segment`, `index`, `checkpoint`: the log of chunk frames and its map;
-//! - `fencing`: epoch claims and seals (single writer);
+//! - `fencing`: the single-writer protocol — claims, seals, releases, and
+//!   the `Fence` that makes and checks them;
 //! - `paths`: every object name and its parsing;
 //! - `log`: open / recover / append, tying the above together.
 //!

@@ -224,7 +224,7 @@ impl Inner {
         // Compression and encryption are CPU work: off the async workers,
         // on all cores, overlapping the uploads.
         let (segments, outcomes) = self.write_segments(captured).await?;
-        if let Err(e) = self.log.check_owner().await {
+        if let Err(e) = self.log.fence().check_owner().await {
             if matches!(e, Error::Fenced(_)) {
                 self.fenced.store(true, Ordering::SeqCst);
                 tracing::error!("{e}");

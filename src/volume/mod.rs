@@ -599,7 +599,7 @@ impl Volume {
                 tag,
             ));
         }
-        let Some(owner) = log.claim_if_present(e).await? else {
+        let Some(owner) = log.fence().claim_if_present(e).await? else {
             return Ok(JournalFate::Foreign(format!(
                 "this bucket has no claim of epoch {e} (a copy of the volume elsewhere?)"
             )));
@@ -610,7 +610,7 @@ impl Volume {
             )));
         }
         for k in e + 1..ours {
-            let Some(between) = log.claim_if_present(k).await? else {
+            let Some(between) = log.fence().claim_if_present(k).await? else {
                 return Ok(JournalFate::Stale(
                     format!(
                         "the claim of epoch {k} is gone, so whether it wrote over the journal is unknown"
@@ -658,7 +658,7 @@ impl Volume {
             j.remove();
         }
         self.inner.checkpoint_now().await?;
-        self.inner.log.release().await
+        self.inner.log.fence().release().await
     }
 }
 
