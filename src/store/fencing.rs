@@ -280,9 +280,17 @@ impl SealChain {
         self.0.keys().next_back().copied().unwrap_or(0)
     }
 
-    /// The seal that decides objects of `epoch`, if one does.
+    /// The seal that decides objects of `epoch`, if one does: the first
+    /// seal of the chain above it, when it covers the epoch. Once garbage
+    /// collection has removed the seal that decided an old epoch, nothing
+    /// decides it; its objects are then all older than a checkpoint every
+    /// recovery uses, and never replayed (docs/rfcs/0002).
     fn deciding(&self, epoch: u64) -> Option<&Seal> {
-        self.0.range(epoch + 1..).next().map(|(_, s)| s)
+        self.0
+            .range(epoch + 1..)
+            .next()
+            .map(|(_, s)| s)
+            .filter(|s| s.covers_from <= epoch)
     }
 
     /// Every segment a seal of the chain names, with that seal's epoch.

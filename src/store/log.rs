@@ -56,6 +56,17 @@ pub struct LogSummary {
     pub replayed_segments: usize,
     /// Segments present but not part of the log (fenced writers' leftovers).
     pub ignored_segments: usize,
+    /// What the listings at open found (garbage collection starts from it).
+    pub inventory: Inventory,
+}
+
+/// The objects of a bucket as listed (segments and checkpoints with their
+/// sizes, the epochs of seals).
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub segments: std::collections::BTreeMap<SegmentId, u64>,
+    pub checkpoints: std::collections::BTreeMap<SegmentId, u64>,
+    pub seals: Vec<u64>,
 }
 
 pub struct LogStore {
@@ -144,6 +155,7 @@ impl LogStore {
         let seg_listed = self.store.list(paths::SEGMENTS).await?;
         let cp_listed = self.store.list(paths::CHECKPOINTS).await?;
         let seals = self.fence.read_seals(&seals_listed).await?;
+        let mut chain_epochs: Vec<u64> = seals.keys().copied().collect();
 
         let segments = paths::listed_ids(&seg_listed, paths::SEGMENTS);
         let checkpoints = paths::listed_ids(&cp_listed, paths::CHECKPOINTS);
@@ -151,18 +163,13 @@ impl LogStore {
         let chain = if self.fence.epoch().is_some() {
             let seg_ids: Vec<SegmentId> = segments.iter().map(|(s, _)| *s).collect();
             let cp_ids: Vec<SegmentId> = checkpoints.iter().map(|(s, _)| *s).collect();
+            chain_epochs.extend(self.fence.epoch());
             // Our seal tops the chain now.
             self.fence.seal(seals, &seg_ids, &cp_ids).await?
         } else {
             SealChain::from_seals(seals)
         };
 
-        let epochs: std::collections::BTreeSet<u64> = segments
-            .iter()
-            .chain(&checkpoints)
-            .map(|(id, _)| id.epoch)
-            .collect();
-        self.fence.bind_writers(&chain, epochs).await?;
         let valid_segments: Vec<(SegmentId, u64)> = segments
             .iter()
             .filter(|(id, _)| chain.segment_is_valid(*id))
@@ -193,6 +200,20 @@ impl LogStore {
             .map(|(id, _)| *id)
             .filter(|id| chain.checkpoint_is_valid(*id))
             .max();
+        // Key the objects recovery reads to their writers: the checkpoint,
+        // the segments replayed, then the segments the index names. Only
+        // those: garbage collection deletes the claims of epochs nothing
+        // refers to any more, whose leftovers are never read.
+        let to_replay: Vec<(SegmentId, u64)> = valid_segments
+            .into_iter()
+            .filter(|(id, _)| newest_cp.is_none_or(|cp| *id > cp))
+            .collect();
+        let read_epochs = newest_cp
+            .iter()
+            .chain(to_replay.iter().map(|(id, _)| id))
+            .map(|id| id.epoch)
+            .collect::<std::collections::BTreeSet<u64>>();
+        self.fence.bind_writers(&chain, read_epochs).await?;
         let mut index = match newest_cp {
             Some(cp) => {
                 let size = checkpoints
@@ -208,6 +229,11 @@ impl LogStore {
             None => Index::default(),
         };
         summary.checkpoint_used = newest_cp;
+        summary.inventory = Inventory {
+            segments: segments.iter().copied().collect(),
+            checkpoints: checkpoints.iter().copied().collect(),
+            seals: chain_epochs.clone(),
+        };
 
         // A segment the chain names but the bucket lacks would silently
         // roll its chunks back to older versions: refuse, naming it.
@@ -227,10 +253,6 @@ impl LogStore {
             )));
         }
 
-        let to_replay: Vec<(SegmentId, u64)> = valid_segments
-            .into_iter()
-            .filter(|(id, _)| newest_cp.is_none_or(|cp| *id > cp))
-            .collect();
         summary.replayed_segments = to_replay.len();
         let mut tables = futures::stream::iter(to_replay.iter().copied())
             .map(|(id, size)| self.read_table(id, size))
@@ -244,6 +266,12 @@ impl LogStore {
             }
             last = Some(id);
         }
+        let referenced = index
+            .live_segments()
+            .keys()
+            .map(|id| id.epoch)
+            .collect::<std::collections::BTreeSet<u64>>();
+        self.fence.bind_writers(&chain, referenced).await?;
         Ok((index, last))
     }
 
@@ -348,7 +376,8 @@ impl LogStore {
     }
 
     /// Write the index as of `position` (one of our own segments).
-    pub async fn put_checkpoint(&self, position: SegmentId, index: Index) -> Result<()> {
+    /// Returns its size in bytes.
+    pub async fn put_checkpoint(&self, position: SegmentId, index: Index) -> Result<u64> {
         if Some(position.epoch) != self.fence.epoch() {
             return Err(Error::InvalidArgument(
                 "checkpoint of a foreign epoch".into(),
@@ -358,8 +387,20 @@ impl LogStore {
         let data = tokio::task::spawn_blocking(move || checkpoint::encode(&keys, position, &index))
             .await
             .expect("checkpoint encode task");
+        let size = data.len() as u64;
         self.store.put(&paths::checkpoint(position), data).await?;
+        Ok(size)
+    }
+
+    /// Delete one object (garbage collection decides which: docs/rfcs/0002).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.store.delete(key).await?;
         Ok(())
+    }
+
+    /// Bytes of one segment, by ranged GET.
+    pub async fn read_range(&self, id: SegmentId, range: std::ops::Range<u64>) -> Result<Bytes> {
+        Ok(self.store.get_range(&paths::segment(id), range).await?)
     }
 
     /// One chunk's frame, by ranged GET.

@@ -24,6 +24,6 @@ pub mod superblock;
 mod wire;
 
 pub use index::{Index, Loc};
-pub use log::{LogStore, LogSummary, OpenMode, WriterOptions};
+pub use log::{Inventory, LogStore, LogSummary, OpenMode, WriterOptions};
 pub use segment::SegmentId;
 pub use superblock::{CreateParams, Superblock};

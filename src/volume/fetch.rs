@@ -13,6 +13,7 @@ use super::Inner;
 use crate::cache::ChunkData;
 use crate::error::{Error, Result};
 use crate::store::Loc;
+use crate::store::backend::StoreError;
 
 #[derive(Default)]
 pub struct Fetcher {
@@ -73,12 +74,32 @@ impl Inner {
                 }
             }
         }
-        let frame = self.log.read_frame(loc).await?;
+        let frame = match self.log.read_frame(loc).await {
+            Ok(frame) => frame,
+            // Garbage collection deletes a frame only after the grace
+            // period from when the chunk moved; a read that looked the
+            // chunk up before the move and waited longer finds it gone.
+            // Where it is now holds the same data, or newer.
+            Err(Error::Store(StoreError::NotFound(_))) if self.moved_from(chunk, loc).is_some() => {
+                return match self.moved_from(chunk, loc).expect("checked") {
+                    Some(now) => Box::pin(self.fetch_and_decode(chunk, now)).await,
+                    None => Ok(vec![0u8; self.chunk_size]),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         let data = self.codec.decode(loc, chunk, &frame)?;
         if let Some(disk) = &self.disk {
             disk.insert(&loc, frame.to_vec());
         }
         Ok(data)
+    }
+
+    /// Where `chunk` is now, if it is no longer at `loc` (Some(None):
+    /// zeros). A dirty chunk's last stored location counts.
+    fn moved_from(&self, chunk: u64, loc: Loc) -> Option<Option<Loc>> {
+        let now = self.state.lock().index.get(chunk);
+        (now != Some(loc)).then_some(now)
     }
 
     /// Note a read of chunks `first..=last`; when reads are sequential,

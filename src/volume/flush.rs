@@ -17,8 +17,14 @@ use crate::store::{Loc, SegmentId};
 
 /// Serialized by the flush mutex: one flush at a time, in log order.
 pub struct FlushState {
-    segments_since_checkpoint: u64,
-    last_segment: Option<SegmentId>,
+    pub(super) segments_since_checkpoint: u64,
+    /// The newest segment of ours whose entries are published; every
+    /// segment of ours below it is published too, or never will be, or is
+    /// a collector's copy whose moves change no chunk's content.
+    pub(super) last_segment: Option<SegmentId>,
+    /// Where the last checkpoint was attempted: a position names one
+    /// checkpoint, written once (its key and nonce derive from it).
+    checkpointed_at: Option<SegmentId>,
 }
 
 impl FlushState {
@@ -26,7 +32,18 @@ impl FlushState {
         FlushState {
             segments_since_checkpoint,
             last_segment: None,
+            checkpointed_at: None,
         }
+    }
+
+    /// Segments were published (a flush's, or the collector's copies).
+    pub(super) fn published(&mut self, segments: &[(SegmentId, u64)]) {
+        self.segments_since_checkpoint += segments.len() as u64;
+        self.last_segment = self
+            .last_segment
+            .into_iter()
+            .chain(segments.iter().map(|(id, _)| *id))
+            .max();
     }
 }
 
@@ -37,7 +54,7 @@ const SEGMENTS_IN_FLIGHT: usize = 4;
 
 /// What a flush decided before encrypting anything: each captured chunk
 /// compressed (or raw, or a zero record) and placed in a segment.
-struct Plan {
+pub(super) struct Plan {
     captured: Vec<Captured>,
     plains: Vec<Option<Plain>>,
     /// Per segment: (index into `captured`, frame location), in layout order.
@@ -45,7 +62,7 @@ struct Plan {
 }
 
 /// (chunk, generation, new location or None for zeros, data for the cache)
-type Outcome = (u64, u64, Option<Loc>, Option<ChunkData>);
+pub(super) type Outcome = (u64, u64, Option<Loc>, Option<ChunkData>);
 
 fn is_zero(data: &[u8]) -> bool {
     data.iter().all(|b| *b == 0)
@@ -81,18 +98,22 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 }
 
 impl Inner {
-    /// Compress every captured chunk in parallel and lay the frames out
-    /// evenly over as many segments as the size target rounds to (frame
-    /// offsets, hence nonces, are known once compressed sizes are).
-    fn plan(
+    /// Compress every captured chunk in parallel (None: a zero record).
+    pub(super) fn compress(&self, captured: &[Captured]) -> Vec<Option<Plain>> {
+        par_map(captured.iter().collect(), |c| match c.data.as_deref() {
+            Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
+            _ => None,
+        })
+    }
+
+    /// Lay the compressed frames out evenly over as many segments as the
+    /// size target rounds to, allocating their ids (frame offsets, hence
+    /// nonces, are known once compressed sizes are). Cheap; no I/O.
+    pub(super) fn layout(
         &self,
         captured: Vec<Captured>,
+        plains: Vec<Option<Plain>>,
     ) -> Result<(Plan, Vec<SegmentLayout>, Vec<Vec<Outcome>>)> {
-        let plains: Vec<Option<Plain>> =
-            par_map(captured.iter().collect(), |c| match c.data.as_deref() {
-                Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
-                _ => None,
-            });
         // As many segments as the target size rounds to, filled evenly: a
         // flush of 64 MiB + a little is 2 segments, not 2 full ones and a
         // tiny third (a segment is at most 1.5 × the target).
@@ -174,35 +195,51 @@ impl Inner {
         Ok(())
     }
 
-    /// Encode and upload the captured chunks: plan, then encrypt segment by
-    /// segment off the async workers while earlier segments upload.
-    /// Returns the segments written and what they make durable.
-    async fn write_segments(
+    /// Encrypt the planned segments one by one off the async workers
+    /// while earlier ones upload. Returns each segment with its size.
+    pub(super) async fn upload_plan(
         self: &Arc<Self>,
-        captured: Vec<Captured>,
-    ) -> Result<(Vec<SegmentId>, Vec<Vec<Outcome>>)> {
-        let this = Arc::clone(self);
-        let (plan, layouts, outcomes) = tokio::task::spawn_blocking(move || this.plan(captured))
-            .await
-            .expect("plan task")?;
+        plan: Plan,
+        layouts: Vec<SegmentLayout>,
+    ) -> Result<Vec<(SegmentId, u64)>> {
         let plan = Arc::new(plan);
-        let ids: Vec<SegmentId> = layouts.iter().map(|l| l.id).collect();
+        let mut written = Vec::with_capacity(layouts.len());
         let mut uploads = futures::stream::FuturesUnordered::new();
         for (n, layout) in layouts.into_iter().enumerate() {
             while uploads.len() >= SEGMENTS_IN_FLIGHT {
                 uploads.next().await.expect("non-empty")?;
             }
+            let id = layout.id;
             let (this, p) = (Arc::clone(self), Arc::clone(&plan));
             let bytes = tokio::task::spawn_blocking(move || this.encrypt_segment(&p, n, layout))
                 .await
-                .expect("seal task");
+                .expect("encrypt task");
+            written.push((id, bytes.len() as u64));
             let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();
-            uploads.push(self.upload(ids[n], bytes, frames));
+            uploads.push(self.upload(id, bytes, frames));
         }
         while let Some(done) = uploads.next().await {
             done?;
         }
-        Ok((ids, outcomes))
+        Ok(written)
+    }
+
+    /// Encode and upload the captured chunks: plan, then encrypt segment by
+    /// segment while earlier segments upload. Returns the segments written
+    /// and what they make durable.
+    async fn write_segments(
+        self: &Arc<Self>,
+        captured: Vec<Captured>,
+    ) -> Result<(Vec<(SegmentId, u64)>, Vec<Vec<Outcome>>)> {
+        let this = Arc::clone(self);
+        let (plan, layouts, outcomes) = tokio::task::spawn_blocking(move || {
+            let plains = this.compress(&captured);
+            this.layout(captured, plains)
+        })
+        .await
+        .expect("plan task")?;
+        let written = self.upload_plan(plan, layouts).await?;
+        Ok((written, outcomes))
     }
 
     pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
@@ -248,8 +285,8 @@ impl Inner {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.last_flush_unix
             .store(crate::clock::unix_now(), Ordering::Relaxed);
-        fs.segments_since_checkpoint += segments.len() as u64;
-        fs.last_segment = segments.last().copied();
+        fs.published(&segments);
+        self.gc.lock().published(&segments);
         if fs.segments_since_checkpoint >= self.cfg.checkpoint_every {
             // Durability does not depend on checkpoints; a failed one is
             // retried after the next flush.
@@ -261,14 +298,25 @@ impl Inner {
         Ok(())
     }
 
-    async fn write_checkpoint(&self, fs: &mut FlushState) -> Result<()> {
-        let Some(position) = fs.last_segment else {
-            return Ok(());
+    /// Write the index as of the newest published segment. Nothing new
+    /// since the last checkpoint (the collector forces one to make what it
+    /// freed deletable): the position is a fresh, never-written segment id,
+    /// so no position ever names two different checkpoints.
+    pub(super) async fn write_checkpoint(&self, fs: &mut FlushState) -> Result<()> {
+        let position = match fs.last_segment {
+            Some(p) if fs.checkpointed_at != Some(p) => p,
+            _ => {
+                let fresh = self.log.alloc_segment()?;
+                fs.last_segment = Some(fresh);
+                fresh
+            }
         };
+        fs.checkpointed_at = Some(position);
         // O(1): the index is a persistent map (see store::index).
         let index = self.state.lock().index.clone();
-        self.log.put_checkpoint(position, index).await?;
+        let size = self.log.put_checkpoint(position, index.clone()).await?;
         fs.segments_since_checkpoint = 0;
+        self.gc.lock().checkpointed(position, size, index);
         Ok(())
     }
 

@@ -15,6 +15,7 @@
 mod dirty;
 mod fetch;
 mod flush;
+pub mod gc;
 pub mod journal;
 
 use std::sync::Arc;
@@ -65,6 +66,8 @@ pub struct VolumeConfig {
     pub disk_cache_dir: Option<std::path::PathBuf>,
     /// SSD cache tier capacity in bytes.
     pub disk_cache_bytes: u64,
+    /// Garbage collection (writers only).
+    pub gc: gc::GcConfig,
 }
 
 impl Default for VolumeConfig {
@@ -80,6 +83,7 @@ impl Default for VolumeConfig {
             readahead_chunks: 32,
             disk_cache_dir: None,
             disk_cache_bytes: 10 << 30,
+            gc: gc::GcConfig::default(),
         }
     }
 }
@@ -134,11 +138,16 @@ pub(crate) struct Inner {
     reserved: AtomicUsize,
     /// Signalled when a writer's reserved room is released.
     room: tokio::sync::Notify,
+    /// What garbage collection knows of the bucket.
+    gc: Mutex<gc::Collector>,
+    /// One collection pass at a time (background or asked for).
+    gc_pass: tokio::sync::Mutex<()>,
 }
 
 pub struct Volume {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,
+    collector: Option<JoinHandle<()>>,
     summary: LogSummary,
 }
 
@@ -250,6 +259,11 @@ impl Volume {
             flush_wanted: Arc::new(tokio::sync::Notify::new()),
             reserved: AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
+            gc: Mutex::new(gc::Collector::new(
+                &summary.inventory,
+                log.epoch().unwrap_or(0),
+            )),
+            gc_pass: tokio::sync::Mutex::new(()),
             chunk_size: sb.chunk_size as usize,
             log,
             cfg,
@@ -260,9 +274,13 @@ impl Volume {
                 Arc::clone(&inner.flush_wanted),
             ))
         });
+        let collector = (inner.cfg.gc.policy == gc::GcPolicy::Background
+            && inner.log.epoch().is_some())
+        .then(|| tokio::spawn(gc::background(Arc::downgrade(&inner))));
         Ok(Volume {
             inner,
             flusher,
+            collector,
             summary,
         })
     }
@@ -637,11 +655,20 @@ impl Volume {
         })))
     }
 
+    /// One garbage-collection pass now (see `volume::gc`), deleting what
+    /// has been unneeded for `grace`. Marks as soon as anything can be.
+    pub async fn collect(&self, grace: Duration) -> Result<gc::GcPass> {
+        self.inner.collect(grace, true).await
+    }
+
+    /// Garbage-collection totals since open.
+    pub fn gc_stats(&self) -> gc::GcStats {
+        self.inner.gc.lock().stats()
+    }
+
     /// Flush, checkpoint and release ownership (a clean shutdown).
     pub async fn close(mut self) -> Result<()> {
-        if let Some(task) = self.flusher.take() {
-            task.abort();
-        }
+        self.stop_tasks();
         let result = self.shutdown().await;
         if let Some(disk) = &self.inner.disk {
             disk.close().await;
@@ -676,6 +703,17 @@ impl Drop for Room<'_> {
     }
 }
 
+impl Volume {
+    fn stop_tasks(&mut self) {
+        for task in [self.flusher.take(), self.collector.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+    }
+}
+
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
@@ -689,9 +727,7 @@ impl Drop for Volume {
     /// Dropping without `close` is a crash as far as the bucket is
     /// concerned: nothing more is written.
     fn drop(&mut self) {
-        if let Some(task) = self.flusher.take() {
-            task.abort();
-        }
+        self.stop_tasks();
     }
 }
 

@@ -1,0 +1,281 @@
+//! Garbage collection: the bucket stays proportional to the live data,
+//! nothing a recovery needs is deleted (also by a fenced writer), an idle
+//! collector makes no requests, and open stays bounded however many times
+//! the volume was attached. The argument: docs/rfcs/0002.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use zerofs_ublk::store::backend::DynStore;
+use zerofs_ublk::volume::gc::{GcConfig, GcPolicy};
+use zerofs_ublk::volume::{Volume, VolumeConfig};
+
+fn gc_config(live_below: f64) -> VolumeConfig {
+    VolumeConfig {
+        gc: GcConfig {
+            policy: GcPolicy::Manual,
+            live_below,
+            ..GcConfig::default()
+        },
+        ..test_config()
+    }
+}
+
+async fn open_writer(store: &DynStore, cfg: VolumeConfig, force: bool) -> Volume {
+    Volume::open(store.clone(), &secret(), writer(force), cfg)
+        .await
+        .unwrap()
+}
+
+/// Bytes and objects in the bucket, every prefix.
+async fn bucket_bytes(store: &DynStore) -> (u64, usize) {
+    let mut total = (0, 0);
+    for prefix in [
+        "superblock",
+        "epochs/",
+        "seals/",
+        "released/",
+        "segments/",
+        "checkpoints/",
+        "probe/",
+    ] {
+        let listed = store.list(prefix).await.unwrap();
+        total.0 += listed.iter().map(|o| o.size).sum::<u64>();
+        total.1 += listed.len();
+    }
+    total
+}
+
+/// Write `run` chunks from `first` (wrapping), recording them in `image`.
+async fn write_run(vol: &Volume, image: &mut [u8], first: u64, run: u64, seed: u64) {
+    let chunks = image.len() as u64 / CHUNK as u64;
+    for k in 0..run {
+        let chunk = (first + k) % chunks;
+        let data = pattern(seed * 1000 + k, CHUNK as usize);
+        vol.write(chunk * CHUNK as u64, &data).await.unwrap();
+        let at = (chunk * CHUNK as u64) as usize;
+        image[at..at + CHUNK as usize].copy_from_slice(&data);
+    }
+}
+
+async fn count(store: &DynStore, prefix: &str) -> usize {
+    store.list(prefix).await.unwrap().len()
+}
+
+/// Run passes with no grace until one does nothing.
+async fn collect_all(vol: &Volume) {
+    for _ in 0..200 {
+        let pass = vol.collect(Duration::ZERO).await.unwrap();
+        if pass.is_idle() && pass.pending == 0 {
+            return;
+        }
+    }
+    panic!("collection did not settle in 200 passes");
+}
+
+async fn read_all(vol: &Volume, chunks: u64) -> Vec<u8> {
+    vol.read(0, (chunks * CHUNK as u64) as usize).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwriting_ten_times_keeps_the_bucket_near_the_live_data() {
+    let (_dir, store) = local_dir();
+    let chunks = 96u64;
+    let size = (chunks * CHUNK as u64) as usize;
+    Volume::create(&store, &params(chunks), &secret(), false)
+        .await
+        .unwrap();
+    let vol = open_writer(&store, gc_config(0.5), false).await;
+    let mut image = vec![0u8; size];
+    for round in 0..10u64 {
+        // Random content over the whole volume, in scattered 8-chunk runs,
+        // flushed every few runs, collected as it goes.
+        for run in 0..12u64 {
+            let at = ((run * 7 + round * 5) % 12) * 8 * CHUNK as u64;
+            let data = pattern(round * 100 + run, 8 * CHUNK as usize);
+            vol.write(at, &data).await.unwrap();
+            image[at as usize..at as usize + data.len()].copy_from_slice(&data);
+            if run % 3 == 2 {
+                vol.flush().await.unwrap();
+                vol.collect(Duration::ZERO).await.unwrap();
+            }
+        }
+    }
+    vol.flush().await.unwrap();
+    collect_all(&vol).await;
+    let live = vol.stats().live_bytes;
+    let segments: u64 = store
+        .list("segments/")
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| o.size)
+        .sum();
+    let (total, objects) = bucket_bytes(&store).await;
+    assert!(vol.gc_stats().chunks_moved > 0, "{:?}", vol.gc_stats());
+    eprintln!(
+        "live {live} B, segments {segments} B ({:.2}x), bucket {total} B in {objects} objects, gc {:?}",
+        segments as f64 / live as f64,
+        vol.gc_stats()
+    );
+    assert!(
+        segments as f64 <= 1.3 * live as f64,
+        "segments {segments} B for {live} live bytes"
+    );
+    assert_eq!(read_all(&vol, chunks).await, image);
+    vol.close().await.unwrap();
+    // Everything a recovery needs is still there.
+    let vol = open_writer(&store, gc_config(0.5), false).await;
+    assert_eq!(read_all(&vol, chunks).await, image);
+    vol.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_collection_recovers_every_flushed_write() {
+    let store = memory();
+    let chunks = 48u64;
+    Volume::create(&store, &params(chunks), &secret(), false)
+        .await
+        .unwrap();
+    let vol = open_writer(&store, gc_config(0.9), false).await;
+    let mut image = vec![0u8; (chunks * CHUNK as u64) as usize];
+    for i in 0..40u64 {
+        write_run(&vol, &mut image, (i * 17) % chunks, 3, i).await;
+        vol.flush().await.unwrap();
+        if i % 5 == 4 {
+            vol.collect(Duration::ZERO).await.unwrap();
+        }
+    }
+    collect_all(&vol).await;
+    assert!(vol.gc_stats().objects_deleted > 0, "{:?}", vol.gc_stats());
+    assert!(vol.gc_stats().chunks_moved > 0, "{:?}", vol.gc_stats());
+    drop(vol); // a crash: no close, no release
+    let vol = open_writer(&store, gc_config(0.9), true).await;
+    assert_eq!(read_all(&vol, chunks).await, image);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_deleted_before_the_grace_period() {
+    let store = memory();
+    let vol = create_and_open(&store, 16).await;
+    for i in 0..6u64 {
+        vol.write(0, &pattern(i, CHUNK as usize)).await.unwrap();
+        vol.flush().await.unwrap();
+    }
+    let before = bucket_bytes(&store).await.1;
+    let pass = vol.collect(Duration::from_secs(3600)).await.unwrap();
+    assert!(pass.marked > 0 && pass.deleted == 0, "{pass:?}");
+    assert_eq!(pass.pending, pass.marked);
+    let after = bucket_bytes(&store).await.1;
+    // The pass may add a checkpoint; it deletes nothing.
+    assert!(after >= before, "{before} objects before, {after} after");
+    let pass = vol.collect(Duration::ZERO).await.unwrap();
+    assert!(pass.deleted >= pass.pending, "{pass:?}");
+    assert!(bucket_bytes(&store).await.1 < after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_collector_makes_no_requests() {
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let cfg = VolumeConfig {
+        gc: GcConfig {
+            policy: GcPolicy::Background,
+            interval: Duration::from_millis(20),
+            grace: Duration::ZERO,
+            ..GcConfig::default()
+        },
+        ..test_config()
+    };
+    let vol = open_writer(&store, cfg, false).await;
+    for i in 0..6u64 {
+        vol.write(0, &pattern(i, CHUNK as usize)).await.unwrap();
+        vol.flush().await.unwrap();
+    }
+    // Let the background task settle what there is to do.
+    collect_all(&vol).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = vol.request_stats();
+    let passes = vol.gc_stats().passes;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(vol.gc_stats().passes >= passes + 10, "the task runs");
+    assert_eq!(vol.request_stats(), before, "no request while idle");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reads_a_bounded_number_of_objects_after_many_attaches() {
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let mut reads_at = Vec::new();
+    for attach in 0..1000u64 {
+        let vol = open_writer(&store, gc_config(0.5), false).await;
+        if attach % 100 == 0 || attach == 999 {
+            let s = vol.request_stats();
+            reads_at.push((attach, s.get + s.ranged_get, bucket_bytes(&store).await.1));
+        }
+        vol.write(
+            (attach % 16) * CHUNK as u64,
+            &pattern(attach, CHUNK as usize),
+        )
+        .await
+        .unwrap();
+        vol.flush().await.unwrap();
+        vol.collect(Duration::ZERO).await.unwrap();
+        vol.close().await.unwrap();
+    }
+    eprintln!("(attach, GETs at open, objects): {reads_at:?}");
+    let (_, first_gets, _) = reads_at[1];
+    for (attach, gets, objects) in &reads_at[1..] {
+        assert!(
+            *gets <= first_gets + 2,
+            "open after {attach} attaches read {gets} objects (after 100: {first_gets})"
+        );
+        assert!(*objects <= 40, "{objects} objects after {attach} attaches");
+    }
+    assert!(count(&store, "seals/").await <= 3);
+    assert!(count(&store, "epochs/").await <= 3 + 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_writer_never_deletes_what_the_new_owner_needs() {
+    let store = memory();
+    let chunks = 24u64;
+    Volume::create(&store, &params(chunks), &secret(), false)
+        .await
+        .unwrap();
+    let old = open_writer(&store, gc_config(0.9), false).await;
+    let mut image = vec![0u8; (chunks * CHUNK as u64) as usize];
+    for i in 0..30u64 {
+        write_run(&old, &mut image, (i * 7) % chunks, 3, i).await;
+        old.flush().await.unwrap();
+    }
+    // Marked before the takeover (checkpoint and owner check passed),
+    // deleted after it: still safe.
+    let pass = old.collect(Duration::from_secs(3600)).await.unwrap();
+    assert!(pass.pending > 0, "{pass:?}");
+    let new = open_writer(&store, gc_config(0.9), true).await;
+    assert_eq!(read_all(&new, chunks).await, image);
+    // The zombie, unaware, deletes what it marked, copies forward, and
+    // checkpoints; its owner check then fails, so it marks nothing more.
+    let before = old.gc_stats().objects_deleted;
+    let zombie = old.collect(Duration::ZERO).await;
+    assert!(
+        matches!(zombie, Err(zerofs_ublk::Error::Fenced(_))),
+        "{zombie:?}"
+    );
+    assert!(old.gc_stats().objects_deleted > before, "it did delete");
+    assert_eq!(read_all(&new, chunks).await, image);
+    // It knows now: writes and flushes are refused.
+    assert!(old.write(0, &pattern(999, CHUNK as usize)).await.is_err());
+    assert!(old.flush().await.is_err());
+    assert_eq!(read_all(&new, chunks).await, image);
+    drop(new);
+    let next = open_writer(&store, gc_config(0.9), true).await;
+    assert_eq!(read_all(&next, chunks).await, image);
+}
