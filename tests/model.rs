@@ -39,6 +39,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -52,6 +53,7 @@ use zerofs_ublk::store::backend::{
 };
 use zerofs_ublk::store::keys::key_use;
 use zerofs_ublk::store::paths::{self, CHECKPOINTS, CLAIMS, SEALS, SEGMENTS};
+use zerofs_ublk::volume::gc::{GcConfig, GcPolicy};
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 const CHUNKS: u64 = 12;
@@ -103,6 +105,7 @@ enum Req {
     Write,
     Read,
     List,
+    Delete,
 }
 
 /// Where a process is held so other things can happen meanwhile.
@@ -122,6 +125,8 @@ enum Gate {
     SegmentList,
     /// A frame's ranged GET (a read, or the read of a read-modify-write).
     FrameGet,
+    /// An object's deletion (garbage collection).
+    Delete,
 }
 
 impl Gate {
@@ -134,6 +139,7 @@ impl Gate {
             Gate::SealPut => (Req::Write, SEALS),
             Gate::SegmentList => (Req::List, SEGMENTS),
             Gate::FrameGet => (Req::Read, SEGMENTS),
+            Gate::Delete => (Req::Delete, ""),
         };
         req == want && key.starts_with(prefix)
     }
@@ -154,6 +160,8 @@ struct ProcStore {
     /// The prefix of the object whose write the process died at.
     died_at: Mutex<Option<String>>,
     gate: Mutex<Option<(Gate, Arc<Semaphore>)>>,
+    /// The gate holds only the first request it matches.
+    gate_once: AtomicBool,
     held: AtomicUsize,
     rng: Mutex<Rng>,
 }
@@ -170,6 +178,7 @@ impl ProcStore {
             kill: Mutex::new(None),
             died_at: Mutex::new(None),
             gate: Mutex::new(None),
+            gate_once: AtomicBool::new(false),
             held: AtomicUsize::new(0),
             rng: Mutex::new(Rng(seed)),
         })
@@ -190,7 +199,14 @@ impl ProcStore {
 
     fn arm(&self, gate: Gate) {
         self.held.store(0, Ordering::SeqCst);
+        self.gate_once.store(false, Ordering::SeqCst);
         *self.gate.lock() = Some((gate, Arc::new(Semaphore::new(0))));
+    }
+
+    /// Hold only the first request the gate matches; later ones pass.
+    fn arm_once(&self, gate: Gate) {
+        self.arm(gate);
+        self.gate_once.store(true, Ordering::SeqCst);
     }
 
     fn open_gate(&self) {
@@ -212,7 +228,10 @@ impl ProcStore {
             tokio::task::yield_now().await;
         }
         let wait = match &*self.gate.lock() {
-            Some((gate, sem)) if gate.holds(req, key) => {
+            Some((gate, sem))
+                if gate.holds(req, key)
+                    && !(self.gate_once.load(Ordering::SeqCst) && self.held()) =>
+            {
                 self.held.fetch_add(1, Ordering::SeqCst);
                 Some(Arc::clone(sem))
             }
@@ -230,7 +249,11 @@ impl ProcStore {
 
     /// Before a write: Ok(true) when the process dies right after it lands.
     async fn admit_write(&self, key: &str) -> StoreResult<bool> {
-        self.pass(Req::Write, key).await?;
+        self.admit(Req::Write, key).await
+    }
+
+    async fn admit(&self, req: Req, key: &str) -> StoreResult<bool> {
+        self.pass(req, key).await?;
         let mut kill = self.kill.lock();
         match kill.as_mut() {
             Some((0, land)) => {
@@ -295,7 +318,7 @@ impl ObjectStore for ProcStore {
         self.inner.list(prefix).await
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        let dies = self.admit_write(key).await?;
+        let dies = self.admit(Req::Delete, key).await?;
         let result = self.inner.delete(key).await;
         self.after_write(dies, result)
     }
@@ -587,6 +610,14 @@ impl Case {
             // reaches a checkpoint PUT).
             checkpoint_every: if rng.chance(33) { 1 } else { 3 },
             readahead_chunks: rng.below(3),
+            // Collection runs when a life asks (with no grace period, so
+            // what it marks is deleted at its next pass), copying forward
+            // segments below half or 90 % live.
+            gc: GcConfig {
+                policy: GcPolicy::Manual,
+                live_below: if rng.chance(50) { 0.5 } else { 0.9 },
+                ..GcConfig::default()
+            },
             ..test_config()
         };
         let faults = FaultyStore::new(inner);
@@ -732,8 +763,10 @@ impl Case {
 
     async fn step(&mut self, stats: &mut Stats) -> Step {
         stats.ops += 1;
-        let r = self.rng.below(100);
+        let r = self.rng.below(110);
         match r {
+            100..=104 => self.collect().await,
+            105..=109 => self.gated_collect(stats).await,
             0..=20 => self.random_write(&self.vol(), "").await,
             21..=24 => {
                 let (sector, sectors) = self.rng.range();
@@ -1021,19 +1054,95 @@ impl Case {
         self.read_check(&vol, 0, SECTORS).await
     }
 
+    /// A collection pass (no grace period: what earlier passes marked is
+    /// deleted now).
+    async fn collect(&mut self) -> Step {
+        self.note("collect");
+        match within("collect", self.vol().collect(Duration::ZERO)).await? {
+            Ok(pass) => {
+                self.note(format!("  {pass:?}"));
+                Ok(())
+            }
+            Err(_) if self.faulty => Ok(()),
+            Err(e) => Err(format!("collection failed: {e}")),
+        }
+    }
+
+    /// A collection held at one of its requests while the owner writes
+    /// and flushes (the copy-forward race: a chunk rewritten while its old
+    /// frame is being copied), maybe dying there.
+    async fn gated_collect(&mut self, stats: &mut Stats) -> Step {
+        let gate = [
+            Gate::FrameGet,
+            Gate::SegmentPut,
+            Gate::CheckpointPut,
+            Gate::OwnerCheck,
+            Gate::Delete,
+        ][self.rng.below(5) as usize];
+        let crash = self.rng.chance(25);
+        self.note(format!("collect held at {gate:?}, crash in flight {crash}"));
+        let vol = self.vol();
+        self.proc_.arm_once(gate);
+        let v = Arc::clone(&vol);
+        let task = tokio::spawn(async move { v.collect(Duration::ZERO).await });
+        if reached(&self.proc_, &task).await? {
+            stats.reached(gate, "collector");
+        } else {
+            // Nothing there to hold: the owner's own requests must pass.
+            self.proc_.open_gate();
+        }
+        for _ in 0..1 + self.rng.below(3) {
+            self.random_write(&vol, "  while held: ").await?;
+        }
+        // A flush meanwhile (it may wait for the collector's checkpoint).
+        let flush = self.rng.chance(60).then(|| {
+            self.note("  while held: flush");
+            let v = Arc::clone(&vol);
+            (
+                self.model.capture(),
+                tokio::spawn(async move { v.flush().await }),
+            )
+        });
+        if crash {
+            self.proc_.kill_now();
+            task.abort();
+            if let Some((marks, f)) = flush
+                && let Ok(Ok(())) = within("flush", f).await?
+            {
+                self.model.flushed_at(&marks);
+            }
+            drop(vol);
+            self.vol = None;
+            return self.recover(stats, "collection in flight").await.map(drop);
+        }
+        self.proc_.open_gate();
+        match within("collect", task).await?.unwrap() {
+            Ok(_) => {}
+            Err(_) if self.faulty => {}
+            Err(e) => return Err(format!("collection failed: {e}")),
+        }
+        if let Some((marks, f)) = flush {
+            let r = within("flush", f).await?.unwrap();
+            self.flushed(&marks, r, stats)?;
+        }
+        self.read_check(&vol, 0, SECTORS).await
+    }
+
     /// The process dies at its k-th store write inside an operation.
     async fn crash_inside(&mut self, stats: &mut Stats) -> Step {
-        let what = self.rng.below(3);
+        let what = self.rng.below(4);
         // A flush here writes a few segments and maybe a checkpoint; an
         // open first probes conditional create (3 writes), then claims,
-        // seals, replays.
+        // seals, replays; a collection deletes, copies forward,
+        // checkpoints, deletes.
         let k = match what {
             0 => self.rng.below(5),
             1 => self.rng.below(7),
-            _ => 3 + self.rng.below(6),
+            2 => 3 + self.rng.below(6),
+            _ => self.rng.below(8),
         };
         let land = self.rng.chance(50);
-        let names = ["flush", "close", "recovery"];
+        let names = ["flush", "close", "recovery", "collection"];
         self.note(format!(
             "crash at store write {k} (lands {land}) of a {}",
             names[what as usize]
@@ -1054,6 +1163,10 @@ impl Case {
                 if let Ok(()) = within("close", vol.close()).await? {
                     self.model.flushed_at(&marks);
                 }
+            }
+            3 => {
+                self.proc_.kill_after(k, land);
+                let _ = within("collect", self.vol().collect(Duration::ZERO)).await?;
             }
             _ => {
                 // The writer dies; the process recovering from that dies
@@ -1352,7 +1465,15 @@ impl Case {
     async fn zombie_step(&mut self, stats: &mut Stats) -> Step {
         let z = self.zombie.as_ref().unwrap();
         let (zproc, zombie, dirty) = (Arc::clone(&z.proc_), Arc::clone(&z.vol), z.dirty);
-        let what = self.rng.below(10);
+        let what = self.rng.below(12);
+        if what >= 10 {
+            // Deletes what it marked before the takeover, copies forward,
+            // checkpoints; its owner check then fails.
+            self.note("zombie collects");
+            let r = within("zombie collect", zombie.collect(Duration::ZERO)).await?;
+            self.note(format!("  {r:?}"));
+            return Ok(());
+        }
         if what < 5 {
             let ((sector, sectors), seed) = (self.rng.range(), self.rng.next());
             self.note(format!("zombie writes {sector}+{sectors} seed {seed}"));
@@ -1572,6 +1693,11 @@ fn random_lives_keep_the_durability_contract() {
             "SegmentList (opener)",
             "SegmentPut (zombie's flush)",
             "FrameGet (partial write)",
+            "FrameGet (collector)",
+            "SegmentPut (collector)",
+            "CheckpointPut (collector)",
+            "OwnerCheck (collector)",
+            "Delete (collector)",
         ] {
             let n = stats.gates_reached.get(gate).copied().unwrap_or(0);
             assert!(n >= 10, "gate {gate} held only {n} times");

@@ -483,6 +483,18 @@ impl Fence {
             let winner = self.read_claim(epoch).await?;
             return Err(Error::InUse(winner.describe()));
         }
+        // Garbage collection retires old claims (docs/rfcs/0002), so a
+        // name can be free again: an opener that stalled between its
+        // listing and its create may have made a claim below the newest.
+        // The newest claim is never deleted, so one listing tells.
+        let latest = self.latest_epoch().await?;
+        if latest > epoch {
+            let owner = self.read_claim(latest).await?;
+            return Err(Error::InUse(format!(
+                "{} (epoch {latest}; this opener's claim of epoch {epoch} came too late)",
+                owner.describe()
+            )));
+        }
         tracing::info!("claimed writer epoch {epoch}");
         self.keys.bind_epoch(epoch, &mine.token);
         self.owned = Some((epoch, mine));
@@ -501,7 +513,14 @@ impl Fence {
             .buffer_unordered(READ_CONCURRENCY);
         let mut seals = BTreeMap::new();
         while let Some(fetched) = fetches.next().await {
-            let (epoch, data) = fetched?;
+            let (epoch, data) = match fetched {
+                Ok(fetched) => fetched,
+                // Collected since the listing: its owner had a newer
+                // checkpoint confirmed, which this listing holds and every
+                // recovery now starts from; nothing it decided is read.
+                Err(Error::Store(StoreError::NotFound(_))) => continue,
+                Err(e) => return Err(e),
+            };
             seals.insert(
                 epoch,
                 decrypt_record::<Seal>(&self.keys, "seal", epoch, &data)?,

@@ -244,17 +244,21 @@ impl Collector {
                 .collect::<Vec<_>>()
         };
         unneeded.extend(older(&self.seals).into_iter().map(|e| (Object::Seal(e), 0)));
-        unneeded.extend(
-            older(&self.claims)
-                .into_iter()
-                .filter(|e| !referenced.contains(e))
-                .map(|e| (Object::Claim(e), 0)),
-        );
-        unneeded.extend(
-            older(&self.releases)
-                .into_iter()
-                .map(|e| (Object::Release(e), 0)),
-        );
+        // A claim is retired (with its release marker) only when nothing
+        // can need it: its writer closed cleanly (so it left no journal to
+        // replay, and a journal before it was replayed or is stale
+        // either way), the writer before it is gone too (released, or
+        // retired already: the claim is what fences that writer's
+        // zombie, whose owner check reads exactly it), and the snapshot
+        // keys no segment to it.
+        let released = |e: u64| self.releases.contains(&e);
+        let gone = |e: u64| !self.claims.contains(&e) || released(e);
+        for e in older(&self.claims) {
+            if released(e) && gone(e - 1) && !referenced.contains(&e) {
+                unneeded.push((Object::Claim(e), 0));
+                unneeded.push((Object::Release(e), 0));
+            }
+        }
         unneeded.extend(self.probes.iter().map(|k| (Object::Probe(k.clone()), 0)));
         unneeded.retain(|(o, _)| !self.pending.contains_key(o));
         unneeded
