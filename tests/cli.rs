@@ -390,3 +390,54 @@ fn add_without_ublk_driver_says_so_and_claims_nothing() {
     );
     assert!(before == env.bucket_files(), "no epoch was claimed");
 }
+
+/// Import an image ten times, collect with no grace period, export: the
+/// last image comes back, and the bucket holds about one copy of it.
+#[test]
+fn gc_after_repeated_imports_keeps_one_copy() {
+    let env = Env::new();
+    env.create("8M");
+    let mut last = Vec::new();
+    for round in 0..10u64 {
+        last = pattern(100 + round, 6 << 20);
+        std::fs::write(env.path("in.img"), &last).unwrap();
+        ok(&env.vol(&["import", env.path("in.img").to_str().unwrap()]));
+    }
+    let before: serde_json::Value =
+        serde_json::from_str(&ok(&env.vol(&["inspect", "--json"]))).unwrap();
+    let text = ok(&env.vol(&["gc", "--grace", "0"]));
+    assert!(text.starts_with("collected in"), "{text}");
+    ok(&env.vol(&["export", env.path("out.img").to_str().unwrap()]));
+    let out = std::fs::read(env.path("out.img")).unwrap();
+    assert_eq!(&out[..last.len()], &last[..], "the last image");
+    let after: serde_json::Value =
+        serde_json::from_str(&ok(&env.vol(&["inspect", "--json"]))).unwrap();
+    let stored: u64 = env
+        .bucket_files()
+        .iter()
+        .filter(|(p, _)| p.to_string_lossy().contains("/segments/"))
+        .map(|(_, d)| d.len() as u64)
+        .sum();
+    let live = after["live_stored_bytes"].as_u64().unwrap();
+    eprintln!("before gc: {before}\nafter gc: {after}");
+    assert!(
+        before["amplification"].as_f64().unwrap() > 5.0,
+        "ten imports kept: {before}"
+    );
+    assert!(
+        (stored as f64) <= 1.3 * live as f64,
+        "{stored} segment bytes for {live} live"
+    );
+    assert!(after["amplification"].as_f64().unwrap() <= 1.3, "{after}");
+    assert_eq!(after["objects"]["seals"], 1, "{after}");
+    assert!(after["objects"]["claims"].as_u64().unwrap() <= 2, "{after}");
+    let text = ok(&env.vol(&["inspect"]));
+    assert!(text.contains("garbage "), "{text}");
+    assert!(text.contains("objects "), "{text}");
+    // Bad values are one-line errors.
+    fails(&env.vol(&["gc", "--grace", "10x"]), "invalid duration");
+    fails(
+        &env.vol(&["gc", "--gc-live-below", "2"]),
+        "--gc-live-below must be between 0 and 1",
+    );
+}

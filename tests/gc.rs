@@ -17,7 +17,7 @@ fn gc_config(live_below: f64) -> VolumeConfig {
         gc: GcConfig {
             policy: GcPolicy::Manual,
             live_below,
-            ..GcConfig::default()
+            ..test_config().gc
         },
         ..test_config()
     }
@@ -187,7 +187,7 @@ async fn an_idle_collector_makes_no_requests() {
             policy: GcPolicy::Background,
             interval: Duration::from_millis(20),
             grace: Duration::ZERO,
-            ..GcConfig::default()
+            ..test_config().gc
         },
         ..test_config()
     };

@@ -616,7 +616,7 @@ impl Case {
             gc: GcConfig {
                 policy: GcPolicy::Manual,
                 live_below: if rng.chance(50) { 0.5 } else { 0.9 },
-                ..GcConfig::default()
+                ..test_config().gc
             },
             ..test_config()
         };

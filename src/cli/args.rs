@@ -89,6 +89,56 @@ impl KeyArgs {
     }
 }
 
+/// Garbage collection (docs/rfcs/0002-garbage-collection.md).
+#[derive(Args, Debug, Clone)]
+pub struct GcArgs {
+    /// Keep an object this long after it became unneeded (readers that
+    /// listed before can finish), e.g. 10m, 30s, 0.
+    #[arg(long, default_value = "10m", value_name = "DURATION")]
+    pub grace: String,
+    /// Copy a segment's live data forward once less than this share of it
+    /// is live (0 to 1; higher keeps the bucket smaller and uploads more).
+    #[arg(long, default_value_t = 0.5, value_name = "SHARE")]
+    pub gc_live_below: f64,
+    /// Store bandwidth garbage collection may use, per second.
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    pub gc_bandwidth: String,
+    /// Store requests garbage collection may make, per second.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub gc_requests: u32,
+}
+
+impl GcArgs {
+    /// The collector's configuration; `background`: run it in the server.
+    pub fn config(&self, background: bool) -> Result<crate::volume::gc::GcConfig> {
+        if !(0.0..=1.0).contains(&self.gc_live_below) {
+            bail!(
+                "--gc-live-below must be between 0 and 1, not {}",
+                self.gc_live_below
+            );
+        }
+        if self.gc_requests == 0 {
+            bail!("--gc-requests must be at least 1");
+        }
+        let bytes_per_sec = super::parse_size(&self.gc_bandwidth)?;
+        if bytes_per_sec == 0 {
+            bail!("--gc-bandwidth must be more than 0");
+        }
+        Ok(crate::volume::gc::GcConfig {
+            policy: if background {
+                crate::volume::gc::GcPolicy::Background
+            } else {
+                crate::volume::gc::GcPolicy::Manual
+            },
+            grace: super::parse_duration(&self.grace)?,
+            live_below: self.gc_live_below,
+            bytes_per_sec,
+            requests_per_sec: self.gc_requests,
+            ..crate::volume::gc::GcConfig::default()
+        })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct WriterArgs {
     /// Take over a volume another writer holds; that writer is fenced and

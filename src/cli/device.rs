@@ -76,6 +76,12 @@ pub struct AddArgs {
     /// SSD cache tier size.
     #[arg(long, default_value = "10G")]
     pub cache_disk: String,
+    #[command(flatten)]
+    pub gc: super::args::GcArgs,
+    /// No garbage collection in this server (the bucket then only grows;
+    /// `zerofs-ublk gc` collects while no server runs).
+    #[arg(long)]
+    pub no_gc: bool,
     /// Run the server in this process instead of in the background.
     #[arg(long)]
     pub foreground: bool,
@@ -284,6 +290,7 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
         cache_bytes: parse_size(&a.cache_memory)? as usize,
         disk_cache_dir: a.cache_dir.clone(),
         disk_cache_bytes: parse_size(&a.cache_disk)?,
+        gc: a.gc.config(!a.no_gc)?,
         ..VolumeConfig::default()
     };
     // The claim names the journal directory (see attach_journal in serve).
@@ -329,6 +336,7 @@ fn spawn_status_server(
                 "cache_hits": stats.cache.hits,
                 "cache_misses": stats.cache.misses,
                 "epoch": stats.epoch,
+                "gc": shared.volume.gc_stats(),
                 "started_unix": started,
                 "store_requests": shared.volume.request_stats(),
             });
@@ -748,6 +756,20 @@ pub fn status(a: StatusArgs) -> Result<()> {
             format_bytes(n(&v["cache_bytes"])),
             n(&v["cache_hits"]),
             n(&v["cache_misses"])
+        );
+        let g = &v["gc"];
+        println!(
+            "  gc        {} passes: {} segments copied ({} chunks, {}), {} objects deleted ({}); {} waiting for the grace period ({}); {} segments, {}",
+            n(&g["passes"]),
+            n(&g["segments_copied"]),
+            n(&g["chunks_moved"]),
+            format_bytes(n(&g["bytes_copied"])),
+            n(&g["objects_deleted"]),
+            format_bytes(n(&g["bytes_deleted"])),
+            n(&g["pending_objects"]),
+            format_bytes(n(&g["pending_bytes"])),
+            n(&g["segments"]),
+            format_bytes(n(&g["segment_bytes"]))
         );
     }
     Ok(())

@@ -37,8 +37,24 @@ struct Report {
     checkpoints: usize,
     checkpoint_bytes: u64,
     replayed_segments: usize,
+    /// Segment bytes no chunk points at (garbage collection's to reclaim).
+    dead_bytes: u64,
+    /// Segment bytes per live byte.
+    amplification: f64,
+    /// Objects in the bucket by kind.
+    objects: Objects,
     epoch: u64,
     owner: String,
+}
+
+#[derive(Serialize)]
+struct Objects {
+    segments: usize,
+    checkpoints: usize,
+    claims: usize,
+    seals: usize,
+    releases: usize,
+    probes: usize,
 }
 
 pub async fn run(a: InspectArgs) -> Result<()> {
@@ -61,6 +77,21 @@ pub async fn run(a: InspectArgs) -> Result<()> {
         (Some(o), false, _) => format!("{o} (or crashed: next writer needs --force)"),
         (None, false, _) => "unknown".to_string(),
     };
+    let store = super::open_store(&a.bucket)?;
+    let listed = |prefix: &'static str| {
+        let store = store.clone();
+        async move { anyhow::Ok(store.list(prefix).await?.len()) }
+    };
+    use crate::store::paths;
+    let objects = Objects {
+        segments: s.inventory.segments.len(),
+        checkpoints: s.inventory.checkpoints.len(),
+        claims: listed(paths::CLAIMS).await?,
+        seals: listed(paths::SEALS).await?,
+        releases: listed(paths::RELEASES).await?,
+        probes: listed(paths::PROBES).await?,
+    };
+    let all_segment_bytes: u64 = s.inventory.segments.values().sum();
     let r = Report {
         bucket: a.bucket.bucket.clone(),
         volume_id: p.volume_id.clone(),
@@ -81,6 +112,13 @@ pub async fn run(a: InspectArgs) -> Result<()> {
         checkpoints: s.checkpoints,
         checkpoint_bytes: s.checkpoint_bytes,
         replayed_segments: s.replayed_segments,
+        dead_bytes: all_segment_bytes.saturating_sub(stats.live_bytes),
+        amplification: if stats.live_bytes > 0 {
+            all_segment_bytes as f64 / stats.live_bytes as f64
+        } else {
+            0.0
+        },
+        objects,
         epoch: s.epoch,
         owner,
     };
@@ -125,6 +163,16 @@ pub async fn run(a: InspectArgs) -> Result<()> {
             r.ignored_segments
         );
     }
+    println!(
+        "garbage         {} dead ({:.2}x stored per live byte)",
+        format_bytes(r.dead_bytes),
+        r.amplification
+    );
+    let o = &r.objects;
+    println!(
+        "objects         {} segments, {} checkpoints, {} claims, {} seals, {} release markers, {} probes",
+        o.segments, o.checkpoints, o.claims, o.seals, o.releases, o.probes
+    );
     println!("epoch           {}", r.epoch);
     println!("owner           {}", r.owner);
     Ok(())

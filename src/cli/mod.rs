@@ -7,6 +7,7 @@ mod args;
 mod bench;
 mod config;
 mod device;
+mod gc;
 mod harden;
 mod image;
 mod inspect;
@@ -21,7 +22,7 @@ use clap::{Parser, Subcommand};
 use crate::store::backend::{DynStore, open_bucket};
 use crate::volume::Volume;
 pub use args::{BucketArgs, KeyArgs, WriterArgs};
-pub use units::{format_bytes, parse_chunk_size, parse_size};
+pub use units::{format_bytes, format_duration, parse_chunk_size, parse_duration, parse_size};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,6 +52,10 @@ enum Command {
     Import(image::ImportArgs),
     /// Copy a volume out as a raw disk image (file or `-` for stdout).
     Export(image::ExportArgs),
+    /// Collect garbage in a volume no server has attached: copy live data
+    /// out of mostly-dead segments, delete what no recovery needs once the
+    /// grace period is over (it waits).
+    Gc(gc::GcCmdArgs),
     /// Serve a volume as /dev/ublkbN (in the background unless --foreground).
     /// `--config FILE` reads flags from a TOML file (keys = flag names).
     Add(device::AddArgs),
@@ -113,6 +118,7 @@ async fn run(command: Command, args: Vec<String>) -> Result<()> {
         Command::Inspect(a) => inspect::run(a).await,
         Command::Import(a) => image::import(a).await,
         Command::Export(a) => image::export(a).await,
+        Command::Gc(a) => gc::run(a).await,
     }
 }
 

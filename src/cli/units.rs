@@ -1,4 +1,5 @@
-//! Sizes as people write them: `100G`, `128K`, `1.5T`, `4096`.
+//! Sizes as people write them (`100G`, `128K`, `1.5T`, `4096`), and
+//! durations (`10m`, `30s`, `0`).
 
 use anyhow::{Result, bail};
 
@@ -78,8 +79,57 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// Parse a duration: a whole number with an optional unit (`ms`, `s`,
+/// `m`, `h`, `d`; seconds without one).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let Ok(n) = number.parse::<u64>() else {
+        bail!("invalid duration {text:?}: expected e.g. 10m, 30s, 1h or 0");
+    };
+    let secs = |k: u64| n.checked_mul(k).map(std::time::Duration::from_secs);
+    let d = match unit.trim() {
+        "ms" => Some(std::time::Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" | "min" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        other => bail!("invalid duration {text:?}: unknown unit {other:?} (use ms, s, m, h or d)"),
+    };
+    d.ok_or_else(|| anyhow::anyhow!("duration {text:?} is too long"))
+}
+
+/// A duration the way `parse_duration` reads it back.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 if d.subsec_millis() > 0 => format!("{}ms", d.as_millis()),
+        _ if s > 0 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s > 0 && s.is_multiple_of(60) => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn durations_parse_and_print() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration(" 30s ").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        for bad in ["", "m", "-1s", "1.5m", "10x", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        for d in ["10m", "30s", "2h", "250ms", "0s"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+    }
     use super::*;
 
     #[test]

@@ -72,7 +72,7 @@ impl Default for GcConfig {
 }
 
 /// Totals since open, for `status` and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcStats {
     pub passes: u64,
     pub segments_copied: u64,
@@ -326,7 +326,7 @@ impl GcPass {
 
 /// Keeps a pass under the configured request and byte rates.
 struct Pace {
-    started: Instant,
+    started: tokio::time::Instant,
     requests: u64,
     bytes: u64,
     requests_per_sec: u32,
@@ -336,7 +336,7 @@ struct Pace {
 impl Pace {
     fn new(cfg: &GcConfig) -> Self {
         Pace {
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
             requests: 0,
             bytes: 0,
             requests_per_sec: cfg.requests_per_sec.max(1),
@@ -652,5 +652,53 @@ pub(super) async fn background(inner: Weak<Inner>) {
             Err(Error::Fenced(_)) => return,
             Err(e) => tracing::warn!("garbage collection pass failed (will retry): {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_keeps_to_its_request_and_byte_rates() {
+        let cfg = GcConfig {
+            requests_per_sec: 100,
+            bytes_per_sec: 1 << 20,
+            ..GcConfig::default()
+        };
+        let start = tokio::time::Instant::now();
+        let mut pace = Pace::new(&cfg);
+        for _ in 0..50 {
+            pace.spend(1, 0).await;
+        }
+        let by_requests = start.elapsed();
+        assert!(
+            by_requests >= Duration::from_millis(490) && by_requests < Duration::from_millis(600),
+            "{by_requests:?}"
+        );
+        pace.spend(0, 4 << 20).await;
+        assert!(
+            start.elapsed() >= Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn neighbouring_frames_are_read_in_one_range() {
+        let seg = SegmentId { epoch: 1, seq: 0 };
+        let at = |offset: u32, len: u32| {
+            (
+                0,
+                Loc {
+                    segment: seg,
+                    offset,
+                    len,
+                },
+            )
+        };
+        let far = (MERGE_GAP as u32) * 3;
+        let ranges = read_ranges(&[at(far, 10), at(100, 50), at(0, 40)]);
+        assert_eq!(ranges, vec![0..150, far as u64..far as u64 + 10]);
     }
 }

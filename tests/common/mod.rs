@@ -49,6 +49,13 @@ pub fn test_config() -> VolumeConfig {
         checkpoint_every: 3,
         cache_bytes: 8 * CHUNK as usize,
         background_flush: false,
+        // Tests collect when they say so, unpaced.
+        gc: zerofs_ublk::volume::gc::GcConfig {
+            policy: zerofs_ublk::volume::gc::GcPolicy::Manual,
+            bytes_per_sec: u64::MAX,
+            requests_per_sec: u32::MAX,
+            ..Default::default()
+        },
         ..VolumeConfig::default()
     }
 }
