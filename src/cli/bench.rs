@@ -1,6 +1,6 @@
-//! `bench`: the engine benchmarks P1–P5 (issue 5), each a ratio against a
-//! baseline measured in the same run. Prints a markdown table; nothing
-//! here asserts a time (the test suite runs it with `--quick` as a smoke).
+//! `bench`: the engine benchmarks P1–P5 (issue 5) and P9 (issue 11),
+//! each a ratio against a baseline measured in the same run. Prints a
+//! markdown table; nothing here asserts a time (the test suite runs it with `--quick` as a smoke).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only these benchmarks (comma-separated, e.g. `p1,p4`).
-    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5", "p9"])]
     pub only: Vec<String>,
 }
 
@@ -413,6 +413,102 @@ async fn p4(size: u64) -> Result<Vec<String>> {
     Ok(rows)
 }
 
+/// P9: the bucket under overwrites with garbage collection running, and
+/// what collecting costs. The same workload — 1 MiB writes of random data
+/// at random chunk-aligned offsets until the volume was written `rounds`
+/// times over, a flush every 64 MiB — without collection (the baseline)
+/// and with the background collector on (unpaced: its worst case for the
+/// foreground; no grace period), in one run.
+async fn p9(size: u64, live_below: f64) -> Result<Vec<String>> {
+    use crate::volume::gc::{GcConfig, GcPolicy};
+    const ROUNDS: u64 = 10;
+    let block = Arc::new(data(1 << 20, false));
+    let run = |policy: GcPolicy| {
+        let block = Arc::clone(&block);
+        async move {
+            let store: DynStore = Arc::new(MemoryStore::new());
+            let cfg = VolumeConfig {
+                gc: GcConfig {
+                    policy,
+                    grace: Duration::ZERO,
+                    live_below,
+                    bytes_per_sec: u64::MAX,
+                    requests_per_sec: u32::MAX,
+                    interval: Duration::from_millis(100),
+                },
+                ..VolumeConfig::default()
+            };
+            let vol = new_volume(&store, size, cfg).await?;
+            let blocks = size >> 20;
+            let mut x = 99u64;
+            let started = Instant::now();
+            for i in 0..blocks * ROUNDS {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                vol.write((x >> 33) % blocks << 20, &block).await?;
+                if i % 64 == 63 {
+                    vol.flush().await?;
+                }
+            }
+            vol.flush().await?;
+            let elapsed = started.elapsed();
+            let segments = |store: &DynStore| {
+                let store = store.clone();
+                async move {
+                    anyhow::Ok(
+                        store
+                            .list(crate::store::paths::SEGMENTS)
+                            .await?
+                            .iter()
+                            .map(|o| o.size)
+                            .sum::<u64>(),
+                    )
+                }
+            };
+            let at_end = segments(&store).await?;
+            if policy == GcPolicy::Background {
+                // Let it finish what the writes left.
+                for _ in 0..10_000 {
+                    let pass = vol.collect(Duration::ZERO).await?;
+                    if pass.is_idle() && pass.pending == 0 {
+                        break;
+                    }
+                }
+            }
+            let settled = segments(&store).await?;
+            let live = vol.stats().live_bytes;
+            let copied = vol.gc_stats().bytes_copied;
+            vol.close().await?;
+            anyhow::Ok((elapsed, at_end, settled, live, copied))
+        }
+    };
+    let (t_off, off_end, _, live_off, _) = run(GcPolicy::Manual).await?;
+    let (t_on, on_end, on_settled, live, copied) = run(GcPolicy::Background).await?;
+    let written = size * ROUNDS;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Ok(vec![
+        format!(
+            "| P9 segment bytes / live bytes after {ROUNDS}x overwrite (1 MiB random, GC below {live_below} live) | {:.2} ({:.0} of {:.0} MiB; {:.2} when the writes stopped) | without GC {:.2} | — | ≤ 1.3 |",
+            on_settled as f64 / live as f64,
+            mib(on_settled),
+            mib(live),
+            on_end as f64 / live as f64,
+            off_end as f64 / live_off as f64,
+        ),
+        format!(
+            "| P9 bytes GC uploaded per byte written | {:.2} ({:.0} MiB for {:.0} MiB) | — | — | ≤ 1.0 |",
+            copied as f64 / written as f64,
+            mib(copied),
+            mib(written),
+        ),
+        format!(
+            "| P9 foreground write throughput with GC running | {:.0} MiB/s | without GC {:.0} MiB/s | {:.2} | ≥ 0.8 |",
+            mib(written) / t_on.as_secs_f64(),
+            mib(written) / t_off.as_secs_f64(),
+            t_off.as_secs_f64() / t_on.as_secs_f64(),
+        ),
+    ])
+}
+
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -547,6 +643,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
     if run("p4") {
         rows.extend(p4(if a.quick { 16 << 20 } else { 1 << 30 }).await?);
+    }
+    if run("p9") {
+        let size = if a.quick { 16 << 20 } else { 256 << 20 };
+        rows.extend(p9(size, 0.5).await?);
+        if !a.quick {
+            rows.extend(p9(size, 0.8).await?);
+        }
     }
     if run("p5") {
         if a.only == ["p5"] {

@@ -67,7 +67,7 @@ enum Command {
     Recover(device::RecoverArgs),
     /// Per-device counters: requests, bytes, dirty data, last flush.
     Status(device::StatusArgs),
-    /// Measure the engine (P1–P5) as ratios against same-run baselines.
+    /// Measure the engine (P1–P5, P9) as ratios against same-run baselines.
     Bench(bench::BenchArgs),
     /// For the udev rule: print ZEROFS_UBLK_NAME of a ublkbN device.
     #[command(hide = true)]

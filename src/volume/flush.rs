@@ -37,14 +37,23 @@ impl FlushState {
     }
 
     /// Segments were published (a flush's, or the collector's copies).
-    pub(super) fn published(&mut self, segments: &[(SegmentId, u64)]) {
+    pub(super) fn published(&mut self, segments: &[Written]) {
         self.segments_since_checkpoint += segments.len() as u64;
         self.last_segment = self
             .last_segment
             .into_iter()
-            .chain(segments.iter().map(|(id, _)| *id))
+            .chain(segments.iter().map(|w| w.id))
             .max();
     }
+}
+
+/// A segment stored: its id, object size, and the bytes of its frames
+/// (what live bytes are a share of).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Written {
+    pub id: SegmentId,
+    pub bytes: u64,
+    pub frames: u64,
 }
 
 /// Segments of one flush encrypted ahead of their uploads, at most: a big
@@ -201,7 +210,7 @@ impl Inner {
         self: &Arc<Self>,
         plan: Plan,
         layouts: Vec<SegmentLayout>,
-    ) -> Result<Vec<(SegmentId, u64)>> {
+    ) -> Result<Vec<Written>> {
         let plan = Arc::new(plan);
         let mut written = Vec::with_capacity(layouts.len());
         let mut uploads = futures::stream::FuturesUnordered::new();
@@ -209,12 +218,16 @@ impl Inner {
             while uploads.len() >= SEGMENTS_IN_FLIGHT {
                 uploads.next().await.expect("non-empty")?;
             }
-            let id = layout.id;
+            let (id, frames) = (layout.id, layout.frames_len() as u64);
             let (this, p) = (Arc::clone(self), Arc::clone(&plan));
             let bytes = tokio::task::spawn_blocking(move || this.encrypt_segment(&p, n, layout))
                 .await
                 .expect("encrypt task");
-            written.push((id, bytes.len() as u64));
+            written.push(Written {
+                id,
+                bytes: bytes.len() as u64,
+                frames,
+            });
             let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();
             uploads.push(self.upload(id, bytes, frames));
         }
@@ -230,7 +243,7 @@ impl Inner {
     async fn write_segments(
         self: &Arc<Self>,
         captured: Vec<Captured>,
-    ) -> Result<(Vec<(SegmentId, u64)>, Vec<Vec<Outcome>>)> {
+    ) -> Result<(Vec<Written>, Vec<Vec<Outcome>>)> {
         let this = Arc::clone(self);
         let (plan, layouts, outcomes) = tokio::task::spawn_blocking(move || {
             let plains = this.compress(&captured);

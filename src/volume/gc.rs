@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::Inner;
 use super::dirty::Captured;
+use super::flush::Written;
 use crate::error::{Error, Result};
 use crate::store::backend::StoreError;
 use crate::store::{Index, Inventory, Loc, SegmentId, paths};
@@ -115,7 +116,12 @@ impl Object {
 /// What the collector knows of the bucket: every object it may one day
 /// delete (listed at open, or written since), and what is marked.
 pub(super) struct Collector {
+    /// Object sizes.
     segments: BTreeMap<SegmentId, u64>,
+    /// Frame bytes of the segments this process wrote (for a listed one,
+    /// its object size stands in: it is copied at most once, into a
+    /// segment whose frames are all live).
+    frames: std::collections::HashMap<SegmentId, u64>,
     checkpoints: BTreeMap<SegmentId, u64>,
     seals: BTreeSet<u64>,
     claims: BTreeSet<u64>,
@@ -136,6 +142,7 @@ impl Collector {
     pub(super) fn new(inventory: &Inventory, ours: u64) -> Self {
         Collector {
             segments: inventory.segments.clone(),
+            frames: std::collections::HashMap::new(),
             checkpoints: inventory.checkpoints.clone(),
             seals: inventory.seals.iter().copied().collect(),
             claims: BTreeSet::new(),
@@ -151,8 +158,11 @@ impl Collector {
     }
 
     /// Segments of ours are stored and published.
-    pub(super) fn published(&mut self, segments: &[(SegmentId, u64)]) {
-        self.segments.extend(segments.iter().copied());
+    pub(super) fn published(&mut self, segments: &[Written]) {
+        for w in segments {
+            self.segments.insert(w.id, w.bytes);
+            self.frames.insert(w.id, w.frames);
+        }
     }
 
     /// A checkpoint of ours is stored (not yet confirmed by an owner check).
@@ -179,7 +189,8 @@ impl Collector {
             .filter(|(id, _)| !self.pending.contains_key(&Object::Segment(**id)))
             .filter_map(|(id, size)| {
                 let bytes = live.get(id)?.bytes;
-                let share = bytes as f64 / (*size).max(1) as f64;
+                let whole = self.frames.get(id).unwrap_or(size);
+                let share = bytes as f64 / (*whole).max(1) as f64;
                 (share < live_below).then_some((share, *id, *size))
             })
             .collect();
@@ -278,6 +289,7 @@ impl Collector {
         match object {
             Object::Segment(id) => {
                 self.segments.remove(id);
+                self.frames.remove(id);
             }
             Object::Checkpoint(id) => {
                 self.checkpoints.remove(id);
@@ -612,7 +624,7 @@ impl Inner {
             (plan, layouts, moves)
         };
         let written = self.upload_plan(plan, layouts).await?;
-        let bytes: u64 = written.iter().map(|(_, b)| b).sum();
+        let bytes: u64 = written.iter().map(|w| w.bytes).sum();
         pace.spend(written.len() as u64, bytes).await;
         let mut fs = self.flush.lock().await;
         let mut moved = 0;
