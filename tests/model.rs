@@ -574,6 +574,9 @@ struct Case {
 
 type Step = Result<(), String>;
 
+/// A flush running in a task, with the model's marks of what it captures.
+type FlushTask = (Vec<usize>, tokio::task::JoinHandle<Result<(), Error>>);
+
 fn check(cond: bool, what: impl FnOnce() -> String) -> Step {
     if cond { Ok(()) } else { Err(what()) }
 }
@@ -1023,14 +1026,8 @@ impl Case {
         }
         // A second flush queued behind the held one (flushes are serial;
         // it captures whatever the first left, and these later writes).
-        let second = (!crash && self.rng.chance(30)).then(|| {
-            self.note("  while held: a second flush starts");
-            let v = Arc::clone(&vol);
-            (
-                self.model.capture(),
-                tokio::spawn(async move { v.flush().await }),
-            )
-        });
+        let second = (!crash && self.rng.chance(30))
+            .then(|| self.spawn_flush(&vol, "  while held: a second flush starts"));
         if crash {
             self.proc_.kill_now();
             task.abort();
@@ -1052,6 +1049,16 @@ impl Case {
         // What the flush made durable and what was written during it must
         // both read back (a flush that forgot the later writes shows here).
         self.read_check(&vol, 0, SECTORS).await
+    }
+
+    /// Start a flush in a task, capturing what it must make durable.
+    fn spawn_flush(&mut self, vol: &Arc<Volume>, what: &str) -> FlushTask {
+        self.note(what);
+        let v = Arc::clone(vol);
+        (
+            self.model.capture(),
+            tokio::spawn(async move { v.flush().await }),
+        )
     }
 
     /// A collection pass (no grace period: what earlier passes marked is
@@ -1095,14 +1102,10 @@ impl Case {
             self.random_write(&vol, "  while held: ").await?;
         }
         // A flush meanwhile (it may wait for the collector's checkpoint).
-        let flush = self.rng.chance(60).then(|| {
-            self.note("  while held: flush");
-            let v = Arc::clone(&vol);
-            (
-                self.model.capture(),
-                tokio::spawn(async move { v.flush().await }),
-            )
-        });
+        let flush = self
+            .rng
+            .chance(60)
+            .then(|| self.spawn_flush(&vol, "  while held: flush"));
         if crash {
             self.proc_.kill_now();
             task.abort();

@@ -444,7 +444,7 @@ async fn p9(size: u64, live_below: f64) -> Result<Vec<String>> {
             let started = Instant::now();
             for i in 0..blocks * ROUNDS {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                vol.write((x >> 33) % blocks << 20, &block).await?;
+                vol.write(((x >> 33) % blocks) << 20, &block).await?;
                 if i % 64 == 63 {
                     vol.flush().await?;
                 }
