@@ -506,6 +506,9 @@ struct Stats {
     gates_reached: BTreeMap<String, usize>,
     takeovers: usize,
     zombie_flushes_fenced: usize,
+    /// Collection passes by a zombie, and how many of them deleted.
+    zombie_collections: usize,
+    zombie_deletions: usize,
     failed_flushes: usize,
     concurrent_batches: usize,
     ops: usize,
@@ -1061,11 +1064,20 @@ impl Case {
         )
     }
 
-    /// A collection pass (no grace period: what earlier passes marked is
-    /// deleted now).
+    /// A collection pass: with no grace period (what earlier passes marked
+    /// is deleted now), or marking only.
     async fn collect(&mut self) -> Step {
-        self.note("collect");
-        match within("collect", self.vol().collect(Duration::ZERO)).await? {
+        // Half the passes only mark (the grace period outlasts the life):
+        // what they mark waits, and a takeover may come before a later
+        // pass — the new owner's, or the zombie's — deletes it.
+        let keep = self.rng.chance(50);
+        self.note(format!("collect (marks kept for later: {keep})"));
+        let grace = if keep {
+            Duration::from_secs(3600)
+        } else {
+            Duration::ZERO
+        };
+        match within("collect", self.vol().collect(grace)).await? {
             Ok(pass) => {
                 self.note(format!("  {pass:?}"));
                 Ok(())
@@ -1468,13 +1480,18 @@ impl Case {
     async fn zombie_step(&mut self, stats: &mut Stats) -> Step {
         let z = self.zombie.as_ref().unwrap();
         let (zproc, zombie, dirty) = (Arc::clone(&z.proc_), Arc::clone(&z.vol), z.dirty);
-        let what = self.rng.below(12);
+        let what = self.rng.below(14);
         if what >= 10 {
             // Deletes what it marked before the takeover, copies forward,
             // checkpoints; its owner check then fails.
             self.note("zombie collects");
+            let before = zombie.gc_stats().objects_deleted;
             let r = within("zombie collect", zombie.collect(Duration::ZERO)).await?;
             self.note(format!("  {r:?}"));
+            stats.zombie_collections += 1;
+            if zombie.gc_stats().objects_deleted > before {
+                stats.zombie_deletions += 1;
+            }
             return Ok(());
         }
         if what < 5 {
@@ -1664,11 +1681,14 @@ fn random_lives_keep_the_durability_contract() {
     let crashes = stats.total_crashes();
     println!(
         "model checker: {} cases, {} ops, {crashes} crash points, {} takeovers, \
-         {} zombie flushes fenced, {} concurrent batches, {} failed flushes",
+         {} zombie flushes fenced, {} zombie collection passes ({} deleted something), \
+         {} concurrent batches, {} failed flushes",
         stats.cases,
         stats.ops,
         stats.takeovers,
         stats.zombie_flushes_fenced,
+        stats.zombie_collections,
+        stats.zombie_deletions,
         stats.concurrent_batches,
         stats.failed_flushes
     );
@@ -1705,5 +1725,12 @@ fn random_lives_keep_the_durability_contract() {
             let n = stats.gates_reached.get(gate).copied().unwrap_or(0);
             assert!(n >= 10, "gate {gate} held only {n} times");
         }
+        // A zombie deleting what it marked before the takeover, while the
+        // new owner runs, must actually happen.
+        assert!(
+            stats.zombie_deletions >= 10,
+            "only {} zombie passes deleted anything",
+            stats.zombie_deletions
+        );
     }
 }
