@@ -16,7 +16,7 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 
 echo "== tests"
-cargo test --locked -- --skip random_crashes_preserve_the_durability_contract
+cargo test --locked -- --skip random_lives_keep_the_durability_contract
 echo "== model checker (crash points)"
 cargo test --locked --test model -- --nocapture
 

@@ -150,6 +150,12 @@ suite() {
   ID=${DEV#/dev/ublkb}
   $Z del --timeout 60 -n "$ID" || fail "del after the SSD tier"
 
+  # Garbage collection against S3 runs in the faults suite (the same server
+  # behind the fault proxy); CI time is the limit (~1.3 min per suite here).
+  if [ "$label" = s3 ]; then
+    echo "PASS [$label]"
+    return 0
+  fi
   step "[$label] garbage collection: overwrite 48 MiB three times, then gc --grace 0; contents intact"
   DEV=$($Z add $B --name "vol-$label" --grace 0) || fail "add (gc)"
   ID=${DEV#/dev/ublkb}
