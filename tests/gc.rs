@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use zerofs_ublk::store::backend::DynStore;
+use zerofs_ublk::store::backend::{DynStore, ObjectInfo, ObjectStore, StoreResult};
 use zerofs_ublk::volume::gc::{GcConfig, GcPolicy};
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
@@ -391,4 +391,81 @@ async fn collection_of_small_frames_settles() {
     collect_all(&vol).await;
     assert!(vol.gc_stats().segments_copied > 0, "{:?}", vol.gc_stats());
     assert_eq!(read_all(&vol, chunks).await, image);
+}
+
+/// A store whose first listing of `prefix` names one more object, that
+/// does not exist: an object collected between a reader's listing and its
+/// fetch.
+#[derive(Debug)]
+struct Ghost {
+    inner: DynStore,
+    prefix: &'static str,
+    ghost: String,
+    shown: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Ghost {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> StoreResult<()> {
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StoreResult<bool> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn exists(&self, key: &str) -> StoreResult<bool> {
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
+        let mut listed = self.inner.list(prefix).await?;
+        if prefix == self.prefix && !self.shown.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            listed.push(ObjectInfo {
+                key: self.ghost.clone(),
+                size: 4096,
+            });
+        }
+        Ok(listed)
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    fn supports_conditional_create(&self) -> bool {
+        self.inner.supports_conditional_create()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_lists_again_when_a_listed_object_was_collected() {
+    let store = memory();
+    let vol = create_and_open(&store, 16).await;
+    let data = pattern(5, 4 * CHUNK as usize);
+    vol.write(0, &data).await.unwrap();
+    vol.close().await.unwrap();
+    // A checkpoint and a segment newer than anything there, listed once.
+    for (prefix, ghost) in [
+        (
+            "checkpoints/",
+            "checkpoints/0000000000000001-00000000000000ff",
+        ),
+        ("segments/", "segments/0000000000000001-00000000000000ff"),
+    ] {
+        let reader: DynStore = std::sync::Arc::new(Ghost {
+            inner: store.clone(),
+            prefix,
+            ghost: ghost.into(),
+            shown: false.into(),
+        });
+        let ro = Volume::open(reader, &secret(), read_only(), test_config())
+            .await
+            .unwrap_or_else(|e| panic!("{prefix}: {e}"));
+        assert_eq!(ro.read(0, data.len()).await.unwrap(), data);
+    }
 }

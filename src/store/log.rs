@@ -144,7 +144,23 @@ impl LogStore {
             log.upgrade_format(secret).await?;
         }
         // Listing strictly after the claim: see ARCHITECTURE.md, fencing.
-        let (index, _) = log.recover(&mut summary).await?;
+        // A reader's listing can name an object that garbage collection
+        // deletes before the reader fetches it (at the end of its grace
+        // period): list again. A writer cannot meet this — what is deleted
+        // under it is older than the checkpoint it recovers from
+        // (docs/rfcs/0002) — and has written its seal from the listing.
+        let read_only = log.fence.epoch().is_none();
+        let mut attempt = 0;
+        let (index, _) = loop {
+            attempt += 1;
+            match log.recover(&mut summary).await {
+                Err(Error::Store(StoreError::NotFound(key))) if read_only && attempt < 3 => {
+                    tracing::warn!("{key} was deleted after the listing; listing again");
+                    summary = LogSummary::default();
+                }
+                result => break result?,
+            }
+        };
         Ok((log, index, summary))
     }
 
