@@ -421,7 +421,8 @@ impl Fence {
         self.owned.as_ref().map(|(_, c)| c)
     }
 
-    pub(super) fn owned_epoch(&self) -> Result<u64> {
+    /// Our epoch, or an error when read-only.
+    pub fn owned_epoch(&self) -> Result<u64> {
         self.epoch()
             .ok_or_else(|| Error::InvalidArgument("volume is open read-only".into()))
     }

@@ -394,12 +394,6 @@ fn read_ranges(frames: &[(u64, Loc)]) -> Vec<std::ops::Range<u64>> {
 }
 
 impl Inner {
-    fn owned_epoch(&self) -> Result<u64> {
-        self.log
-            .epoch()
-            .ok_or_else(|| Error::InvalidArgument("volume is open read-only".into()))
-    }
-
     /// One pass: copy forward what is worth it, checkpoint if that lets
     /// enough be marked (`eager`: anything), confirm ownership and mark,
     /// delete what has been unneeded for `grace`.
@@ -409,7 +403,7 @@ impl Inner {
         // know yet may still delete what it marked (safe: docs/rfcs/0002)
         // and finds out at its next owner check.
         self.check_writable()?;
-        let ours = self.owned_epoch()?;
+        let ours = self.log.fence().owned_epoch()?;
         let mut pass = GcPass::default();
         let mut pace = Pace::new(&self.cfg.gc);
         // What was marked in earlier passes first: marking made it safe to
