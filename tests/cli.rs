@@ -121,7 +121,7 @@ fn create_import_export_inspect_roundtrip() {
     assert_eq!(raw.stdout, out);
     // inspect reports what is there
     let text = ok(&env.vol(&["inspect"]));
-    assert!(text.contains("format          version 3"), "{text}");
+    assert!(text.contains("format          version 4"), "{text}");
     assert!(text.contains("chunk size      64 KiB"), "{text}");
     assert!(text.contains("released cleanly"), "{text}");
     let json: serde_json::Value =

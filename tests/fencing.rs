@@ -50,7 +50,7 @@ async fn forced_takeover_fences_the_old_writer(store: DynStore) {
     assert_eq!(b.read(0, acked.len()).await.unwrap(), acked);
     assert_eq!(b.read(8 * 4096, 4096).await.unwrap(), vec![0u8; 4096]);
 
-    // A's next flush uploads its segment, then finds it was fenced.
+    // A's next flush finds its segment's name taken by B's fence marker.
     let err = a.flush().await.expect_err("fenced writer's flush fails");
     assert!(matches!(err, Error::Fenced(_)), "{err:?}");
     assert!(matches!(
@@ -73,8 +73,13 @@ async fn forced_takeover_fences_the_old_writer(store: DynStore) {
     assert_eq!(c.read(9 * 4096, 4096).await.unwrap(), b_data);
     assert_eq!(
         c.summary().ignored_segments,
-        1,
-        "the fenced segment is in no seal"
+        0,
+        "the fenced segment never landed"
+    );
+    assert_eq!(
+        c.summary().fences,
+        zerofs_ublk::store::append::WINDOW as usize,
+        "B fenced A's next names"
     );
     drop(a);
 }
@@ -166,5 +171,151 @@ async fn a_lost_response_to_the_claim_or_seal_does_not_fail_the_open() {
             .unwrap_or_else(|e| panic!("lost response to the {what}: {e}"));
         assert_eq!(v.read(0, 4096).await.unwrap(), pattern(1, 4096));
         v.close().await.unwrap();
+    }
+}
+
+// ---- Fencing by segment name (docs/rfcs/0003) ------------------------------
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, oneshot};
+use zerofs_ublk::store::append::WINDOW;
+use zerofs_ublk::store::backend::{FaultPlan, FaultyStore, ObjectInfo, ObjectStore, StoreResult};
+
+/// A store that stops an opener right after its listing of the segments
+/// (and before it fences or seals), until the test lets it go on.
+#[derive(Debug)]
+struct PauseAfterListing {
+    inner: DynStore,
+    listed: Arc<Notify>,
+    go_on: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+#[async_trait]
+impl ObjectStore for PauseAfterListing {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> StoreResult<()> {
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StoreResult<bool> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn exists(&self, key: &str) -> StoreResult<bool> {
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
+        let listed = self.inner.list(prefix).await?;
+        let wait = (prefix == "segments/")
+            .then(|| self.go_on.lock().take())
+            .flatten();
+        if let Some(wait) = wait {
+            self.listed.notify_one();
+            let _ = wait.await;
+        }
+        Ok(listed)
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    fn supports_conditional_create(&self) -> bool {
+        self.inner.supports_conditional_create()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The race the HEAD used to close: the old writer's segment lands after
+/// the new owner listed, at the very name the new owner is about to fence.
+/// The new owner's marker create finds it, so it lists again and seals it:
+/// the acknowledged flush survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_landing_between_listing_and_fencing_is_sealed() {
+    let store = memory();
+    let a = create_and_open(&store, 16).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap();
+
+    let (go, wait) = oneshot::channel();
+    let pausing = Arc::new(PauseAfterListing {
+        inner: store.clone(),
+        listed: Arc::new(Notify::new()),
+        go_on: parking_lot::Mutex::new(Some(wait)),
+    });
+    let listed = Arc::clone(&pausing.listed);
+    let b_store: DynStore = pausing;
+    let opening = tokio::spawn(async move { open(&b_store, true).await });
+    listed.notified().await;
+    // B has claimed and listed. A does not know yet: its flush lands at
+    // the name B will fence first, and is acknowledged.
+    let late = pattern(2, 4096);
+    a.write(5 * 4096, &late).await.unwrap();
+    a.flush().await.expect("nothing fenced this name yet");
+    go.send(()).unwrap();
+    let b = opening.await.unwrap().expect("B lists again and opens");
+    assert_eq!(b.read(5 * 4096, 4096).await.unwrap(), late, "acknowledged");
+    assert_eq!(b.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    // And A is fenced from its next flush on.
+    a.write(6 * 4096, &pattern(3, 4096)).await.unwrap();
+    assert!(matches!(a.flush().await, Err(Error::Fenced(_))));
+    b.close().await.unwrap();
+    let c = open(&store, false).await.unwrap();
+    assert_eq!(c.read(5 * 4096, 4096).await.unwrap(), late);
+}
+
+/// A flush that fails half-way leaves ids it never stored (one whose PUT
+/// failed, others never encrypted for). The next flush settles them — the
+/// same bytes again, or an empty segment — so later segments, more than
+/// the window above them, can be stored; and a takeover then recovers
+/// every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_a_failed_flush_left_are_settled_by_the_next() {
+    for land_then_fail in [false, true] {
+        let mem = memory();
+        let faulty = FaultyStore::new(mem.clone());
+        let store: DynStore = Arc::new(faulty.clone());
+        let a = create_and_open(&store, 64).await;
+        // 24 chunks in segments of 3: eight segments, four in flight at
+        // once. Every PUT after the first fails (retries included), so the
+        // flush stops with segments 4..7 never encrypted for.
+        let first = pattern(1, 24 * CHUNK as usize);
+        a.write(0, &first).await.unwrap();
+        faulty.set_plan(FaultPlan {
+            writes_before_failure: Some(1),
+            land_then_fail,
+            ..FaultPlan::default()
+        });
+        assert!(a.flush().await.is_err(), "the second segment's PUT failed");
+        faulty.set_plan(FaultPlan::default());
+        // More than the window's worth of flushes after it.
+        let mut expect = first.clone();
+        for i in 0..WINDOW + 4 {
+            let at = (24 + i as usize) * CHUNK as usize;
+            let data = pattern(100 + i, CHUNK as usize);
+            a.write(at as u64, &data).await.unwrap();
+            a.flush().await.unwrap();
+            expect.resize(at, 0);
+            expect.extend_from_slice(&data);
+        }
+        drop(a); // crash
+        // Every id epoch 1 allocated is a segment of its own: no gap.
+        let seqs: Vec<u64> = mem
+            .list("segments/0000000000000001-")
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| u64::from_str_radix(&o.key[o.key.len() - 16..], 16).unwrap())
+            .collect();
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+        assert!(seqs.len() as u64 > 8 + WINDOW, "{seqs:?}");
+        let b = open(&mem, true).await.unwrap();
+        assert_eq!(b.read(0, expect.len()).await.unwrap(), expect);
+        b.close().await.unwrap();
     }
 }

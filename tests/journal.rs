@@ -111,11 +111,13 @@ async fn a_failed_recovery_attempt_keeps_the_dead_servers_journal() {
     let expect = a.read(0, 16 * 4096).await.unwrap();
     drop(a); // killed
 
-    // Recovery: the conditional-create probe (3 writes), the claim and the
-    // seal succeed; the replay flush's segment PUT fails.
+    // Recovery: the conditional-create probe (3 writes), the claim, the
+    // fence markers at epoch 1's next names (its writer is not provably
+    // dead: same pid) and the seal succeed; the replay flush's segment
+    // PUT fails.
     let faulty = FaultyStore::new(store.clone());
     faulty.set_plan(FaultPlan {
-        writes_before_failure: Some(5),
+        writes_before_failure: Some(5 + zerofs_ublk::store::append::WINDOW),
         ..FaultPlan::default()
     });
     let faulty: DynStore = Arc::new(faulty);

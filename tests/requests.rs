@@ -19,7 +19,7 @@ async fn open_flush_and_read_cost_what_they_should() {
     assert_eq!(opened.put, 0, "opening writes no data");
 
     // 4k random writes with a flush every 50: every PUT is a segment or a
-    // checkpoint that is really in the bucket, and one HEAD per flush.
+    // checkpoint that is really in the bucket, and no flush reads anything.
     for i in 0..500u64 {
         let chunk = (i * 37) % 64;
         vol.write(chunk * CHUNK as u64, &pattern(i, 4096))
@@ -32,8 +32,18 @@ async fn open_flush_and_read_cost_what_they_should() {
     let s = vol.request_stats();
     let segments = store.list("segments/").await.unwrap().len() as u64;
     let checkpoints = store.list("checkpoints/").await.unwrap().len() as u64;
-    assert_eq!(s.put, segments + checkpoints, "{s:?}");
-    assert_eq!(s.head - opened.head, 10, "one ownership check per flush");
+    assert_eq!(
+        s.conditional_put - opened.conditional_put,
+        segments,
+        "{s:?}"
+    );
+    assert_eq!(s.put, checkpoints, "{s:?}");
+    assert_eq!(s.head, opened.head, "no ownership check on the FLUSH path");
+    assert_eq!(
+        s.get + s.ranged_get,
+        opened.get + opened.ranged_get,
+        "{s:?}"
+    );
 
     // A flush with nothing dirty costs nothing.
     let before = vol.request_stats();
@@ -58,6 +68,35 @@ async fn open_flush_and_read_cost_what_they_should() {
     let b = v.request_stats();
     v.read(0, 8 * CHUNK as usize).await.unwrap();
     assert_eq!(v.request_stats(), b);
+}
+
+/// Issue 11: a FLUSH is one store round trip. A 4 KiB write and a FLUSH
+/// cost exactly one request, the segment's conditional PUT: no ownership
+/// check (HEAD), no read (docs/rfcs/0003). (Every `checkpoint_every`
+/// segments a flush also writes a checkpoint; this volume never does.)
+#[tokio::test]
+async fn a_small_write_and_flush_cost_exactly_one_put() {
+    let store = memory();
+    Volume::create(&store, &params(64), &secret(), false)
+        .await
+        .unwrap();
+    let cfg = VolumeConfig {
+        checkpoint_every: u64::MAX,
+        ..test_config()
+    };
+    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg)
+        .await
+        .unwrap();
+    for i in 0..20u64 {
+        vol.write((i * 7 % 64) * CHUNK as u64, &pattern(i, 4096))
+            .await
+            .unwrap();
+        let before = vol.request_stats();
+        vol.flush().await.unwrap();
+        let after = vol.request_stats();
+        assert_eq!(after.conditional_put - before.conditional_put, 1);
+        assert_eq!(after.total() - before.total(), 1, "{after:?}");
+    }
 }
 
 /// A new 16-chunk volume opened as writer with the background flusher on.

@@ -18,6 +18,7 @@ use zerofs_ublk::store::backend::{DynStore, ObjectInfo, ObjectStore, StoreResult
 use zerofs_ublk::store::keys::{Secret, key_use};
 use zerofs_ublk::store::log::LogStore;
 use zerofs_ublk::store::paths;
+use zerofs_ublk::store::superblock::FORMAT_VERSION;
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -158,13 +159,35 @@ async fn two_writers_of_one_epoch_never_share_a_key() {
 /// Test 5 of the RFC: `tests/fixtures/format2` was written by the previous
 /// release (`create --size 1M --chunk-size 64K` with the key file there,
 /// then `import` of 192 KiB = pattern(7)). It opens read-only as it is,
-/// a writer upgrades it to format 3, and old (unbound) and new (bound)
-/// objects read back together.
+/// a writer upgrades it to the current format, and old (unbound) and new
+/// (bound) objects read back together.
 #[tokio::test]
 async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
+    let cs = 64 << 10;
+    let mut expect = pattern(7, 3 * cs);
+    expect.resize(6 * cs, 0);
+    opens_upgrades_and_reads("format2", 2, expect).await;
+}
+
+/// RFC 0003: `tests/fixtures/format3` is the format-2 fixture after the
+/// format-3 release (30559ad) imported 64 KiB of pattern(8) into it (the
+/// volume upgraded to 3, and a writer of format 3 released it). A
+/// format-4 writer upgrades it, fencing by segment name from then on.
+#[tokio::test]
+async fn a_format_3_volume_opens_upgrades_and_reads_old_and_new_objects() {
+    let cs = 64 << 10;
+    let mut expect = pattern(7, 3 * cs);
+    expect[..cs].copy_from_slice(&pattern(8, cs));
+    expect.resize(6 * cs, 0);
+    opens_upgrades_and_reads("format3", 3, expect).await;
+}
+
+async fn opens_upgrades_and_reads(fixture: &str, initial: u32, mut expect: Vec<u8>) {
     let _one_at_a_time = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format2");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
     copy_tree(&fixture.join("bucket"), &dir.path().join("bucket"));
     let store = dir_store(&dir.path().join("bucket"));
     let secret = || Secret::key_file(std::fs::read(fixture.join("key")).unwrap()).unwrap();
@@ -173,8 +196,6 @@ async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
         cache_bytes: 4 * cs,
         ..test_config()
     };
-    let mut expect = pattern(7, 3 * cs);
-    expect.resize(6 * cs, 0);
     let version = |store: DynStore| async move {
         LogStore::read_superblock(&store)
             .await
@@ -187,7 +208,11 @@ async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
         .await
         .unwrap();
     assert_eq!(ro.read(0, 6 * cs).await.unwrap(), expect);
-    assert_eq!(version(store.clone()).await, 2, "a reader does not upgrade");
+    assert_eq!(
+        version(store.clone()).await,
+        initial,
+        "a reader does not upgrade"
+    );
     drop(ro);
 
     let w = Volume::open(store.clone(), &secret(), writer(false), cfg.clone())
@@ -195,9 +220,10 @@ async fn a_format_2_volume_opens_upgrades_and_reads_old_and_new_objects() {
         .unwrap();
     assert_eq!(
         version(store.clone()).await,
-        3,
+        FORMAT_VERSION,
         "the writer upgraded the volume"
     );
+    assert_eq!(w.read(0, 6 * cs).await.unwrap(), expect);
     // New objects (bound) next to old ones (unbound), and a partial write
     // that reads an old frame and writes a new one.
     w.write(5 * cs as u64, &pattern(8, cs)).await.unwrap();

@@ -333,6 +333,65 @@ pub struct Fence {
     keys: VolumeKeys,
     /// Our epoch and its claim, once claimed.
     owned: Option<(u64, Claim)>,
+    /// The epoch we took over from, as our claim found it: released, or
+    /// its claim (for fencing it: docs/rfcs/0003).
+    predecessor: Option<(u64, Taken)>,
+}
+
+/// How a predecessor left the volume.
+#[derive(Debug, Clone)]
+enum Taken {
+    Released,
+    From(Claim),
+}
+
+/// Fence markers: what a new owner creates at the names where a
+/// predecessor's next segments would go (docs/rfcs/0003). Shorter than
+/// any segment (an empty one is 56 bytes), so a listing tells them apart
+/// by size.
+pub const FENCE_LEN: u64 = 32;
+const FENCE_MAGIC: &[u8; 8] = b"ZUBLKFNC";
+
+/// A listed object under `segments/` of this size is a fence marker.
+pub fn is_fence(size: u64) -> bool {
+    size == FENCE_LEN
+}
+
+fn fence_marker(by: u64) -> Bytes {
+    let mut m = Vec::with_capacity(FENCE_LEN as usize);
+    m.extend_from_slice(FENCE_MAGIC);
+    m.extend_from_slice(&by.to_be_bytes());
+    m.extend_from_slice(&rand::random::<[u8; 16]>());
+    Bytes::from(m)
+}
+
+/// The names of epoch `epoch` a new owner fences, given what its listing
+/// holds of that epoch: real segments, fence markers, checkpoint
+/// positions. Every missing id in `(max(cp, m - WINDOW), m]` (a PUT that
+/// may be in flight) and `hi + 1 ..= hi + WINDOW` with `hi = max(m, cp)`
+/// (the next ones), except names that already hold a fence.
+pub fn fence_targets(
+    epoch: u64,
+    segments: &std::collections::BTreeSet<u64>,
+    fences: &std::collections::BTreeSet<u64>,
+    checkpoint: Option<u64>,
+) -> Vec<SegmentId> {
+    use super::append::WINDOW;
+    let m = segments.last().copied();
+    let hi = m.max(checkpoint);
+    let mut seqs = Vec::new();
+    if let Some(m) = m {
+        let floor = checkpoint
+            .map_or(0, |c| c + 1)
+            .max((m + 1).saturating_sub(WINDOW));
+        seqs.extend((floor..=m).filter(|s| !segments.contains(s)));
+    }
+    let next = hi.map_or(0, |h| h + 1);
+    seqs.extend(next..next + WINDOW);
+    seqs.into_iter()
+        .filter(|s| !fences.contains(s))
+        .map(|seq| SegmentId { epoch, seq })
+        .collect()
 }
 
 /// Conditional create that survives a lost response: a create whose
@@ -408,6 +467,7 @@ impl Fence {
             store,
             keys,
             owned: None,
+            predecessor: None,
         }
     }
 
@@ -461,8 +521,10 @@ impl Fence {
     pub async fn claim_next(&mut self, force: bool, journal: Option<String>) -> Result<u64> {
         assert!(self.owned.is_none(), "one claim per fence");
         let current = self.latest_epoch().await?;
+        let mut taken = Taken::Released;
         if current > 0 && !self.is_released(current).await? {
             let owner = self.read_claim(current).await?;
+            taken = Taken::From(owner.clone());
             if owner.is_provably_dead() {
                 tracing::warn!("previous writer {} is gone; taking over", owner.describe());
             } else if force {
@@ -499,6 +561,7 @@ impl Fence {
         tracing::info!("claimed writer epoch {epoch}");
         self.keys.bind_epoch(epoch, &mine.token);
         self.owned = Some((epoch, mine));
+        self.predecessor = (current > 0).then_some((current, taken));
         Ok(epoch)
     }
 
@@ -610,15 +673,93 @@ impl Fence {
     }
 
     /// Confirm no newer writer has claimed the volume. A writer calls it
-    /// after a FLUSH's segments are stored and before the FLUSH is
-    /// acknowledged, and after a checkpoint before it deletes anything the
-    /// checkpoint made unneeded (docs/rfcs/0002).
+    /// after a checkpoint before it deletes anything the checkpoint made
+    /// unneeded (docs/rfcs/0002), and before it writes its release marker.
+    /// A FLUSH needs none: its segments are fenced by name (docs/rfcs/0003).
     pub async fn check_owner(&self) -> Result<()> {
         let epoch = self.owned_epoch()?;
         if self.store.exists(&paths::claim(epoch + 1)).await? {
             return Err(Error::Fenced(epoch));
         }
         Ok(())
+    }
+
+    /// Whether a writer of `epoch` may still be running: not released and
+    /// not provably dead (the claim our takeover read answers for the
+    /// epoch before ours).
+    async fn may_run(&self, epoch: u64) -> Result<bool> {
+        let taken = match &self.predecessor {
+            Some((e, taken)) if *e == epoch => taken.clone(),
+            _ if self.is_released(epoch).await? => Taken::Released,
+            _ => match self.claim_if_present(epoch).await? {
+                Some(c) => Taken::From(c),
+                // No claim, not released: nobody can tell; fence it.
+                None => return Ok(true),
+            },
+        };
+        Ok(match taken {
+            Taken::Released => false,
+            Taken::From(c) => !c.is_provably_dead(),
+        })
+    }
+
+    /// Fence the writers of epochs `[from, ours)` that may still run: a
+    /// fence marker at every name where a segment of theirs could still
+    /// land unlisted and count (docs/rfcs/0003). `listing` is what our
+    /// listing after the claim holds: segments and fences (id, is a
+    /// fence) and checkpoint positions. Returns the markers created, or
+    /// None when a name turned out to hold a segment the listing missed
+    /// (its writer is running): list again.
+    pub async fn fence_predecessors(
+        &self,
+        from: u64,
+        listing: &[(SegmentId, bool)],
+        checkpoints: &[SegmentId],
+    ) -> Result<Option<usize>> {
+        use std::collections::BTreeSet;
+        let ours = self.owned_epoch()?;
+        let mut targets = Vec::new();
+        for e in from.max(1)..ours {
+            if !self.may_run(e).await? {
+                continue;
+            }
+            let of = |fence: bool| -> BTreeSet<u64> {
+                listing
+                    .iter()
+                    .filter(|(id, f)| id.epoch == e && *f == fence)
+                    .map(|(id, _)| id.seq)
+                    .collect()
+            };
+            let cp = checkpoints
+                .iter()
+                .filter(|c| c.epoch == e)
+                .map(|c| c.seq)
+                .max();
+            targets.extend(fence_targets(e, &of(false), &of(true), cp));
+        }
+        let marker = fence_marker(ours);
+        let mut creates = futures::stream::iter(targets)
+            .map(|id| {
+                let marker = marker.clone();
+                async move {
+                    let fence = |found: &Bytes| is_fence(found.len() as u64);
+                    let key = paths::segment(id);
+                    create_or_confirm(&self.store, &key, marker, fence).await
+                }
+            })
+            .buffer_unordered(READ_CONCURRENCY);
+        let (mut made, mut raced) = (0, false);
+        while let Some(created) = creates.next().await {
+            if created? {
+                made += 1;
+            } else {
+                raced = true;
+            }
+        }
+        if made > 0 {
+            tracing::warn!("fenced the previous writer: {made} fence markers created");
+        }
+        Ok((!raced).then_some(made))
     }
 
     /// Mark a clean shutdown: the next opener needs no --force.

@@ -3,11 +3,11 @@
 //! checkpoints.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::StreamExt;
 
+use super::append::Appender;
 use super::backend::{CountingStore, DynStore, RequestStats, StoreError};
 use super::checkpoint;
 use super::fencing::{self, Claim, Fence, SealChain};
@@ -21,6 +21,9 @@ use crate::error::{Error, Result};
 
 /// How many segment tables recovery fetches at once.
 const REPLAY_CONCURRENCY: usize = 8;
+/// How many times an opener lists again because a predecessor's segment
+/// landed at a name it was fencing, before it gives up.
+const FENCE_ROUNDS: u32 = 8;
 
 #[derive(Debug, Clone, Default)]
 pub struct WriterOptions {
@@ -56,6 +59,9 @@ pub struct LogSummary {
     pub replayed_segments: usize,
     /// Segments present but not part of the log (fenced writers' leftovers).
     pub ignored_segments: usize,
+    /// Fence markers: names new owners took from writers they fenced
+    /// (docs/rfcs/0003), kept for good.
+    pub fences: usize,
     /// What the listings at open found (garbage collection starts from it).
     pub inventory: Inventory,
 }
@@ -76,7 +82,8 @@ pub struct LogStore {
     keys: VolumeKeys,
     /// Claims, seals, the owner check; our claim when writing.
     fence: Fence,
-    next_seq: AtomicU64,
+    /// Our segment ids and the window rule, when writing (docs/rfcs/0003).
+    appender: Option<Appender>,
 }
 
 impl LogStore {
@@ -131,14 +138,16 @@ impl LogStore {
             counting,
             superblock,
             keys,
-            next_seq: AtomicU64::new(0),
+            appender: None,
         };
         let mut summary = LogSummary::default();
         if let OpenMode::Writer(opts) = mode {
             fencing::require_conditional_create(&log.store, opts.allow_unconditional).await?;
-            log.fence
+            let epoch = log
+                .fence
                 .claim_next(opts.force, opts.journal.clone())
                 .await?;
+            log.appender = Some(Appender::new(epoch));
             // Before any object of ours exists: an older build must refuse
             // the volume rather than fail on every object keyed to us.
             log.upgrade_format(secret).await?;
@@ -167,14 +176,49 @@ impl LogStore {
     /// List the log, seal it (writer), load the newest valid checkpoint and
     /// replay the valid segments after it.
     async fn recover(&self, summary: &mut LogSummary) -> Result<(Index, Option<SegmentId>)> {
-        let seals_listed = self.store.list(paths::SEALS).await?;
-        let seg_listed = self.store.list(paths::SEGMENTS).await?;
-        let cp_listed = self.store.list(paths::CHECKPOINTS).await?;
-        let seals = self.fence.read_seals(&seals_listed).await?;
+        let mut round = 0;
+        let (seals, segments, checkpoints) = loop {
+            round += 1;
+            let seals_listed = self.store.list(paths::SEALS).await?;
+            let seg_listed = self.store.list(paths::SEGMENTS).await?;
+            let cp_listed = self.store.list(paths::CHECKPOINTS).await?;
+            let seals = self.fence.read_seals(&seals_listed).await?;
+            let listed = paths::listed_ids(&seg_listed, paths::SEGMENTS);
+            let checkpoints = paths::listed_ids(&cp_listed, paths::CHECKPOINTS);
+            if self.fence.epoch().is_some() {
+                // Before our seal: fence whoever may still write, so no
+                // segment of theirs lands after this listing and counts.
+                let from = SealChain::from_seals(seals.clone()).latest();
+                let kinds: Vec<(SegmentId, bool)> = listed
+                    .iter()
+                    .map(|(id, size)| (*id, fencing::is_fence(*size)))
+                    .collect();
+                let cps: Vec<SegmentId> = checkpoints.iter().map(|(id, _)| *id).collect();
+                if self
+                    .fence
+                    .fence_predecessors(from, &kinds, &cps)
+                    .await?
+                    .is_none()
+                {
+                    if round >= FENCE_ROUNDS {
+                        return Err(Error::InUse(
+                            "the previous writer keeps writing segments while it is being fenced; \
+                             stop it, then open again"
+                                .into(),
+                        ));
+                    }
+                    tracing::warn!("a segment landed after the listing; listing again");
+                    continue;
+                }
+            }
+            summary.fences = listed.iter().filter(|(_, s)| fencing::is_fence(*s)).count();
+            let segments: Vec<(SegmentId, u64)> = listed
+                .into_iter()
+                .filter(|(_, size)| !fencing::is_fence(*size))
+                .collect();
+            break (seals, segments, checkpoints);
+        };
         let mut chain_epochs: Vec<u64> = seals.keys().copied().collect();
-
-        let segments = paths::listed_ids(&seg_listed, paths::SEGMENTS);
-        let checkpoints = paths::listed_ids(&cp_listed, paths::CHECKPOINTS);
 
         let chain = if self.fence.epoch().is_some() {
             let seg_ids: Vec<SegmentId> = segments.iter().map(|(s, _)| *s).collect();
@@ -377,18 +421,43 @@ impl LogStore {
         &self.fence
     }
 
-    /// A fresh segment id. Never reused, even if its upload fails, so no
-    /// two different contents are ever encrypted under one segment name.
-    pub fn alloc_segment(&self) -> Result<SegmentId> {
-        Ok(SegmentId {
-            epoch: self.fence.owned_epoch()?,
-            seq: self.next_seq.fetch_add(1, Ordering::SeqCst),
-        })
+    fn appender(&self) -> Result<&Appender> {
+        self.appender
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("volume is open read-only".into()))
     }
 
+    /// A fresh segment id. Never reused: a failed upload is put again
+    /// with the same bytes, so no two different contents are ever
+    /// encrypted under one segment name (docs/rfcs/0003).
+    pub fn alloc_segment(&self) -> Result<SegmentId> {
+        Ok(self.appender()?.alloc())
+    }
+
+    /// Ids allocated that will not be put as planned, with the bytes
+    /// encrypted for them if any (put again later) — else an empty
+    /// segment fills each (docs/rfcs/0003).
+    pub fn give_up_segments(&self, ids: impl IntoIterator<Item = (SegmentId, Option<Bytes>)>) {
+        if let Some(a) = &self.appender {
+            a.give_up(ids);
+        }
+    }
+
+    /// Create a segment of ours (conditional create, after the window).
+    /// `Err(Fenced)`: a newer owner fenced the name.
     pub async fn put_segment(&self, id: SegmentId, data: Bytes) -> Result<()> {
-        self.store.put(&paths::segment(id), data).await?;
-        Ok(())
+        self.appender()?
+            .put(&self.store, &self.keys, id, data)
+            .await
+    }
+
+    /// Put again the segments whose upload failed and fill abandoned ids
+    /// (no request when there are none).
+    pub async fn settle_segments(&self) -> Result<()> {
+        match &self.appender {
+            Some(a) if a.unsettled() => a.settle(&self.store, &self.keys, None).await,
+            _ => Ok(()),
+        }
     }
 
     /// Write the index as of `position` (one of our own segments).

@@ -7,11 +7,14 @@
 //! - `fencing`: the single-writer protocol — claims, seals, releases, and
 //!   the `Fence` that makes and checks them;
 //! - `paths`: every object name and its parsing;
+//! - `append`: our segment ids, and the window rule that lets a new
+//!   owner fence us without a request on the FLUSH path;
 //! - `log`: open / recover / append, tying the above together.
 //!
 //! This layer never sees plaintext chunk data: frames arrive encrypted
 //! from the codec above it.
 
+pub mod append;
 pub mod backend;
 pub mod checkpoint;
 pub mod fencing;

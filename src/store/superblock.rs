@@ -12,8 +12,12 @@ use super::keys::{Argon2Cost, DataKey, KdfParams, Secret, VolumeKeys, WrappedKey
 use crate::error::{Error, Result};
 
 /// 3: objects of an epoch are keyed to its writer's claim token
-/// (docs/rfcs/0001). 2 is still read; a format-3 writer upgrades it.
-pub const FORMAT_VERSION: u32 = 3;
+/// (docs/rfcs/0001). 4: segments are made by conditional create and a new
+/// owner fences its predecessor's next names (docs/rfcs/0003), so a
+/// writer acknowledges a FLUSH without an ownership check — a format-3
+/// build, which does not fence, must not take over such a volume. 2 and
+/// 3 are still read; a format-4 writer upgrades them.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this build opens.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
 const MAGIC: &str = "zerofs-ublk volume";

@@ -1,5 +1,6 @@
 //! FLUSH: capture the dirty table, encode it into segments, upload them in
-//! parallel, confirm ownership, then publish the new locations.
+//! parallel by conditional create (a newer owner fences the names:
+//! docs/rfcs/0003), then publish the new locations.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -205,34 +206,59 @@ impl Inner {
     }
 
     /// Encrypt the planned segments one by one off the async workers
-    /// while earlier ones upload. Returns each segment with its size.
+    /// while earlier ones upload. Returns each segment with its size. On
+    /// failure, the ids never encrypted for are abandoned (an empty
+    /// segment fills each); the others are put again later with their
+    /// bytes (docs/rfcs/0003).
     pub(super) async fn upload_plan(
         self: &Arc<Self>,
         plan: Plan,
         layouts: Vec<SegmentLayout>,
     ) -> Result<Vec<Written>> {
+        let ids: Vec<SegmentId> = layouts.iter().map(|l| l.id).collect();
         let plan = Arc::new(plan);
         let mut written = Vec::with_capacity(layouts.len());
-        let mut uploads = futures::stream::FuturesUnordered::new();
-        for (n, layout) in layouts.into_iter().enumerate() {
-            while uploads.len() >= SEGMENTS_IN_FLIGHT {
-                uploads.next().await.expect("non-empty")?;
+        // Encrypted and not yet stored: kept until stored, for a retry.
+        let mut pending: std::collections::HashMap<SegmentId, Bytes> = Default::default();
+        let result = async {
+            let mut uploads = futures::stream::FuturesUnordered::new();
+            for (n, layout) in layouts.into_iter().enumerate() {
+                while uploads.len() >= SEGMENTS_IN_FLIGHT {
+                    let id = uploads.next().await.expect("non-empty")?;
+                    pending.remove(&id);
+                }
+                let (id, frames) = (layout.id, layout.frames_len() as u64);
+                let (this, p) = (Arc::clone(self), Arc::clone(&plan));
+                let bytes =
+                    tokio::task::spawn_blocking(move || this.encrypt_segment(&p, n, layout))
+                        .await
+                        .expect("encrypt task");
+                written.push(Written {
+                    id,
+                    bytes: bytes.len() as u64,
+                    frames,
+                });
+                pending.insert(id, bytes.clone());
+                let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();
+                uploads.push(async move {
+                    self.upload(id, bytes, frames).await?;
+                    Ok::<SegmentId, Error>(id)
+                });
             }
-            let (id, frames) = (layout.id, layout.frames_len() as u64);
-            let (this, p) = (Arc::clone(self), Arc::clone(&plan));
-            let bytes = tokio::task::spawn_blocking(move || this.encrypt_segment(&p, n, layout))
-                .await
-                .expect("encrypt task");
-            written.push(Written {
-                id,
-                bytes: bytes.len() as u64,
-                frames,
-            });
-            let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();
-            uploads.push(self.upload(id, bytes, frames));
+            while let Some(done) = uploads.next().await {
+                pending.remove(&done?);
+            }
+            Ok::<(), Error>(())
         }
-        while let Some(done) = uploads.next().await {
-            done?;
+        .await;
+        if let Err(e) = result {
+            let encrypted = written.len();
+            self.log.give_up_segments(
+                ids.into_iter()
+                    .enumerate()
+                    .map(|(n, id)| (id, (n < encrypted).then(|| pending.remove(&id)).flatten())),
+            );
+            return Err(e);
         }
         Ok(written)
     }
@@ -271,16 +297,21 @@ impl Inner {
             let mark = st.journal.as_mut().map(|j| j.rotate());
             (captured, mark)
         };
+        // Segments an earlier flush failed to store go first (no request
+        // when there are none): the window rule needs them, and their
+        // bytes are held until then.
+        self.log
+            .settle_segments()
+            .await
+            .map_err(|e| self.fenced_by(e))?;
         // Compression and encryption are CPU work: off the async workers,
-        // on all cores, overlapping the uploads.
-        let (segments, outcomes) = self.write_segments(captured).await?;
-        if let Err(e) = self.log.fence().check_owner().await {
-            if matches!(e, Error::Fenced(_)) {
-                self.fenced.store(true, Ordering::SeqCst);
-                tracing::error!("{e}");
-            }
-            return Err(e);
-        }
+        // on all cores, overlapping the uploads. Stored by conditional create at names a newer owner fences: when
+        // every PUT succeeded, no newer owner can miss them, and no owner
+        // check is needed before the acknowledgement (docs/rfcs/0003).
+        let (segments, outcomes) = self
+            .write_segments(captured)
+            .await
+            .map_err(|e| self.fenced_by(e))?;
         {
             let mut st = self.state.lock();
             for (chunk, generation, loc, data) in outcomes.iter().flatten() {
@@ -319,7 +350,10 @@ impl Inner {
         let position = match fs.last_segment {
             Some(p) if fs.checkpointed_at != Some(p) => p,
             _ => {
+                // Names a checkpoint only; an empty segment fills it when
+                // the window rule needs it (docs/rfcs/0003).
                 let fresh = self.log.alloc_segment()?;
+                self.log.give_up_segments([(fresh, None)]);
                 fs.last_segment = Some(fresh);
                 fresh
             }
@@ -331,6 +365,14 @@ impl Inner {
         fs.segments_since_checkpoint = 0;
         self.gc.lock().checkpointed(position, size, index);
         Ok(())
+    }
+
+    /// Note a fencing error: this writer stops acknowledging anything.
+    pub(super) fn fenced_by(&self, e: Error) -> Error {
+        if matches!(e, Error::Fenced(_)) && !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!("{e}");
+        }
+        e
     }
 
     /// Checkpoint if anything was written since the last one.

@@ -483,12 +483,11 @@ impl Inner {
         if !worth_it {
             return Ok(0);
         }
-        if let Err(e) = self.log.fence().check_owner().await {
-            if matches!(e, Error::Fenced(_)) {
-                self.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            return Err(e);
-        }
+        self.log
+            .fence()
+            .check_owner()
+            .await
+            .map_err(|e| self.fenced_by(e))?;
         if self.gc.lock().inherited {
             self.list_inherited(ours).await?;
         }
@@ -617,7 +616,10 @@ impl Inner {
                 .collect();
             (plan, layouts, moves)
         };
-        let written = self.upload_plan(plan, layouts).await?;
+        let written = self
+            .upload_plan(plan, layouts)
+            .await
+            .map_err(|e| self.fenced_by(e))?;
         let bytes: u64 = written.iter().map(|w| w.bytes).sum();
         pace.spend(written.len() as u64, bytes).await;
         let mut fs = self.flush.lock().await;
