@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only these benchmarks (comma-separated, e.g. `p1,p4`).
-    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5", "p9"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5", "p8", "p9"])]
     pub only: Vec<String>,
 }
 
@@ -355,6 +355,57 @@ async fn p3(size: u64) -> Result<Vec<String>> {
     ])
 }
 
+/// P8: FLUSH latency of a 4 KiB write behind 25 ms per request, in store
+/// round trips: the baseline is a bare conditional PUT of 4 KiB on the
+/// same store in the same run (one round trip; the ideal a FLUSH that
+/// must reach the store can have).
+async fn p8(flushes: usize) -> Result<Vec<String>> {
+    let behind_latency = || -> DynStore {
+        Arc::new(LatencyStore::new(
+            Arc::new(MemoryStore::new()),
+            LatencyPlan {
+                latency: Duration::from_millis(25),
+                bandwidth: None,
+                error_rate: 0.0,
+            },
+        ))
+    };
+    let (bare_store, slow) = (behind_latency(), behind_latency());
+    let block = data(4096, false);
+    let mut bare = Vec::with_capacity(flushes);
+    for i in 0..flushes {
+        let t = Instant::now();
+        bare_store
+            .put_if_absent(&format!("bench/{i}"), bytes::Bytes::from(block.clone()))
+            .await?;
+        bare.push(t.elapsed());
+    }
+    bare.sort();
+    let size = 256u64 << 20;
+    let vol = new_volume(&slow, size, VolumeConfig::default()).await?;
+    let mut lat = Vec::with_capacity(flushes);
+    let mut x = 99u64;
+    for _ in 0..flushes {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        vol.write((x >> 33) % (size / 4096) * 4096, &block).await?;
+        let t = Instant::now();
+        vol.flush().await?;
+        lat.push(t.elapsed());
+    }
+    vol.close().await?;
+    lat.sort();
+    let rtt = percentile(&bare, 0.5).as_secs_f64();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(vec![format!(
+        "| P8 fsync of a 4 KiB write, 25 ms/request ({flushes} flushes) | p50 {:.1} ms, p99 {:.1} ms | bare 4 KiB conditional PUT p50 {:.1} ms | p50 {:.2} RTT, p99 {:.2} RTT | p50 ≤ 1.2 RTT |",
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+        ms(percentile(&bare, 0.5)),
+        percentile(&lat, 0.5).as_secs_f64() / rtt,
+        percentile(&lat, 0.99).as_secs_f64() / rtt,
+    )])
+}
+
 /// Writes per fsync in the P4 workloads: random 4 KiB writes with an fsync
 /// every 1,000 writes (a busy database) or every 4,096 (16 MiB, the rate
 /// at which ≤ 64 PUTs per GiB is possible at one PUT per fsync), and 1 MiB
@@ -663,6 +714,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
     if run("p4") {
         rows.extend(p4(if a.quick { 16 << 20 } else { 1 << 30 }).await?);
+    }
+    if run("p8") {
+        rows.extend(p8(if a.quick { 20 } else { 200 }).await?);
     }
     if run("p9") {
         let size = if a.quick { 16 << 20 } else { 256 << 20 };
