@@ -441,3 +441,26 @@ fn gc_after_repeated_imports_keeps_one_copy() {
         "--gc-live-below must be between 0 and 1",
     );
 }
+
+/// `upgrade` brings a volume of the previous release (format 3, the
+/// fixture tests/writer_keys.rs reads too) to this build's format; a
+/// second run says there is nothing to do; the data reads the same.
+#[test]
+fn upgrade_brings_an_older_volume_to_this_format() {
+    let env = Env::new();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format3");
+    common::copy_tree(&fixture.join("bucket"), &env.path("bucket"));
+    std::fs::copy(fixture.join("key"), env.path("key")).unwrap();
+    assert!(ok(&env.vol(&["inspect"])).contains("format          version 3"));
+    ok(&env.vol(&["export", env.path("before.img").to_str().unwrap()]));
+    let said = ok(&env.vol(&["upgrade"]));
+    assert!(said.contains("upgraded from format 3 to 4"), "{said}");
+    assert!(ok(&env.vol(&["inspect"])).contains("format          version 4"));
+    let again = ok(&env.vol(&["upgrade"]));
+    assert!(again.contains("at format 4 already"), "{again}");
+    ok(&env.vol(&["export", env.path("after.img").to_str().unwrap()]));
+    assert_eq!(
+        std::fs::read(env.path("before.img")).unwrap(),
+        std::fs::read(env.path("after.img")).unwrap()
+    );
+}

@@ -299,7 +299,10 @@ async fn ids_a_failed_flush_left_are_settled_by_the_next() {
             let at = (24 + i as usize) * CHUNK as usize;
             let data = pattern(100 + i, CHUNK as usize);
             a.write(at as u64, &data).await.unwrap();
-            a.flush().await.unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(10), a.flush())
+                .await
+                .expect("the failed flush's ids do not block the window")
+                .unwrap();
             expect.resize(at, 0);
             expect.extend_from_slice(&data);
         }
@@ -318,4 +321,151 @@ async fn ids_a_failed_flush_left_are_settled_by_the_next() {
         assert_eq!(b.read(0, expect.len()).await.unwrap(), expect);
         b.close().await.unwrap();
     }
+}
+
+/// A store whose first segment PUT waits until the test lets it go on.
+#[derive(Debug)]
+struct HoldFirstSegmentPut {
+    inner: DynStore,
+    reached: Arc<Notify>,
+    go_on: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+#[async_trait]
+impl ObjectStore for HoldFirstSegmentPut {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> StoreResult<()> {
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StoreResult<bool> {
+        let wait = key
+            .starts_with("segments/")
+            .then(|| self.go_on.lock().take())
+            .flatten();
+        if let Some(wait) = wait {
+            self.reached.notify_one();
+            let _ = wait.await;
+        }
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn exists(&self, key: &str) -> StoreResult<bool> {
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    fn supports_conditional_create(&self) -> bool {
+        self.inner.supports_conditional_create()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Review of RFC 0003: a flush cancelled mid-way (its task aborted, as
+/// `close` aborts the background flusher) gives up the ids it allocated,
+/// so later segments more than the window above them are still stored,
+/// and a crash after recovers every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_flush_does_not_stall_later_ones() {
+    let mem = memory();
+    Volume::create(&mem, &params(64), &secret(), false)
+        .await
+        .unwrap();
+    let (go, wait) = oneshot::channel();
+    let holding = Arc::new(HoldFirstSegmentPut {
+        inner: mem.clone(),
+        reached: Arc::new(Notify::new()),
+        go_on: parking_lot::Mutex::new(Some(wait)),
+    });
+    let reached = Arc::clone(&holding.reached);
+    let store: DynStore = holding;
+    let a = Arc::new(open(&store, false).await.unwrap());
+    // 24 chunks in segments of 3: eight segments; the first PUT is held.
+    let first = pattern(1, 24 * CHUNK as usize);
+    a.write(0, &first).await.unwrap();
+    let v = Arc::clone(&a);
+    let flushing = tokio::spawn(async move { v.flush().await });
+    reached.notified().await;
+    flushing.abort();
+    assert!(flushing.await.unwrap_err().is_cancelled());
+    drop(go);
+    let mut expect = first.clone();
+    for i in 0..WINDOW + 4 {
+        let at = (24 + i as usize) * CHUNK as usize;
+        let data = pattern(100 + i, CHUNK as usize);
+        a.write(at as u64, &data).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), a.flush())
+            .await
+            .expect("a cancelled flush's ids do not block the window")
+            .unwrap();
+        expect.resize(at, 0);
+        expect.extend_from_slice(&data);
+    }
+    drop(a); // crash
+    let b = open(&mem, true).await.unwrap();
+    assert_eq!(b.read(0, expect.len()).await.unwrap(), expect);
+}
+
+/// Review of RFC 0003: whether the writer we take over from can still run
+/// is judged when we claim, before our listing — not when we fence, after
+/// it. Here A's claim names a process that is alive at the claim and dies
+/// between B's listing and B's fencing, after A's segment landed unlisted
+/// and its flush was acknowledged: B must still fence (and so find the
+/// segment and list again), not skip A as provably dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_dies_after_the_listing_is_still_fenced() {
+    use zerofs_ublk::store::LogStore;
+    use zerofs_ublk::store::fencing::{Claim, decrypt_record, encrypt_record};
+    use zerofs_ublk::store::paths;
+    let store = memory();
+    let a = create_and_open(&store, 16).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap();
+    // A's claim now names a child process of this host, boot and PID
+    // namespace: alive, so not provably dead — until it is killed.
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let keys = LogStore::read_superblock(&store)
+        .await
+        .unwrap()
+        .unlock(&secret())
+        .unwrap();
+    let found = store.get(&paths::claim(1)).await.unwrap();
+    let mut claim: Claim = decrypt_record(&keys, "claim", 1, &found).unwrap();
+    claim.pid = child.id();
+    store
+        .put(&paths::claim(1), encrypt_record(&keys, "claim", 1, &claim))
+        .await
+        .unwrap();
+
+    let (go, wait) = oneshot::channel();
+    let pausing = Arc::new(PauseAfterListing {
+        inner: store.clone(),
+        listed: Arc::new(Notify::new()),
+        go_on: parking_lot::Mutex::new(Some(wait)),
+    });
+    let listed = Arc::clone(&pausing.listed);
+    let b_store: DynStore = pausing;
+    let opening = tokio::spawn(async move { open(&b_store, true).await });
+    listed.notified().await;
+    let late = pattern(2, 4096);
+    a.write(5 * 4096, &late).await.unwrap();
+    a.flush().await.expect("nothing fenced this name yet");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(claim.is_provably_dead(), "the claimant is gone now");
+    go.send(()).unwrap();
+    let b = opening.await.unwrap().expect("B opens");
+    assert_eq!(b.read(5 * 4096, 4096).await.unwrap(), late, "acknowledged");
 }

@@ -55,6 +55,8 @@ struct Objects {
     seals: usize,
     releases: usize,
     probes: usize,
+    /// Fence markers new owners left at fenced writers' names (kept).
+    fences: usize,
 }
 
 pub async fn run(a: InspectArgs) -> Result<()> {
@@ -90,6 +92,7 @@ pub async fn run(a: InspectArgs) -> Result<()> {
         seals: listed(paths::SEALS).await?,
         releases: listed(paths::RELEASES).await?,
         probes: listed(paths::PROBES).await?,
+        fences: s.fences,
     };
     let all_segment_bytes: u64 = s.inventory.segments.values().sum();
     let r = Report {
@@ -170,8 +173,8 @@ pub async fn run(a: InspectArgs) -> Result<()> {
     );
     let o = &r.objects;
     println!(
-        "objects         {} segments, {} checkpoints, {} claims, {} seals, {} release markers, {} probes",
-        o.segments, o.checkpoints, o.claims, o.seals, o.releases, o.probes
+        "objects         {} segments, {} checkpoints, {} claims, {} seals, {} release markers, {} probes, {} fence markers",
+        o.segments, o.checkpoints, o.claims, o.seals, o.releases, o.probes, o.fences
     );
     println!("epoch           {}", r.epoch);
     println!("owner           {}", r.owner);

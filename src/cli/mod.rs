@@ -13,6 +13,7 @@ mod image;
 mod inspect;
 mod logfile;
 mod units;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -56,6 +57,10 @@ enum Command {
     /// out of mostly-dead segments, delete what no recovery needs once the
     /// grace period is over (it waits).
     Gc(gc::GcCmdArgs),
+    /// Upgrade a volume no server has attached to this build's format
+    /// (any writer does it on its first open; older builds then refuse
+    /// the volume).
+    Upgrade(upgrade::UpgradeArgs),
     /// Serve a volume as /dev/ublkbN (in the background unless --foreground).
     /// `--config FILE` reads flags from a TOML file (keys = flag names).
     Add(device::AddArgs),
@@ -67,7 +72,7 @@ enum Command {
     Recover(device::RecoverArgs),
     /// Per-device counters: requests, bytes, dirty data, last flush.
     Status(device::StatusArgs),
-    /// Measure the engine (P1–P5, P9) as ratios against same-run baselines.
+    /// Measure the engine (P1–P5, P8, P9) as ratios against same-run baselines.
     Bench(bench::BenchArgs),
     /// For the udev rule: print ZEROFS_UBLK_NAME of a ublkbN device.
     #[command(hide = true)]
@@ -119,6 +124,7 @@ async fn run(command: Command, args: Vec<String>) -> Result<()> {
         Command::Import(a) => image::import(a).await,
         Command::Export(a) => image::export(a).await,
         Command::Gc(a) => gc::run(a).await,
+        Command::Upgrade(a) => upgrade::run(a).await,
     }
 }
 

@@ -62,8 +62,10 @@ struct State {
 pub struct Appender {
     epoch: u64,
     state: Mutex<State>,
-    /// Every id below this value is an object we created.
-    low: watch::Sender<u64>,
+    /// Bumped on every change of any id's state: the window's waiters
+    /// look again (a change that does not move the lowest open id can
+    /// still give them something to settle).
+    changes: watch::Sender<u64>,
 }
 
 impl Appender {
@@ -71,7 +73,7 @@ impl Appender {
         Appender {
             epoch,
             state: Mutex::new(State::default()),
-            low: watch::Sender::new(0),
+            changes: watch::Sender::new(0),
         }
     }
 
@@ -88,48 +90,58 @@ impl Appender {
     }
 
     /// Ids that were allocated and will not be put as planned (their
-    /// flush failed): with the bytes encrypted for them, if any, which are
-    /// put again later; without, an empty segment fills the id (nothing
-    /// was ever encrypted under its name). Ids whose PUT started are left
-    /// to it.
+    /// flush failed or was dropped): with the bytes encrypted for them, if
+    /// any, which are put again later; without, an empty segment fills
+    /// the id (nothing was ever encrypted under its name). Ids whose PUT
+    /// started, or that are stored, are left as they are.
     pub fn give_up(&self, ids: impl IntoIterator<Item = (SegmentId, Option<Bytes>)>) {
-        let mut st = self.state.lock();
-        for (id, data) in ids {
-            if let Some(s @ IdState::Allocated) = st.open.get_mut(&id.seq) {
-                *s = match data {
-                    Some(d) => IdState::Failed(d),
-                    None => IdState::Abandoned,
-                };
+        {
+            let mut st = self.state.lock();
+            for (id, data) in ids {
+                if let Some(s @ IdState::Allocated) = st.open.get_mut(&id.seq) {
+                    *s = match data {
+                        Some(d) => IdState::Failed(d),
+                        None => IdState::Abandoned,
+                    };
+                }
             }
         }
+        self.changed();
     }
 
-    /// Any failed or abandoned id waiting to be settled.
-    pub fn unsettled(&self) -> bool {
+    /// Any failed or abandoned id at or below `upto` (all: None).
+    pub fn unsettled(&self, upto: Option<u64>) -> bool {
         self.state
             .lock()
             .open
-            .values()
-            .any(|s| matches!(s, IdState::Failed(_) | IdState::Abandoned))
+            .iter()
+            .take_while(|(seq, _)| upto.is_none_or(|u| **seq <= u))
+            .any(|(_, s)| matches!(s, IdState::Failed(_) | IdState::Abandoned))
+    }
+
+    /// Every id below this one is an object we created.
+    fn low(&self) -> u64 {
+        let st = self.state.lock();
+        st.open.keys().next().copied().unwrap_or(st.next)
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn set(&self, seq: u64, state: Option<IdState>) {
-        let mut st = self.state.lock();
-        match state {
-            Some(s) => {
-                st.open.insert(seq, s);
-            }
-            None => {
-                st.open.remove(&seq);
+        {
+            let mut st = self.state.lock();
+            match state {
+                Some(s) => {
+                    st.open.insert(seq, s);
+                }
+                None => {
+                    st.open.remove(&seq);
+                }
             }
         }
-        let low = st.open.keys().next().copied().unwrap_or(st.next);
-        drop(st);
-        self.low.send_if_modified(|l| {
-            let moved = *l != low;
-            *l = low;
-            moved
-        });
+        self.changed();
     }
 
     /// Create segment `id` with `data` by conditional create, once the
@@ -171,58 +183,61 @@ impl Appender {
         let Some(below) = seq.checked_sub(WINDOW) else {
             return Ok(());
         };
-        let mut low = self.low.subscribe();
+        let mut changes = self.changes.subscribe();
         loop {
-            if *low.borrow_and_update() > below {
+            changes.borrow_and_update();
+            if self.low() > below {
                 return Ok(());
             }
-            if self.unsettled() {
+            if self.unsettled(Some(below)) {
                 self.settle(store, keys, Some(below)).await?;
-                if *low.borrow_and_update() > below {
-                    return Ok(());
-                }
+                continue;
             }
-            // In flight elsewhere: wait for it to land.
-            low.changed()
+            // In flight elsewhere: wait for something to change.
+            changes
+                .changed()
                 .await
                 .expect("the appender outlives its waiters");
         }
     }
 
     /// Put again what failed and fill what was abandoned (ids `<= upto`,
-    /// or all). No request when there is nothing to settle.
+    /// or all), lowest first, one at a time. No request when there is
+    /// nothing to settle.
     pub async fn settle(
         &self,
         store: &DynStore,
         keys: &VolumeKeys,
         upto: Option<u64>,
     ) -> Result<()> {
-        let work: Vec<(u64, Option<Bytes>)> = {
-            let mut st = self.state.lock();
-            st.open
-                .iter_mut()
-                .filter(|(seq, _)| upto.is_none_or(|u| **seq <= u))
-                .filter_map(|(seq, s)| {
-                    let data = match s {
-                        IdState::Failed(d) => Some(d.clone()),
-                        IdState::Abandoned => None,
-                        _ => return None,
-                    };
-                    *s = IdState::Putting;
-                    Some((*seq, data))
-                })
-                .collect()
-        };
-        for (seq, data) in work {
+        loop {
+            let next = {
+                let mut st = self.state.lock();
+                st.open
+                    .iter_mut()
+                    .take_while(|(seq, _)| upto.is_none_or(|u| **seq <= u))
+                    .find_map(|(seq, s)| {
+                        let data = match s {
+                            IdState::Failed(d) => Some(d.clone()),
+                            IdState::Abandoned => None,
+                            _ => return None,
+                        };
+                        *s = IdState::Putting;
+                        Some((*seq, data))
+                    })
+            };
+            let Some((seq, data)) = next else {
+                return Ok(());
+            };
             let id = SegmentId {
                 epoch: self.epoch,
                 seq,
             };
-            let data = match data {
-                Some(d) => d,
-                None => SegmentLayout::new(id)
-                    .finish(keys, vec![0; SegmentLayout::new(id).object_len()]),
-            };
+            let data = data.unwrap_or_else(|| {
+                let empty = SegmentLayout::new(id);
+                let len = empty.object_len();
+                empty.finish(keys, vec![0; len])
+            });
             let mut guard = FailGuard {
                 appender: self,
                 seq,
@@ -233,7 +248,6 @@ impl Appender {
             self.set(seq, None);
             tracing::info!("segment {id}: settled after an earlier failure");
         }
-        Ok(())
     }
 }
 
@@ -299,7 +313,7 @@ mod tests {
         let (store, keys, a) = setup();
         let ids: Vec<SegmentId> = (0..=WINDOW + 1).map(|_| a.alloc()).collect();
         a.give_up([(ids[0], Some(data(9))), (ids[1], None)]);
-        assert!(a.unsettled());
+        assert!(a.unsettled(None));
         for id in &ids[2..] {
             let put = a.put(&store, &keys, *id, data(1));
             tokio::time::timeout(Duration::from_secs(5), put)
@@ -307,7 +321,7 @@ mod tests {
                 .expect("the window settles, it does not wait forever")
                 .unwrap();
         }
-        assert!(!a.unsettled());
+        assert!(!a.unsettled(None));
         assert_eq!(store.get(&paths::segment(ids[0])).await.unwrap(), data(9));
         let empty = store.get(&paths::segment(ids[1])).await.unwrap();
         let (off, len) =
@@ -330,5 +344,78 @@ mod tests {
         let again = a.alloc();
         store.put(&paths::segment(again), data(4)).await.unwrap();
         a.put(&store, &keys, again, data(4)).await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    //! The review of RFC 0003's first build: a failed settle stranded
+    //! ids, a failure that did not move the lowest id woke no waiter.
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::backend::{FaultPlan, FaultyStore, MemoryStore};
+    use crate::store::keys::{DataKey, VolumeKeys};
+
+    fn keys() -> VolumeKeys {
+        VolumeKeys::new([7; 16], DataKey::random())
+    }
+
+    #[tokio::test]
+    async fn a_settle_that_fails_leaves_every_id_settleable() {
+        let faulty = FaultyStore::new(Arc::new(MemoryStore::new()));
+        let store: DynStore = Arc::new(faulty.clone());
+        let (keys, a) = (keys(), Appender::new(1));
+        let ids: Vec<SegmentId> = (0..4).map(|_| a.alloc()).collect();
+        a.give_up(
+            ids.iter()
+                .map(|id| (*id, Some(Bytes::from(vec![id.seq as u8; 80])))),
+        );
+        faulty.set_plan(FaultPlan {
+            writes_before_failure: Some(0),
+            ..FaultPlan::default()
+        });
+        assert!(a.settle(&store, &keys, None).await.is_err());
+        faulty.set_plan(FaultPlan::default());
+        a.settle(&store, &keys, None).await.unwrap();
+        assert!(!a.unsettled(None));
+        assert_eq!(a.low(), 4, "every id stored");
+    }
+
+    #[tokio::test]
+    async fn a_failure_below_a_waiting_put_wakes_it() {
+        let faulty = FaultyStore::new(Arc::new(MemoryStore::new()));
+        let store: DynStore = Arc::new(faulty.clone());
+        let (keys, a) = (keys(), Arc::new(Appender::new(1)));
+        let ids: Vec<SegmentId> = (0..=WINDOW).map(|_| a.alloc()).collect();
+        for id in &ids[1..WINDOW as usize] {
+            a.put(&store, &keys, *id, Bytes::from(vec![1; 80]))
+                .await
+                .unwrap();
+        }
+        let last = ids[WINDOW as usize];
+        let (s, k, a2) = (store.clone(), keys.clone(), Arc::clone(&a));
+        let waiting =
+            tokio::spawn(async move { a2.put(&s, &k, last, Bytes::from(vec![2; 80])).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Id 0's PUT fails for good (three attempts): the lowest id does
+        // not move, but the waiter must settle it and go on.
+        faulty.set_plan(FaultPlan {
+            writes_before_failure: Some(0),
+            failures: Some(3),
+            ..FaultPlan::default()
+        });
+        assert!(
+            a.put(&store, &keys, ids[0], Bytes::from(vec![0; 80]))
+                .await
+                .is_err()
+        );
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiter was woken")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.low(), WINDOW + 1);
     }
 }

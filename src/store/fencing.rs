@@ -338,11 +338,16 @@ pub struct Fence {
     predecessor: Option<(u64, Taken)>,
 }
 
-/// How a predecessor left the volume.
-#[derive(Debug, Clone)]
+/// How a predecessor left the volume, as our claim found it — before our
+/// listing, which is what makes "dead" usable: a writer dead before the
+/// listing cannot have a segment land after it and count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Taken {
     Released,
-    From(Claim),
+    /// Same host, boot and PID namespace, pid gone.
+    Dead,
+    /// May still run.
+    Live,
 }
 
 /// Fence markers: what a new owner creates at the names where a
@@ -524,8 +529,12 @@ impl Fence {
         let mut taken = Taken::Released;
         if current > 0 && !self.is_released(current).await? {
             let owner = self.read_claim(current).await?;
-            taken = Taken::From(owner.clone());
-            if owner.is_provably_dead() {
+            taken = if owner.is_provably_dead() {
+                Taken::Dead
+            } else {
+                Taken::Live
+            };
+            if taken == Taken::Dead {
                 tracing::warn!("previous writer {} is gone; taking over", owner.describe());
             } else if force {
                 tracing::warn!("--force: fencing writer {}", owner.describe());
@@ -684,23 +693,18 @@ impl Fence {
         Ok(())
     }
 
-    /// Whether a writer of `epoch` may still be running: not released and
-    /// not provably dead (the claim our takeover read answers for the
-    /// epoch before ours).
+    /// Whether a writer of `epoch` may still be running: for the epoch
+    /// before ours, what our claim found (released, provably dead, or
+    /// neither); for an older one, whether it released. Deadness is not
+    /// judged after the listing: a writer alive at the listing could have
+    /// landed a segment after it, and died since (docs/rfcs/0003). A
+    /// release is safe to judge at any time: a writer releases only after
+    /// an owner check that finds no newer claim, so before our listing.
     async fn may_run(&self, epoch: u64) -> Result<bool> {
-        let taken = match &self.predecessor {
-            Some((e, taken)) if *e == epoch => taken.clone(),
-            _ if self.is_released(epoch).await? => Taken::Released,
-            _ => match self.claim_if_present(epoch).await? {
-                Some(c) => Taken::From(c),
-                // No claim, not released: nobody can tell; fence it.
-                None => return Ok(true),
-            },
-        };
-        Ok(match taken {
-            Taken::Released => false,
-            Taken::From(c) => !c.is_provably_dead(),
-        })
+        match &self.predecessor {
+            Some((e, taken)) if *e == epoch => Ok(*taken == Taken::Live),
+            _ => Ok(!self.is_released(epoch).await?),
+        }
     }
 
     /// Fence the writers of epochs `[from, ours)` that may still run: a

@@ -179,9 +179,12 @@ impl LogStore {
         let mut round = 0;
         let (seals, segments, checkpoints) = loop {
             round += 1;
+            // Checkpoints before segments: every segment at or below a
+            // listed checkpoint landed before it, so before this listing
+            // of the segments (docs/rfcs/0003, case 4).
             let seals_listed = self.store.list(paths::SEALS).await?;
-            let seg_listed = self.store.list(paths::SEGMENTS).await?;
             let cp_listed = self.store.list(paths::CHECKPOINTS).await?;
+            let seg_listed = self.store.list(paths::SEGMENTS).await?;
             let seals = self.fence.read_seals(&seals_listed).await?;
             let listed = paths::listed_ids(&seg_listed, paths::SEGMENTS);
             let checkpoints = paths::listed_ids(&cp_listed, paths::CHECKPOINTS);
@@ -455,7 +458,7 @@ impl LogStore {
     /// (no request when there are none).
     pub async fn settle_segments(&self) -> Result<()> {
         match &self.appender {
-            Some(a) if a.unsettled() => a.settle(&self.store, &self.keys, None).await,
+            Some(a) if a.unsettled(None) => a.settle(&self.store, &self.keys, None).await,
             _ => Ok(()),
         }
     }

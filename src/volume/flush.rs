@@ -57,6 +57,24 @@ pub(super) struct Written {
     pub frames: u64,
 }
 
+/// The ids of a plan being uploaded; when the upload ends, those not
+/// stored are given up (with their bytes if they were encrypted).
+struct Unstored<'a> {
+    log: &'a crate::store::LogStore,
+    ids: Vec<SegmentId>,
+    /// Encrypted and not yet known stored.
+    bytes: std::collections::HashMap<SegmentId, Bytes>,
+}
+
+impl Drop for Unstored<'_> {
+    fn drop(&mut self) {
+        let ids = std::mem::take(&mut self.ids);
+        let bytes = &mut self.bytes;
+        self.log
+            .give_up_segments(ids.into_iter().map(|id| (id, bytes.remove(&id))));
+    }
+}
+
 /// Segments of one flush encrypted ahead of their uploads, at most: a big
 /// flush uploads segment i while segment i+1 is being encrypted, and its
 /// memory is bounded by this many objects, not by the whole flush.
@@ -206,59 +224,48 @@ impl Inner {
     }
 
     /// Encrypt the planned segments one by one off the async workers
-    /// while earlier ones upload. Returns each segment with its size. On
-    /// failure, the ids never encrypted for are abandoned (an empty
-    /// segment fills each); the others are put again later with their
-    /// bytes (docs/rfcs/0003).
+    /// while earlier ones upload. Returns each segment with its size.
+    /// However it ends — an error, or dropped by a cancelled task — the ids
+    /// it did not store are given up: put again later with the bytes
+    /// encrypted for them, or filled with an empty segment if none were
+    /// (docs/rfcs/0003).
     pub(super) async fn upload_plan(
         self: &Arc<Self>,
         plan: Plan,
         layouts: Vec<SegmentLayout>,
     ) -> Result<Vec<Written>> {
-        let ids: Vec<SegmentId> = layouts.iter().map(|l| l.id).collect();
+        let mut unstored = Unstored {
+            log: &self.log,
+            ids: layouts.iter().map(|l| l.id).collect(),
+            bytes: Default::default(),
+        };
         let plan = Arc::new(plan);
         let mut written = Vec::with_capacity(layouts.len());
-        // Encrypted and not yet stored: kept until stored, for a retry.
-        let mut pending: std::collections::HashMap<SegmentId, Bytes> = Default::default();
-        let result = async {
-            let mut uploads = futures::stream::FuturesUnordered::new();
-            for (n, layout) in layouts.into_iter().enumerate() {
-                while uploads.len() >= SEGMENTS_IN_FLIGHT {
-                    let id = uploads.next().await.expect("non-empty")?;
-                    pending.remove(&id);
-                }
-                let (id, frames) = (layout.id, layout.frames_len() as u64);
-                let (this, p) = (Arc::clone(self), Arc::clone(&plan));
-                let bytes =
-                    tokio::task::spawn_blocking(move || this.encrypt_segment(&p, n, layout))
-                        .await
-                        .expect("encrypt task");
-                written.push(Written {
-                    id,
-                    bytes: bytes.len() as u64,
-                    frames,
-                });
-                pending.insert(id, bytes.clone());
-                let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();
-                uploads.push(async move {
-                    self.upload(id, bytes, frames).await?;
-                    Ok::<SegmentId, Error>(id)
-                });
+        let mut uploads = futures::stream::FuturesUnordered::new();
+        for (n, layout) in layouts.into_iter().enumerate() {
+            while uploads.len() >= SEGMENTS_IN_FLIGHT {
+                let id = uploads.next().await.expect("non-empty")?;
+                unstored.bytes.remove(&id);
             }
-            while let Some(done) = uploads.next().await {
-                pending.remove(&done?);
-            }
-            Ok::<(), Error>(())
+            let (id, frames) = (layout.id, layout.frames_len() as u64);
+            let (this, p) = (Arc::clone(self), Arc::clone(&plan));
+            let bytes = tokio::task::spawn_blocking(move || this.encrypt_segment(&p, n, layout))
+                .await
+                .expect("encrypt task");
+            written.push(Written {
+                id,
+                bytes: bytes.len() as u64,
+                frames,
+            });
+            unstored.bytes.insert(id, bytes.clone());
+            let frames = plan.frames[n].iter().map(|(_, loc)| *loc).collect();
+            uploads.push(async move {
+                self.upload(id, bytes, frames).await?;
+                Ok::<SegmentId, Error>(id)
+            });
         }
-        .await;
-        if let Err(e) = result {
-            let encrypted = written.len();
-            self.log.give_up_segments(
-                ids.into_iter()
-                    .enumerate()
-                    .map(|(n, id)| (id, (n < encrypted).then(|| pending.remove(&id)).flatten())),
-            );
-            return Err(e);
+        while let Some(done) = uploads.next().await {
+            unstored.bytes.remove(&done?);
         }
         Ok(written)
     }
@@ -271,12 +278,15 @@ impl Inner {
         captured: Vec<Captured>,
     ) -> Result<(Vec<Written>, Vec<Vec<Outcome>>)> {
         let this = Arc::clone(self);
-        let (plan, layouts, outcomes) = tokio::task::spawn_blocking(move || {
+        let (captured, plains) = tokio::task::spawn_blocking(move || {
             let plains = this.compress(&captured);
-            this.layout(captured, plains)
+            (captured, plains)
         })
         .await
-        .expect("plan task")?;
+        .expect("compress task");
+        // Ids are allocated here, and handed to the upload with no await
+        // in between: a cancelled flush gives up every id it allocated.
+        let (plan, layouts, outcomes) = self.layout(captured, plains)?;
         let written = self.upload_plan(plan, layouts).await?;
         Ok((written, outcomes))
     }
@@ -289,7 +299,8 @@ impl Inner {
             let captured = st.capture();
             if captured.is_empty() {
                 // Every earlier write was acknowledged by an earlier flush
-                // that also confirmed ownership: nothing to do, no request.
+                // (a failed one left its writes dirty): nothing to do, no
+                // request.
                 return Ok(());
             }
             // Later writes go to a new journal segment; the captured ones
