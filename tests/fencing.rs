@@ -469,3 +469,57 @@ async fn a_writer_that_dies_after_the_listing_is_still_fenced() {
     let b = opening.await.unwrap().expect("B opens");
     assert_eq!(b.read(5 * 4096, 4096).await.unwrap(), late, "acknowledged");
 }
+
+/// Why a new owner fences `W` names above the highest listed segment, not
+/// one: the old writer's collector holds the next id (a copy allocated
+/// under the flush lock, uploading outside it) while its next flush takes
+/// the ids after that and lands them after the new owner listed. With a
+/// marker at the next name only, that flush would be acknowledged and
+/// lost; with `W` of them it fails, fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_behind_a_copy_in_flight_is_fenced() {
+    let mem = memory();
+    Volume::create(&mem, &params(64), &secret(), false)
+        .await
+        .unwrap();
+    let holding = Arc::new(HoldFirstSegmentPut {
+        inner: mem.clone(),
+        reached: Arc::new(Notify::new()),
+        go_on: parking_lot::Mutex::new(None),
+    });
+    let store: DynStore = Arc::clone(&holding) as DynStore;
+    let a = Arc::new(open(&store, false).await.unwrap());
+    // Three segments of three chunks, then two thirds of them rewritten:
+    // the first segments fall below half live, and the collector copies.
+    a.write(0, &pattern(1, 9 * CHUNK as usize)).await.unwrap();
+    a.flush().await.unwrap();
+    a.write(0, &pattern(2, 2 * CHUNK as usize)).await.unwrap();
+    a.write(3 * CHUNK as u64, &pattern(3, 2 * CHUNK as usize))
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+    let (go, wait) = oneshot::channel();
+    *holding.go_on.lock() = Some(wait);
+    let v = Arc::clone(&a);
+    let collecting = tokio::spawn(async move { v.collect(std::time::Duration::ZERO).await });
+    holding.reached.notified().await;
+    // The copy's PUT is held. B takes over and fences A.
+    let b = open(&mem, true).await.unwrap();
+    let x = pattern(4, CHUNK as usize);
+    a.write(20 * CHUNK as u64, &x).await.unwrap();
+    let acked = a.flush().await;
+    drop(go);
+    let _ = collecting.await;
+    match acked {
+        Err(Error::Fenced(_)) => {}
+        Err(e) => panic!("A's flush failed, but not as fenced: {e}"),
+        Ok(()) => {
+            // Acknowledged: it must be in what B opened.
+            assert_eq!(
+                b.read(20 * CHUNK as u64, CHUNK as usize).await.unwrap(),
+                x,
+                "an acknowledged flush of the old writer is lost"
+            );
+        }
+    }
+}

@@ -47,6 +47,7 @@ use common::*;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use zerofs_ublk::error::Error;
+use zerofs_ublk::store::append::WINDOW;
 use zerofs_ublk::store::backend::{
     DynStore, FaultPlan, FaultyStore, LocalDirStore, MemoryStore, ObjectInfo, ObjectStore,
     StoreError, StoreResult,
@@ -1151,12 +1152,13 @@ impl Case {
         let what = self.rng.below(4);
         // A flush here writes a few segments and maybe a checkpoint; an
         // open first probes conditional create (3 writes), then claims,
-        // seals, replays; a collection deletes, copies forward,
-        // checkpoints, deletes.
+        // fences the crashed writer (WINDOW markers and more), seals,
+        // replays; a collection deletes, copies forward, checkpoints,
+        // deletes.
         let k = match what {
             0 => self.rng.below(5),
             1 => self.rng.below(7),
-            2 => 3 + self.rng.below(6),
+            2 => 3 + self.rng.below(6 + WINDOW),
             _ => self.rng.below(8),
         };
         let land = self.rng.chance(50);
