@@ -183,21 +183,62 @@ use tokio::sync::{Notify, oneshot};
 use zerofs_ublk::store::append::WINDOW;
 use zerofs_ublk::store::backend::{FaultPlan, FaultyStore, ObjectInfo, ObjectStore, StoreResult};
 
-/// A store that stops an opener right after its listing of the segments
-/// (and before it fences or seals), until the test lets it go on.
+/// Where a `Pausing` store stops once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PauseAt {
+    /// After the listing of the segments (an opener, before it fences
+    /// or seals).
+    SegmentListing,
+    /// Before the first segment create.
+    SegmentPut,
+}
+
+/// A store that stops once at `at`, when armed, until the test lets it go
+/// on.
 #[derive(Debug)]
-struct PauseAfterListing {
+struct Pausing {
     inner: DynStore,
-    listed: Arc<Notify>,
+    at: PauseAt,
+    reached: Arc<Notify>,
     go_on: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
 }
 
+impl Pausing {
+    /// Armed at once; the sender lets it go on.
+    fn armed(inner: DynStore, at: PauseAt) -> (Arc<Self>, oneshot::Sender<()>) {
+        let (go, wait) = oneshot::channel();
+        let p = Self::unarmed(inner, at);
+        *p.go_on.lock() = Some(wait);
+        (p, go)
+    }
+
+    fn unarmed(inner: DynStore, at: PauseAt) -> Arc<Self> {
+        Arc::new(Pausing {
+            inner,
+            at,
+            reached: Arc::new(Notify::new()),
+            go_on: parking_lot::Mutex::new(None),
+        })
+    }
+
+    async fn pause_if(&self, at: PauseAt, key: &str) {
+        let wait = (at == self.at && key.starts_with("segments/"))
+            .then(|| self.go_on.lock().take())
+            .flatten();
+        if let Some(wait) = wait {
+            self.reached.notify_one();
+            let _ = wait.await;
+        }
+    }
+}
+
 #[async_trait]
-impl ObjectStore for PauseAfterListing {
+impl ObjectStore for Pausing {
     async fn put(&self, key: &str, data: bytes::Bytes) -> StoreResult<()> {
         self.inner.put(key, data).await
     }
     async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StoreResult<bool> {
+        self.pause_if(PauseAt::SegmentPut, key).await;
         self.inner.put_if_absent(key, data).await
     }
     async fn get(&self, key: &str) -> StoreResult<bytes::Bytes> {
@@ -211,13 +252,7 @@ impl ObjectStore for PauseAfterListing {
     }
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
         let listed = self.inner.list(prefix).await?;
-        let wait = (prefix == "segments/")
-            .then(|| self.go_on.lock().take())
-            .flatten();
-        if let Some(wait) = wait {
-            self.listed.notify_one();
-            let _ = wait.await;
-        }
+        self.pause_if(PauseAt::SegmentListing, prefix).await;
         Ok(listed)
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -242,13 +277,8 @@ async fn a_segment_landing_between_listing_and_fencing_is_sealed() {
     a.write(0, &pattern(1, 4096)).await.unwrap();
     a.flush().await.unwrap();
 
-    let (go, wait) = oneshot::channel();
-    let pausing = Arc::new(PauseAfterListing {
-        inner: store.clone(),
-        listed: Arc::new(Notify::new()),
-        go_on: parking_lot::Mutex::new(Some(wait)),
-    });
-    let listed = Arc::clone(&pausing.listed);
+    let (pausing, go) = Pausing::armed(store.clone(), PauseAt::SegmentListing);
+    let listed = Arc::clone(&pausing.reached);
     let b_store: DynStore = pausing;
     let opening = tokio::spawn(async move { open(&b_store, true).await });
     listed.notified().await;
@@ -323,53 +353,6 @@ async fn ids_a_failed_flush_left_are_settled_by_the_next() {
     }
 }
 
-/// A store whose first segment PUT waits until the test lets it go on.
-#[derive(Debug)]
-struct HoldFirstSegmentPut {
-    inner: DynStore,
-    reached: Arc<Notify>,
-    go_on: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
-}
-
-#[async_trait]
-impl ObjectStore for HoldFirstSegmentPut {
-    async fn put(&self, key: &str, data: bytes::Bytes) -> StoreResult<()> {
-        self.inner.put(key, data).await
-    }
-    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StoreResult<bool> {
-        let wait = key
-            .starts_with("segments/")
-            .then(|| self.go_on.lock().take())
-            .flatten();
-        if let Some(wait) = wait {
-            self.reached.notify_one();
-            let _ = wait.await;
-        }
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<bytes::Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<bytes::Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn exists(&self, key: &str) -> StoreResult<bool> {
-        self.inner.exists(key).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn supports_conditional_create(&self) -> bool {
-        self.inner.supports_conditional_create()
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// Review of RFC 0003: a flush cancelled mid-way (its task aborted, as
 /// `close` aborts the background flusher) gives up the ids it allocated,
 /// so later segments more than the window above them are still stored,
@@ -380,12 +363,7 @@ async fn a_cancelled_flush_does_not_stall_later_ones() {
     Volume::create(&mem, &params(64), &secret(), false)
         .await
         .unwrap();
-    let (go, wait) = oneshot::channel();
-    let holding = Arc::new(HoldFirstSegmentPut {
-        inner: mem.clone(),
-        reached: Arc::new(Notify::new()),
-        go_on: parking_lot::Mutex::new(Some(wait)),
-    });
+    let (holding, go) = Pausing::armed(mem.clone(), PauseAt::SegmentPut);
     let reached = Arc::clone(&holding.reached);
     let store: DynStore = holding;
     let a = Arc::new(open(&store, false).await.unwrap());
@@ -449,13 +427,8 @@ async fn a_writer_that_dies_after_the_listing_is_still_fenced() {
         .await
         .unwrap();
 
-    let (go, wait) = oneshot::channel();
-    let pausing = Arc::new(PauseAfterListing {
-        inner: store.clone(),
-        listed: Arc::new(Notify::new()),
-        go_on: parking_lot::Mutex::new(Some(wait)),
-    });
-    let listed = Arc::clone(&pausing.listed);
+    let (pausing, go) = Pausing::armed(store.clone(), PauseAt::SegmentListing);
+    let listed = Arc::clone(&pausing.reached);
     let b_store: DynStore = pausing;
     let opening = tokio::spawn(async move { open(&b_store, true).await });
     listed.notified().await;
@@ -482,11 +455,7 @@ async fn a_flush_behind_a_copy_in_flight_is_fenced() {
     Volume::create(&mem, &params(64), &secret(), false)
         .await
         .unwrap();
-    let holding = Arc::new(HoldFirstSegmentPut {
-        inner: mem.clone(),
-        reached: Arc::new(Notify::new()),
-        go_on: parking_lot::Mutex::new(None),
-    });
+    let holding = Pausing::unarmed(mem.clone(), PauseAt::SegmentPut);
     let store: DynStore = Arc::clone(&holding) as DynStore;
     let a = Arc::new(open(&store, false).await.unwrap());
     // Three segments of three chunks, then two thirds of them rewritten:
