@@ -206,6 +206,37 @@ async fn an_idle_collector_makes_no_requests() {
     assert_eq!(vol.request_stats(), before, "no request while idle");
 }
 
+/// The wording, literally: an idle volume with collection on and
+/// nothing to collect makes no request for a minute — at the default pass
+/// interval (10 s), in tokio's paused time (a minute passes at once).
+#[tokio::test(start_paused = true)]
+async fn an_idle_volume_makes_no_requests_for_a_minute() {
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let cfg = VolumeConfig {
+        gc: GcConfig {
+            policy: GcPolicy::Background,
+            grace: Duration::ZERO,
+            ..test_config().gc
+        },
+        ..test_config()
+    };
+    assert_eq!(cfg.gc.interval, Duration::from_secs(10), "the default");
+    let vol = open_writer(&store, cfg, false).await;
+    for i in 0..6u64 {
+        vol.write(0, &pattern(i, CHUNK as usize)).await.unwrap();
+        vol.flush().await.unwrap();
+    }
+    collect_all(&vol).await;
+    let before = vol.request_stats();
+    let passes = vol.gc_stats().passes;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(vol.gc_stats().passes >= passes + 5, "the task ran");
+    assert_eq!(vol.request_stats(), before, "no request in a minute");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_reads_a_bounded_number_of_objects_after_many_attaches() {
     let store = memory();
