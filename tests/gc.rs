@@ -500,3 +500,43 @@ async fn a_reader_lists_again_when_a_listed_object_was_collected() {
         assert_eq!(ro.read(0, data.len()).await.unwrap(), data);
     }
 }
+
+/// RFC 0003: fence markers are never collected. A zombie fenced by one
+/// takeover stays fenced after later owners collect everything they can:
+/// its next flush meets a marker, however many owners later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_markers_outlive_collection_by_later_owners() {
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let zombie = open_writer(&store, gc_config(0.5), false).await;
+    zombie.write(0, &pattern(1, CHUNK as usize)).await.unwrap();
+    zombie.flush().await.unwrap();
+    // B forces over it (and makes the markers), then closes; C and D
+    // follow cleanly, each overwriting and collecting everything.
+    let b = open_writer(&store, gc_config(0.5), true).await;
+    assert_eq!(b.summary().fences, 0, "made after B's listing");
+    b.close().await.unwrap();
+    for owner in 0..2u64 {
+        let v = open_writer(&store, gc_config(0.5), false).await;
+        assert_eq!(
+            v.summary().fences,
+            zerofs_ublk::store::append::WINDOW as usize
+        );
+        for i in 0..4u64 {
+            v.write(0, &pattern(10 + owner * 4 + i, CHUNK as usize))
+                .await
+                .unwrap();
+            v.flush().await.unwrap();
+        }
+        collect_all(&v).await;
+        v.close().await.unwrap();
+    }
+    zombie
+        .write(CHUNK as u64, &pattern(99, CHUNK as usize))
+        .await
+        .unwrap();
+    let err = zombie.flush().await.expect_err("still fenced");
+    assert!(matches!(err, zerofs_ublk::Error::Fenced(1)), "{err:?}");
+}
