@@ -299,6 +299,25 @@ async fn a_segment_landing_between_listing_and_fencing_is_sealed() {
     assert_eq!(c.read(5 * 4096, 4096).await.unwrap(), late);
 }
 
+/// After 24 chunks of `first` at 0, one chunk and a flush each, more
+/// times than the window: each flush must finish (an id left behind
+/// below them would stall the window). Returns the image expected.
+async fn flushes_past_the_window(a: &Volume, first: Vec<u8>) -> Vec<u8> {
+    let mut expect = first;
+    for i in 0..WINDOW + 4 {
+        let at = (24 + i as usize) * CHUNK as usize;
+        let data = pattern(100 + i, CHUNK as usize);
+        a.write(at as u64, &data).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), a.flush())
+            .await
+            .expect("ids left behind do not stall the window")
+            .unwrap();
+        expect.resize(at, 0);
+        expect.extend_from_slice(&data);
+    }
+    expect
+}
+
 /// A flush that fails half-way leaves ids it never stored (one whose PUT
 /// failed, others never encrypted for). The next flush settles them — the
 /// same bytes again, or an empty segment — so later segments, more than
@@ -324,18 +343,7 @@ async fn ids_a_failed_flush_left_are_settled_by_the_next() {
         assert!(a.flush().await.is_err(), "the second segment's PUT failed");
         faulty.set_plan(FaultPlan::default());
         // More than the window's worth of flushes after it.
-        let mut expect = first.clone();
-        for i in 0..WINDOW + 4 {
-            let at = (24 + i as usize) * CHUNK as usize;
-            let data = pattern(100 + i, CHUNK as usize);
-            a.write(at as u64, &data).await.unwrap();
-            tokio::time::timeout(std::time::Duration::from_secs(10), a.flush())
-                .await
-                .expect("the failed flush's ids do not block the window")
-                .unwrap();
-            expect.resize(at, 0);
-            expect.extend_from_slice(&data);
-        }
+        let expect = flushes_past_the_window(&a, first).await;
         drop(a); // crash
         // Every id epoch 1 allocated is a segment of its own: no gap.
         let seqs: Vec<u64> = mem
@@ -376,18 +384,7 @@ async fn a_cancelled_flush_does_not_stall_later_ones() {
     flushing.abort();
     assert!(flushing.await.unwrap_err().is_cancelled());
     drop(go);
-    let mut expect = first.clone();
-    for i in 0..WINDOW + 4 {
-        let at = (24 + i as usize) * CHUNK as usize;
-        let data = pattern(100 + i, CHUNK as usize);
-        a.write(at as u64, &data).await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(10), a.flush())
-            .await
-            .expect("a cancelled flush's ids do not block the window")
-            .unwrap();
-        expect.resize(at, 0);
-        expect.extend_from_slice(&data);
-    }
+    let expect = flushes_past_the_window(&a, first).await;
     drop(a); // crash
     let b = open(&mem, true).await.unwrap();
     assert_eq!(b.read(0, expect.len()).await.unwrap(), expect);
