@@ -9,7 +9,9 @@ export ZEROFS_UBLK_RUN_DIR=/run/zerofs-ublk
 export ZEROFS_UBLK_LOG=info
 head -c 32 /dev/urandom > /tmp/key
 
-step() { echo "---- $*"; }
+# Each step says when it started (seconds since boot), so the cost of a
+# step is the difference to the next: what to trim when CI time is short.
+step() { echo "---- [$(cut -d. -f1 /proc/uptime) s] $*"; }
 fail() {
   echo "FAIL: $*"
   for f in "$ZEROFS_UBLK_RUN_DIR"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 30 "$f"; }; done
