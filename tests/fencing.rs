@@ -266,6 +266,29 @@ impl ObjectStore for Pausing {
     }
 }
 
+/// B takes over with --force and stops after its listing; A, not knowing
+/// yet, writes 4 KiB at chunk 5 and its flush is acknowledged (nothing
+/// fenced that name yet); `meanwhile` runs; B goes on. Returns B and the
+/// data A's acknowledged flush holds.
+async fn takeover_racing_a_flush(
+    store: &DynStore,
+    a: &Volume,
+    meanwhile: impl FnOnce(),
+) -> (Volume, Vec<u8>) {
+    let (pausing, go) = Pausing::armed(store.clone(), PauseAt::SegmentListing);
+    let listed = Arc::clone(&pausing.reached);
+    let b_store: DynStore = pausing;
+    let opening = tokio::spawn(async move { open(&b_store, true).await });
+    listed.notified().await;
+    let late = pattern(2, 4096);
+    a.write(5 * 4096, &late).await.unwrap();
+    a.flush().await.expect("nothing fenced this name yet");
+    meanwhile();
+    go.send(()).unwrap();
+    let b = opening.await.unwrap().expect("B lists again and opens");
+    (b, late)
+}
+
 /// The race the HEAD used to close: the old writer's segment lands after
 /// the new owner listed, at the very name the new owner is about to fence.
 /// The new owner's marker create finds it, so it lists again and seals it:
@@ -277,18 +300,7 @@ async fn a_segment_landing_between_listing_and_fencing_is_sealed() {
     a.write(0, &pattern(1, 4096)).await.unwrap();
     a.flush().await.unwrap();
 
-    let (pausing, go) = Pausing::armed(store.clone(), PauseAt::SegmentListing);
-    let listed = Arc::clone(&pausing.reached);
-    let b_store: DynStore = pausing;
-    let opening = tokio::spawn(async move { open(&b_store, true).await });
-    listed.notified().await;
-    // B has claimed and listed. A does not know yet: its flush lands at
-    // the name B will fence first, and is acknowledged.
-    let late = pattern(2, 4096);
-    a.write(5 * 4096, &late).await.unwrap();
-    a.flush().await.expect("nothing fenced this name yet");
-    go.send(()).unwrap();
-    let b = opening.await.unwrap().expect("B lists again and opens");
+    let (b, late) = takeover_racing_a_flush(&store, &a, || {}).await;
     assert_eq!(b.read(5 * 4096, 4096).await.unwrap(), late, "acknowledged");
     assert_eq!(b.read(0, 4096).await.unwrap(), pattern(1, 4096));
     // And A is fenced from its next flush on.
@@ -424,19 +436,12 @@ async fn a_writer_that_dies_after_the_listing_is_still_fenced() {
         .await
         .unwrap();
 
-    let (pausing, go) = Pausing::armed(store.clone(), PauseAt::SegmentListing);
-    let listed = Arc::clone(&pausing.reached);
-    let b_store: DynStore = pausing;
-    let opening = tokio::spawn(async move { open(&b_store, true).await });
-    listed.notified().await;
-    let late = pattern(2, 4096);
-    a.write(5 * 4096, &late).await.unwrap();
-    a.flush().await.expect("nothing fenced this name yet");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(claim.is_provably_dead(), "the claimant is gone now");
-    go.send(()).unwrap();
-    let b = opening.await.unwrap().expect("B opens");
+    let (b, late) = takeover_racing_a_flush(&store, &a, || {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(claim.is_provably_dead(), "the claimant is gone now");
+    })
+    .await;
     assert_eq!(b.read(5 * 4096, 4096).await.unwrap(), late, "acknowledged");
 }
 
