@@ -147,12 +147,27 @@ fn closing(head: &str) -> String {
     out
 }
 
+/// Send the request upstream and read its answer. The body is written
+/// while the answer is read: a server may answer before it has read the
+/// whole body (s3s-fs answers a conditional create of an existing key
+/// with 412 at once, and closes), and that answer is what the client must
+/// get — not a dropped connection because the rest of the body could not
+/// be sent.
 fn forward(upstream: &str, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut up = TcpStream::connect(upstream)?;
     up.write_all(closing(head).as_bytes())?;
-    up.write_all(body)?;
+    let mut sender = up.try_clone()?;
     let mut answer = Vec::new();
-    up.read_to_end(&mut answer)?;
+    let read = std::thread::scope(|s| {
+        s.spawn(move || {
+            // An error here is the server having answered early.
+            let _ = sender.write_all(body);
+        });
+        up.read_to_end(&mut answer)
+    });
+    if answer.is_empty() {
+        read?;
+    }
     Ok(answer)
 }
 
