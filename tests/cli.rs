@@ -4,6 +4,8 @@
 
 mod common;
 
+use zerofs_ublk::store::superblock::FORMAT_VERSION;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -121,7 +123,10 @@ fn create_import_export_inspect_roundtrip() {
     assert_eq!(raw.stdout, out);
     // inspect reports what is there
     let text = ok(&env.vol(&["inspect"]));
-    assert!(text.contains("format          version 4"), "{text}");
+    assert!(
+        text.contains(&format!("format          version {FORMAT_VERSION}")),
+        "{text}"
+    );
     assert!(text.contains("chunk size      64 KiB"), "{text}");
     assert!(text.contains("released cleanly"), "{text}");
     let json: serde_json::Value =
@@ -431,7 +436,15 @@ fn gc_after_repeated_imports_keeps_one_copy() {
     assert!(after["amplification"].as_f64().unwrap() <= 1.3, "{after}");
     assert_eq!(after["objects"]["seals"], 1, "{after}");
     assert!(after["objects"]["claims"].as_u64().unwrap() <= 2, "{after}");
+    // Ten attaches left ten bases; one checkpoint's runs are left.
+    assert!(
+        before["objects"]["index_runs"].as_u64().unwrap() >= 10,
+        "{before}"
+    );
+    assert_eq!(after["objects"]["checkpoints"], 1, "{after}");
+    assert_eq!(after["objects"]["index_runs"], 1, "{after}");
     let text = ok(&env.vol(&["inspect"]));
+    assert!(text.contains("index runs"), "{text}");
     assert!(text.contains("garbage "), "{text}");
     assert!(text.contains("objects "), "{text}");
     // Bad values are one-line errors.
@@ -454,10 +467,18 @@ fn upgrade_brings_an_older_volume_to_this_format() {
     assert!(ok(&env.vol(&["inspect"])).contains("format          version 3"));
     ok(&env.vol(&["export", env.path("before.img").to_str().unwrap()]));
     let said = ok(&env.vol(&["upgrade"]));
-    assert!(said.contains("upgraded from format 3 to 4"), "{said}");
-    assert!(ok(&env.vol(&["inspect"])).contains("format          version 4"));
+    assert!(
+        said.contains(&format!("upgraded from format 3 to {FORMAT_VERSION}")),
+        "{said}"
+    );
+    assert!(
+        ok(&env.vol(&["inspect"])).contains(&format!("format          version {FORMAT_VERSION}"))
+    );
     let again = ok(&env.vol(&["upgrade"]));
-    assert!(again.contains("at format 4 already"), "{again}");
+    assert!(
+        again.contains(&format!("at format {FORMAT_VERSION} already")),
+        "{again}"
+    );
     ok(&env.vol(&["export", env.path("after.img").to_str().unwrap()]));
     assert_eq!(
         std::fs::read(env.path("before.img")).unwrap(),

@@ -178,93 +178,8 @@ async fn a_lost_response_to_the_claim_or_seal_does_not_fail_the_open() {
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use tokio::sync::{Notify, oneshot};
 use zerofs_ublk::store::append::WINDOW;
-use zerofs_ublk::store::backend::{FaultPlan, FaultyStore, ObjectInfo, ObjectStore, StoreResult};
-
-/// Where a `Pausing` store stops once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PauseAt {
-    /// After the listing of the segments (an opener, before it fences
-    /// or seals).
-    SegmentListing,
-    /// Before the first segment create.
-    SegmentPut,
-}
-
-/// A store that stops once at `at`, when armed, until the test lets it go
-/// on.
-#[derive(Debug)]
-struct Pausing {
-    inner: DynStore,
-    at: PauseAt,
-    reached: Arc<Notify>,
-    go_on: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
-}
-
-impl Pausing {
-    /// Armed at once; the sender lets it go on.
-    fn armed(inner: DynStore, at: PauseAt) -> (Arc<Self>, oneshot::Sender<()>) {
-        let (go, wait) = oneshot::channel();
-        let p = Self::unarmed(inner, at);
-        *p.go_on.lock() = Some(wait);
-        (p, go)
-    }
-
-    fn unarmed(inner: DynStore, at: PauseAt) -> Arc<Self> {
-        Arc::new(Pausing {
-            inner,
-            at,
-            reached: Arc::new(Notify::new()),
-            go_on: parking_lot::Mutex::new(None),
-        })
-    }
-
-    async fn pause_if(&self, at: PauseAt, key: &str) {
-        let wait = (at == self.at && key.starts_with("segments/"))
-            .then(|| self.go_on.lock().take())
-            .flatten();
-        if let Some(wait) = wait {
-            self.reached.notify_one();
-            let _ = wait.await;
-        }
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Pausing {
-    async fn put(&self, key: &str, data: bytes::Bytes) -> StoreResult<()> {
-        self.inner.put(key, data).await
-    }
-    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StoreResult<bool> {
-        self.pause_if(PauseAt::SegmentPut, key).await;
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<bytes::Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<bytes::Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn exists(&self, key: &str) -> StoreResult<bool> {
-        self.inner.exists(key).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
-        let listed = self.inner.list(prefix).await?;
-        self.pause_if(PauseAt::SegmentListing, prefix).await;
-        Ok(listed)
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn supports_conditional_create(&self) -> bool {
-        self.inner.supports_conditional_create()
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
+use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
 
 /// B takes over with --force and stops after its listing; A, not knowing
 /// yet, writes 4 KiB at chunk 5 and its flush is acknowledged (nothing
@@ -469,8 +384,7 @@ async fn a_flush_behind_a_copy_in_flight_is_fenced() {
         .await
         .unwrap();
     a.flush().await.unwrap();
-    let (go, wait) = oneshot::channel();
-    *holding.go_on.lock() = Some(wait);
+    let go = holding.arm();
     let v = Arc::clone(&a);
     let collecting = tokio::spawn(async move { v.collect(std::time::Duration::ZERO).await });
     holding.reached.notified().await;

@@ -272,9 +272,9 @@ async fn a_sealed_segment_missing_from_the_bucket_is_an_error_naming_it() {
 /// can hold before anything is allocated.
 #[test]
 fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
+    use zerofs_ublk::store::SegmentId;
     use zerofs_ublk::store::checkpoint;
     use zerofs_ublk::store::keys::{DataKey, VolumeKeys};
-    use zerofs_ublk::store::{Index, SegmentId};
     let keys = VolumeKeys::new([3; 16], DataKey::random());
     let pos = SegmentId { epoch: 1, seq: 0 };
     // Authentic (sealed with the volume's key), but 64 MiB of plaintext
@@ -284,6 +284,6 @@ fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
     let err = checkpoint::decode(&keys, pos, &object, 16).unwrap_err();
     assert!(err.to_string().contains("declares 67108864 bytes"), "{err}");
     // A real checkpoint of that volume still decodes.
-    let good = checkpoint::encode(&keys, pos, &Index::default());
+    let good = checkpoint::encode_root(&keys, pos, &checkpoint::Root::default());
     assert!(checkpoint::decode(&keys, pos, &good, 16).is_ok());
 }

@@ -53,7 +53,7 @@ use zerofs_ublk::store::backend::{
     StoreError, StoreResult,
 };
 use zerofs_ublk::store::keys::key_use;
-use zerofs_ublk::store::paths::{self, CHECKPOINTS, CLAIMS, SEALS, SEGMENTS};
+use zerofs_ublk::store::paths::{self, CHECKPOINTS, CLAIMS, INDEX_RUNS, SEALS, SEGMENTS};
 use zerofs_ublk::volume::gc::{GcConfig, GcPolicy};
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
@@ -117,8 +117,11 @@ enum Gate {
     /// The collector's ownership check (after its checkpoint, before it
     /// marks anything). A flush makes none (docs/rfcs/0003).
     OwnerCheck,
-    /// A flush's checkpoint upload (after publishing).
+    /// A checkpoint's root upload (in the background after a flush, or
+    /// the collector's).
     CheckpointPut,
+    /// A checkpoint's index run upload (before its root).
+    IndexRunPut,
     /// An opener's claim of the next epoch.
     ClaimPut,
     /// An opener's seal of the log it found.
@@ -140,6 +143,7 @@ impl Gate {
             Gate::SegmentPut | Gate::FencePut => (Req::Write, SEGMENTS),
             Gate::OwnerCheck => (Req::Read, CLAIMS),
             Gate::CheckpointPut => (Req::Write, CHECKPOINTS),
+            Gate::IndexRunPut => (Req::Write, INDEX_RUNS),
             Gate::ClaimPut => (Req::Write, CLAIMS),
             Gate::SealPut => (Req::Write, SEALS),
             Gate::SegmentList => (Req::List, SEGMENTS),
@@ -347,13 +351,22 @@ async fn within<F: std::future::Future>(what: &str, f: F) -> Result<F::Output, S
 
 /// Wait until `p` holds a request at its gate (true) or `task` ended
 /// without reaching it (false).
-async fn reached<T>(p: &ProcStore, task: &tokio::task::JoinHandle<T>) -> Result<bool, String> {
+/// Wait until `task` is held at the armed gate, or has finished. A
+/// flush's checkpoint is stored in the background, after the flush
+/// returned: when `checkpoints` is given, a finished flush whose
+/// checkpoint is still being stored is waited for until that reaches the
+/// gate (or is stored).
+async fn reached<T>(
+    p: &ProcStore,
+    task: &tokio::task::JoinHandle<T>,
+    checkpoints: Option<&Volume>,
+) -> Result<bool, String> {
     let start = std::time::Instant::now();
     loop {
         if p.held() {
             return Ok(true);
         }
-        if task.is_finished() {
+        if task.is_finished() && !checkpoints.is_some_and(|v| v.checkpoint_running()) {
             return Ok(p.held());
         }
         if start.elapsed() > PATIENCE {
@@ -836,7 +849,8 @@ impl Case {
             77..=79 => self.clean_reopen(stats).await,
             80..=83 => self.takeover(stats, None).await,
             84..=86 => {
-                let gate = [Gate::SegmentPut, Gate::CheckpointPut][self.rng.below(2) as usize];
+                let gate = [Gate::SegmentPut, Gate::CheckpointPut, Gate::IndexRunPut]
+                    [self.rng.below(3) as usize];
                 self.takeover(stats, Some(gate)).await
             }
             87..=88 => self.takeover_held_at_open(stats).await,
@@ -988,7 +1002,7 @@ impl Case {
             let (s, k, seed) = partial;
             v.write(s * 512, &pattern(seed, (k * 512) as usize)).await
         });
-        if reached(&self.proc_, &task).await? {
+        if reached(&self.proc_, &task, None).await? {
             stats.reached(Gate::FrameGet, "partial write");
         }
         let (s, k, seed) = whole;
@@ -1013,7 +1027,8 @@ impl Case {
     /// A flush held at a gate while more writes land (and reads check
     /// them); then it completes, or the process dies with it in flight.
     async fn gated_flush(&mut self, stats: &mut Stats) -> Step {
-        let gate = [Gate::SegmentPut, Gate::CheckpointPut][self.rng.below(2) as usize];
+        let gate =
+            [Gate::SegmentPut, Gate::CheckpointPut, Gate::IndexRunPut][self.rng.below(3) as usize];
         let crash = self.rng.chance(25);
         self.note(format!("flush held at {gate:?}, crash in flight {crash}"));
         let vol = self.vol();
@@ -1021,7 +1036,7 @@ impl Case {
         self.proc_.arm(gate);
         let v = Arc::clone(&vol);
         let task = tokio::spawn(async move { v.flush().await });
-        if reached(&self.proc_, &task).await? {
+        if reached(&self.proc_, &task, Some(&vol)).await? {
             stats.reached(gate, "owner's flush");
         }
         for _ in 0..1 + self.rng.below(4) {
@@ -1108,7 +1123,7 @@ impl Case {
         self.proc_.arm_once(gate);
         let v = Arc::clone(&vol);
         let task = tokio::spawn(async move { v.collect(Duration::ZERO).await });
-        if reached(&self.proc_, &task).await? {
+        if reached(&self.proc_, &task, None).await? {
             stats.reached(gate, "collector");
         } else {
             // Nothing there to hold: the owner's own requests must pass.
@@ -1346,7 +1361,7 @@ impl Case {
                 }
                 let v = Arc::clone(&old);
                 let task = tokio::spawn(async move { v.flush().await });
-                if reached(&old_proc, &task).await? {
+                if reached(&old_proc, &task, Some(&old)).await? {
                     stats.reached(g, "flush across a takeover");
                 }
                 if first_only {
@@ -1408,7 +1423,7 @@ impl Case {
             true,
             self.cfg.clone(),
         ));
-        if reached(&p, &opening).await? {
+        if reached(&p, &opening, None).await? {
             stats.reached(gate, "opener");
         }
         let marks = self.model.capture();
@@ -1539,7 +1554,7 @@ impl Case {
             zproc.arm(Gate::SegmentPut);
             let z = Arc::clone(&zombie);
             let task = tokio::spawn(async move { z.flush().await });
-            if reached(&zproc, &task).await? {
+            if reached(&zproc, &task, None).await? {
                 stats.reached(Gate::SegmentPut, "zombie's flush");
             }
             for _ in 0..1 + self.rng.below(3) {
@@ -1733,8 +1748,10 @@ fn random_lives_keep_the_durability_contract() {
         for gate in [
             "SegmentPut (owner's flush)",
             "CheckpointPut (owner's flush)",
+            "IndexRunPut (owner's flush)",
             "SegmentPut (flush across a takeover)",
             "CheckpointPut (flush across a takeover)",
+            "IndexRunPut (flush across a takeover)",
             "ClaimPut (opener)",
             "SealPut (opener)",
             "SegmentList (opener)",

@@ -29,15 +29,17 @@ async fn open_flush_and_read_cost_what_they_should() {
             vol.flush().await.unwrap();
         }
     }
+    vol.checkpoint_settled().await;
     let s = vol.request_stats();
     let segments = store.list("segments/").await.unwrap().len() as u64;
     let checkpoints = store.list("checkpoints/").await.unwrap().len() as u64;
+    let runs = store.list("index/").await.unwrap().len() as u64;
     assert_eq!(
         s.conditional_put - opened.conditional_put,
         segments,
         "{s:?}"
     );
-    assert_eq!(s.put, checkpoints, "{s:?}");
+    assert_eq!(s.put, checkpoints + runs, "{s:?}");
     assert_eq!(s.head, opened.head, "no ownership check on the FLUSH path");
     assert_eq!(
         s.get + s.ranged_get,

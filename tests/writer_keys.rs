@@ -182,6 +182,20 @@ async fn a_format_3_volume_opens_upgrades_and_reads_old_and_new_objects() {
     opens_upgrades_and_reads("format3", 3, expect).await;
 }
 
+/// RFC 0004: `tests/fixtures/format4` is the format-3 fixture after a
+/// format-4 build (247ab47 with the background checkpointer, which
+/// changed no format) imported 128 KiB of pattern(10) into it: its
+/// checkpoints hold the whole index (version 1). A format-5 writer reads
+/// them, upgrades the volume, and its checkpoints are roots and runs.
+#[tokio::test]
+async fn a_format_4_volume_opens_upgrades_and_reads_old_and_new_objects() {
+    let cs = 64 << 10;
+    let mut expect = pattern(7, 3 * cs);
+    expect[..2 * cs].copy_from_slice(&pattern(10, 2 * cs));
+    expect.resize(6 * cs, 0);
+    opens_upgrades_and_reads("format4", 4, expect).await;
+}
+
 async fn opens_upgrades_and_reads(fixture: &str, initial: u32, mut expect: Vec<u8>) {
     let _one_at_a_time = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
@@ -231,11 +245,16 @@ async fn opens_upgrades_and_reads(fixture: &str, initial: u32, mut expect: Vec<u
     expect[5 * cs..].copy_from_slice(&pattern(8, cs));
     expect[512..1536].copy_from_slice(&pattern(9, 1024));
     w.close().await.unwrap();
+    assert!(
+        !store.list("index/").await.unwrap().is_empty(),
+        "the upgraded writer's checkpoint is a root and its runs"
+    );
 
     for opts in [writer(false), read_only()] {
         let v = Volume::open(store.clone(), &secret(), opts, cfg.clone())
             .await
             .unwrap();
+        assert!(v.summary().checkpoint_used.is_some());
         assert_eq!(v.read(0, 6 * cs).await.unwrap(), expect);
         v.close().await.unwrap();
     }

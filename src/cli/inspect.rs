@@ -36,6 +36,9 @@ struct Report {
     ignored_segments: usize,
     checkpoints: usize,
     checkpoint_bytes: u64,
+    /// Index runs (format 5: what checkpoints name) and their bytes.
+    index_runs: usize,
+    index_run_bytes: u64,
     replayed_segments: usize,
     /// Segment bytes no chunk points at (garbage collection's to reclaim).
     dead_bytes: u64,
@@ -51,6 +54,7 @@ struct Report {
 struct Objects {
     segments: usize,
     checkpoints: usize,
+    index_runs: usize,
     claims: usize,
     seals: usize,
     releases: usize,
@@ -85,9 +89,12 @@ pub async fn run(a: InspectArgs) -> Result<()> {
         async move { anyhow::Ok(store.list(prefix).await?.len()) }
     };
     use crate::store::paths;
+    let runs = store.list(paths::INDEX_RUNS).await?;
+    let index_run_bytes = runs.iter().map(|o| o.size).sum();
     let objects = Objects {
         segments: s.inventory.segments.len(),
         checkpoints: s.inventory.checkpoints.len(),
+        index_runs: runs.len(),
         claims: listed(paths::CLAIMS).await?,
         seals: listed(paths::SEALS).await?,
         releases: listed(paths::RELEASES).await?,
@@ -114,6 +121,8 @@ pub async fn run(a: InspectArgs) -> Result<()> {
         ignored_segments: s.ignored_segments,
         checkpoints: s.checkpoints,
         checkpoint_bytes: s.checkpoint_bytes,
+        index_runs: runs.len(),
+        index_run_bytes,
         replayed_segments: s.replayed_segments,
         dead_bytes: all_segment_bytes.saturating_sub(stats.live_bytes),
         amplification: if stats.live_bytes > 0 {
@@ -153,12 +162,14 @@ pub async fn run(a: InspectArgs) -> Result<()> {
         format_bytes(r.logical_written_bytes)
     );
     println!(
-        "stored          {} in {} segments{ratio}, {} live; {} checkpoints ({})",
+        "stored          {} in {} segments{ratio}, {} live; {} checkpoints ({}), {} index runs ({})",
         format_bytes(r.segment_bytes),
         r.segments,
         format_bytes(r.live_stored_bytes),
         r.checkpoints,
-        format_bytes(r.checkpoint_bytes)
+        format_bytes(r.checkpoint_bytes),
+        r.index_runs,
+        format_bytes(r.index_run_bytes)
     );
     if r.ignored_segments > 0 {
         println!(
@@ -173,8 +184,8 @@ pub async fn run(a: InspectArgs) -> Result<()> {
     );
     let o = &r.objects;
     println!(
-        "objects         {} segments, {} checkpoints, {} claims, {} seals, {} release markers, {} probes, {} fence markers",
-        o.segments, o.checkpoints, o.claims, o.seals, o.releases, o.probes, o.fences
+        "objects         {} segments, {} checkpoints, {} index runs, {} claims, {} seals, {} release markers, {} probes, {} fence markers",
+        o.segments, o.checkpoints, o.index_runs, o.claims, o.seals, o.releases, o.probes, o.fences
     );
     println!("epoch           {}", r.epoch);
     println!("owner           {}", r.owner);

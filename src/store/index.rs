@@ -8,7 +8,7 @@
 //! write also takes; with a plain `BTreeMap` that clone was O(mapped
 //! chunks) — about 8 M entries at 1 TiB — with all I/O waiting on it.
 
-use imbl::{HashMap, OrdMap};
+use imbl::{HashMap, OrdMap, OrdSet};
 
 use super::segment::SegmentId;
 use crate::error::{Error, Result};
@@ -31,6 +31,9 @@ pub struct SegmentLive {
 pub struct Index {
     map: OrdMap<u64, Loc>,
     live: HashMap<SegmentId, SegmentLive>,
+    /// Chunks set since the last `take_changed`: what the next
+    /// checkpoint's delta holds (docs/rfcs/0004).
+    changed: OrdSet<u64>,
 }
 
 impl Index {
@@ -40,6 +43,7 @@ impl Index {
 
     /// Map `chunk` to `loc` (Some) or to zeros (None).
     pub fn set(&mut self, chunk: u64, loc: Option<Loc>) {
+        self.changed.insert(chunk);
         let old = match loc {
             Some(loc) => {
                 let live = self.live.entry(loc.segment).or_default();
@@ -57,6 +61,12 @@ impl Index {
                 self.live.remove(&old.segment);
             }
         }
+    }
+
+    /// The chunks set since the last call (a set that shares storage with
+    /// the index's clones: O(1)).
+    pub fn take_changed(&mut self) -> OrdSet<u64> {
+        std::mem::take(&mut self.changed)
     }
 
     /// Number of mapped (non-zero) chunks.

@@ -21,6 +21,8 @@ use crate::error::{Error, Result};
 
 /// How many segment tables recovery fetches at once.
 const REPLAY_CONCURRENCY: usize = 8;
+/// How many index runs a checkpoint reads or writes at once.
+const RUN_CONCURRENCY: usize = 8;
 /// How many times an opener lists again because a predecessor's segment
 /// landed at a name it was fencing, before it gives up.
 const FENCE_ROUNDS: u32 = 8;
@@ -56,6 +58,9 @@ pub struct LogSummary {
     pub checkpoints: usize,
     pub checkpoint_bytes: u64,
     pub checkpoint_used: Option<SegmentId>,
+    /// The index runs of that checkpoint (None: none, or a whole-index
+    /// checkpoint of an older format): what the next one builds on.
+    pub chain: Option<checkpoint::Chain>,
     pub replayed_segments: usize,
     /// Segments present but not part of the log (fenced writers' leftovers).
     pub ignored_segments: usize,
@@ -277,20 +282,20 @@ impl LogStore {
             .map(|id| id.epoch)
             .collect::<std::collections::BTreeSet<u64>>();
         self.fence.bind_writers(&chain, read_epochs).await?;
-        let mut index = match newest_cp {
+        let (mut index, runs) = match newest_cp {
             Some(cp) => {
                 let size = checkpoints
                     .iter()
                     .find(|(id, _)| *id == cp)
                     .map_or(0, |c| c.1);
-                let data = self.store.get_sized(&paths::checkpoint(cp), size).await?;
-                let keys = self.keys.clone();
-                tokio::task::spawn_blocking(move || checkpoint::decode(&keys, cp, &data, chunks))
-                    .await
-                    .expect("checkpoint decode task")?
+                self.read_checkpoint(cp, size).await?
             }
-            None => Index::default(),
+            None => (Index::default(), None),
         };
+        // What the checkpoint holds is in it already; the segments
+        // replayed below are what the next checkpoint's delta holds.
+        index.take_changed();
+        summary.chain = runs;
         summary.checkpoint_used = newest_cp;
         summary.inventory = Inventory {
             segments: segments.iter().copied().collect(),
@@ -463,21 +468,146 @@ impl LogStore {
         }
     }
 
-    /// Write the index as of `position` (one of our own segments).
-    /// Returns its size in bytes.
-    pub async fn put_checkpoint(&self, position: SegmentId, index: Index) -> Result<u64> {
+    /// Read the checkpoint at `position`: a whole index (formats 2 to 4),
+    /// or a root and its runs, read in parallel and applied in order.
+    /// Returns the index and, for a root, the chain the next checkpoint
+    /// builds on.
+    async fn read_checkpoint(
+        &self,
+        position: SegmentId,
+        size: u64,
+    ) -> Result<(Index, Option<checkpoint::Chain>)> {
+        let chunks = self.chunks();
+        let data = self
+            .store
+            .get_sized(&paths::checkpoint(position), size)
+            .await?;
+        let keys = self.keys.clone();
+        let decoded =
+            tokio::task::spawn_blocking(move || checkpoint::decode(&keys, position, &data, chunks))
+                .await
+                .expect("checkpoint decode task")?;
+        let root = match decoded {
+            checkpoint::Checkpoint::Whole(index) => return Ok((index, None)),
+            checkpoint::Checkpoint::Root(root) => root,
+        };
+        // The root is authenticated under its own epoch's key: the tokens
+        // it carries for older epochs are as good as a seal's.
+        for (epoch, token) in &root.tokens {
+            if self.keys.epoch_token(*epoch).is_none() {
+                self.keys.bind_epoch(*epoch, token);
+            }
+        }
+        let reads = futures::stream::iter(root.runs.iter().copied())
+            .map(|run| {
+                let keys = self.keys.clone();
+                async move {
+                    let data = self
+                        .store
+                        .get_sized(&paths::index_run(run.id), run.size)
+                        .await?;
+                    tokio::task::spawn_blocking(move || {
+                        checkpoint::decode_run(&keys, &run, &data, chunks)
+                    })
+                    .await
+                    .expect("index run decode task")
+                }
+            })
+            .buffered(RUN_CONCURRENCY);
+        let runs: Vec<Vec<checkpoint::Entry>> = reads
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        let mut index = Index::default();
+        let mut delta_chunks = Vec::new();
+        for (run, entries) in root.runs.iter().zip(&runs) {
+            let mut chunks = imbl::OrdSet::new();
+            for (chunk, loc) in entries {
+                index.set(*chunk, *loc);
+                if run.id.kind == checkpoint::RunKind::Delta {
+                    chunks.insert(*chunk);
+                }
+            }
+            if run.id.kind == checkpoint::RunKind::Delta {
+                delta_chunks.push(chunks);
+            }
+        }
+        Ok((
+            index,
+            Some(checkpoint::Chain::from_root(&root, delta_chunks)),
+        ))
+    }
+
+    /// Store a planned checkpoint: its new runs in parallel, then its
+    /// root (a root is stored only once every run it names is). Returns
+    /// the chain it makes and the root's size.
+    pub async fn put_checkpoint(&self, plan: checkpoint::Plan) -> Result<(checkpoint::Chain, u64)> {
+        let position = plan.position;
         if Some(position.epoch) != self.fence.epoch() {
             return Err(Error::InvalidArgument(
                 "checkpoint of a foreign epoch".into(),
             ));
         }
         let keys = self.keys.clone();
-        let data = tokio::task::spawn_blocking(move || checkpoint::encode(&keys, position, &index))
-            .await
-            .expect("checkpoint encode task");
+        let (plan, encoded) = tokio::task::spawn_blocking(move || {
+            let encoded: Vec<(checkpoint::RunRef, Bytes)> = plan
+                .runs_to_write()
+                .into_iter()
+                .map(|(id, entries)| {
+                    let data = checkpoint::encode_run(&keys, id, &entries);
+                    let run = checkpoint::RunRef {
+                        id,
+                        entries: entries.len() as u64,
+                        size: data.len() as u64,
+                    };
+                    (run, data)
+                })
+                .collect();
+            (plan, encoded)
+        })
+        .await
+        .expect("checkpoint encode task");
+        let mut puts = futures::stream::iter(encoded.iter().cloned())
+            .map(|(run, data)| async move { self.store.put(&paths::index_run(run.id), data).await })
+            .buffer_unordered(RUN_CONCURRENCY);
+        while let Some(put) = puts.next().await {
+            put?;
+        }
+        drop(puts);
+        // The tokens of the older epochs whose segments the index names
+        // (so an open binds them without reading their claims) ...
+        let segment_epochs: std::collections::BTreeSet<u64> = plan
+            .snapshot
+            .live_segments()
+            .keys()
+            .map(|id| id.epoch)
+            .filter(|e| *e != position.epoch)
+            .collect();
+        let (mut root, chain) = plan.finish(encoded.into_iter().map(|(r, _)| r).collect());
+        for e in segment_epochs {
+            if let Some(token) = self.keys.epoch_token(e) {
+                root.tokens.insert(e, token);
+            }
+        }
+        // ... and of those whose runs it names: bound when those runs were
+        // read at open.
+        for run in &root.runs {
+            let e = run.id.position.epoch;
+            if e != position.epoch && !root.tokens.contains_key(&e) {
+                let token = self.keys.epoch_token(e).ok_or_else(|| {
+                    Error::Integrity(format!(
+                        "no claim token known for epoch {e}, whose index run {} a checkpoint names",
+                        run.id.name()
+                    ))
+                })?;
+                root.tokens.insert(e, token);
+            }
+        }
+        let data = checkpoint::encode_root(&self.keys, position, &root);
         let size = data.len() as u64;
         self.store.put(&paths::checkpoint(position), data).await?;
-        Ok(size)
+        Ok((chain, size))
     }
 
     /// Delete one object (garbage collection decides which: docs/rfcs/0002).

@@ -3,6 +3,7 @@
 //! Names are hex, fixed width, so lexicographic order is numeric order.
 
 use super::backend::ObjectInfo;
+use super::checkpoint::RunId;
 use super::segment::SegmentId;
 
 /// The volume's public parameters and wrapped key.
@@ -15,8 +16,12 @@ pub const SEALS: &str = "seals/";
 pub const RELEASES: &str = "released/";
 /// `segments/<epoch>-<seq>`: frames and their table.
 pub const SEGMENTS: &str = "segments/";
-/// `checkpoints/<epoch>-<seq>`: the index as of that segment.
+/// `checkpoints/<epoch>-<seq>`: the index as of that segment (format 5: a
+/// root naming index runs; before: the whole index).
 pub const CHECKPOINTS: &str = "checkpoints/";
+/// `index/<epoch>-<seq>.<b|d><part>`: an index run (a base part or a
+/// delta) first written by the checkpoint at that position.
+pub const INDEX_RUNS: &str = "index/";
 /// `probe/<random>`: the conditional-create probe, deleted at once.
 pub const PROBES: &str = "probe/";
 
@@ -51,6 +56,10 @@ pub fn checkpoint(position: SegmentId) -> String {
     format!("{CHECKPOINTS}{}", position.name())
 }
 
+pub fn index_run(run: RunId) -> String {
+    format!("{INDEX_RUNS}{}", run.name())
+}
+
 /// A fresh probe name.
 pub fn probe() -> String {
     format!("{PROBES}{}", hex::encode(rand::random::<[u8; 8]>()))
@@ -76,6 +85,17 @@ pub fn listed_ids(objects: &[ObjectInfo], prefix: &str) -> Vec<(SegmentId, u64)>
         .collect()
 }
 
+/// The index runs, with sizes, named in a listing of `INDEX_RUNS`.
+pub fn listed_runs(objects: &[ObjectInfo]) -> Vec<(RunId, u64)> {
+    objects
+        .iter()
+        .filter_map(|o| {
+            let run = RunId::parse(o.key.strip_prefix(INDEX_RUNS)?)?;
+            Some((run, o.size))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +117,23 @@ mod tests {
         );
         assert!(listed_epochs(&[listed("epochs/zz".into())], CLAIMS).is_empty());
         assert!(probe().starts_with(PROBES));
+        use super::super::checkpoint::RunKind;
+        for kind in [RunKind::Base, RunKind::Delta] {
+            let run = RunId {
+                position: id,
+                kind,
+                part: 258,
+            };
+            assert_eq!(listed_runs(&[listed(index_run(run))]), vec![(run, 9)]);
+        }
+        assert_eq!(
+            index_run(RunId {
+                position: id,
+                kind: RunKind::Base,
+                part: 2
+            }),
+            "index/0000000000000003-0000000000000011.b00000002"
+        );
+        assert!(listed_runs(&[listed("index/zz.b1".into())]).is_empty());
     }
 }

@@ -15,9 +15,12 @@ use crate::error::{Error, Result};
 /// (docs/rfcs/0001). 4: segments are made by conditional create and a new
 /// owner fences its predecessor's next names (docs/rfcs/0003), so a
 /// writer acknowledges a FLUSH without an ownership check — a format-3
-/// build, which does not fence, must not take over such a volume. 2 and
-/// 3 are still read; a format-4 writer upgrades them.
-pub const FORMAT_VERSION: u32 = 4;
+/// build, which does not fence, must not take over such a volume. 5: a
+/// checkpoint is a root naming index runs, a base and deltas
+/// (docs/rfcs/0004), which a format-4 build cannot read. 2 to 4 are still
+/// read (their whole-index checkpoints too); a format-5 writer upgrades
+/// them.
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format this build opens.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
 const MAGIC: &str = "zerofs-ublk volume";

@@ -18,6 +18,16 @@ impl Encoder {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    /// Length (u32) and bytes.
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+        self
+    }
 }
 
 pub struct Decoder<'a> {
@@ -49,6 +59,16 @@ impl<'a> Decoder<'a> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
+    }
+
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// Length (u32) and bytes, as `Encoder::bytes` wrote them.
+    pub fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
     }
 
     /// A count of `item_size`-byte items that must fit in what is left.

@@ -25,7 +25,7 @@ pub struct FlushState {
     pub(super) last_segment: Option<SegmentId>,
     /// Where the last checkpoint was attempted: a position names one
     /// checkpoint, written once (its key and nonce derive from it).
-    checkpointed_at: Option<SegmentId>,
+    pub(super) checkpointed_at: Option<SegmentId>,
 }
 
 impl FlushState {
@@ -342,39 +342,9 @@ impl Inner {
             .store(crate::clock::unix_now(), Ordering::Relaxed);
         fs.published(&segments);
         self.gc.lock().published(&segments);
-        if fs.segments_since_checkpoint >= self.cfg.checkpoint_every {
-            // Durability does not depend on checkpoints; a failed one is
-            // retried after the next flush.
-            match self.write_checkpoint(&mut fs).await {
-                Ok(()) => {}
-                Err(e) => tracing::warn!("checkpoint failed (will retry): {e}"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Write the index as of the newest published segment. Nothing new
-    /// since the last checkpoint (the collector forces one to make what it
-    /// freed deletable): the position is a fresh, never-written segment id,
-    /// so no position ever names two different checkpoints.
-    pub(super) async fn write_checkpoint(&self, fs: &mut FlushState) -> Result<()> {
-        let position = match fs.last_segment {
-            Some(p) if fs.checkpointed_at != Some(p) => p,
-            _ => {
-                // Names a checkpoint only; an empty segment fills it when
-                // the window rule needs it (docs/rfcs/0003).
-                let fresh = self.log.alloc_segment()?;
-                self.log.give_up_segments([(fresh, None)]);
-                fs.last_segment = Some(fresh);
-                fresh
-            }
-        };
-        fs.checkpointed_at = Some(position);
-        // O(1): the index is a persistent map (see store::index).
-        let index = self.state.lock().index.clone();
-        let size = self.log.put_checkpoint(position, index.clone()).await?;
-        fs.segments_since_checkpoint = 0;
-        self.gc.lock().checkpointed(position, size, index);
+        // Started in the background: the acknowledgement never waits for
+        // a checkpoint (see volume::checkpoint).
+        self.checkpoint_if_due(&mut fs);
         Ok(())
     }
 
@@ -384,15 +354,6 @@ impl Inner {
             tracing::error!("{e}");
         }
         e
-    }
-
-    /// Checkpoint if anything was written since the last one.
-    pub(super) async fn checkpoint_now(&self) -> Result<()> {
-        let mut fs = self.flush.lock().await;
-        if fs.segments_since_checkpoint > 0 {
-            self.write_checkpoint(&mut fs).await?;
-        }
-        Ok(())
     }
 }
 

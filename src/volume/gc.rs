@@ -14,8 +14,9 @@
 //!    owner check finds no newer claim, every future recovery starts from
 //!    that checkpoint or a newer one. What it does not need is marked
 //!    unneeded: segments at or below its position that its index does not
-//!    name, older checkpoints, older seals and release markers, claims of
-//!    older epochs it names nothing of, probe leftovers.
+//!    name, older checkpoints, index runs written at or below its position
+//!    that it does not name (docs/rfcs/0004), older seals and release
+//!    markers, claims of older epochs it names nothing of, probe leftovers.
 //! 3. **Delete** what has been unneeded for the grace period, rate-limited.
 //!
 //! No request is made when nothing is to be copied, confirmed or deleted.
@@ -30,6 +31,7 @@ use super::dirty::Captured;
 use super::flush::Written;
 use crate::error::{Error, Result};
 use crate::store::backend::StoreError;
+use crate::store::checkpoint::RunId;
 use crate::store::{Index, Inventory, Loc, SegmentId, paths};
 
 /// When the collector runs.
@@ -94,6 +96,7 @@ pub struct GcStats {
 enum Object {
     Segment(SegmentId),
     Checkpoint(SegmentId),
+    IndexRun(RunId),
     Seal(u64),
     Claim(u64),
     Release(u64),
@@ -105,6 +108,7 @@ impl Object {
         match self {
             Object::Segment(id) => paths::segment(*id),
             Object::Checkpoint(id) => paths::checkpoint(*id),
+            Object::IndexRun(run) => paths::index_run(*run),
             Object::Seal(e) => paths::seal(*e),
             Object::Claim(e) => paths::claim(*e),
             Object::Release(e) => paths::release(*e),
@@ -123,14 +127,20 @@ pub(super) struct Collector {
     /// segment whose frames are all live).
     frames: std::collections::HashMap<SegmentId, u64>,
     checkpoints: BTreeMap<SegmentId, u64>,
+    /// Index runs: of our checkpoints, and those listed with the older
+    /// epochs' metadata.
+    runs: BTreeMap<RunId, u64>,
+    /// The runs the newest checkpoint of ours names.
+    named_runs: BTreeSet<RunId>,
     seals: BTreeSet<u64>,
     claims: BTreeSet<u64>,
     releases: BTreeSet<u64>,
     probes: BTreeSet<String>,
     /// Unneeded since, and size.
     pending: BTreeMap<Object, (Instant, u64)>,
-    /// A checkpoint stored but not yet followed by an owner check.
-    unconfirmed: Option<(SegmentId, Index)>,
+    /// A checkpoint stored but not yet followed by an owner check: its
+    /// position, index and the runs it names.
+    unconfirmed: Option<(SegmentId, Index, BTreeSet<RunId>)>,
     /// Older-epoch metadata (seals, claims, releases, probes, leftover
     /// segments and checkpoints) not yet marked: it needs a checkpoint of
     /// ours to be marked.
@@ -144,6 +154,8 @@ impl Collector {
             segments: inventory.segments.clone(),
             frames: std::collections::HashMap::new(),
             checkpoints: inventory.checkpoints.clone(),
+            runs: BTreeMap::new(),
+            named_runs: BTreeSet::new(),
             seals: inventory.seals.iter().copied().collect(),
             claims: BTreeSet::new(),
             releases: BTreeSet::new(),
@@ -165,10 +177,19 @@ impl Collector {
         }
     }
 
-    /// A checkpoint of ours is stored (not yet confirmed by an owner check).
-    pub(super) fn checkpointed(&mut self, position: SegmentId, size: u64, index: Index) {
+    /// A checkpoint of ours is stored (not yet confirmed by an owner
+    /// check): its root's size, its index, the runs it names with sizes.
+    pub(super) fn checkpointed(
+        &mut self,
+        position: SegmentId,
+        size: u64,
+        index: Index,
+        runs: Vec<(RunId, u64)>,
+    ) {
         self.checkpoints.insert(position, size);
-        self.unconfirmed = Some((position, index));
+        self.runs.extend(runs.iter().copied());
+        self.named_runs = runs.into_iter().map(|(r, _)| r).collect();
+        self.unconfirmed = Some((position, index, self.named_runs.clone()));
     }
 
     pub(super) fn stats(&self) -> GcStats {
@@ -214,12 +235,17 @@ impl Collector {
             .keys()
             .filter(|id| id.epoch < ours && unpending(Object::Checkpoint(**id)))
             .count();
+        let runs = self
+            .runs
+            .keys()
+            .filter(|r| !self.named_runs.contains(*r) && unpending(Object::IndexRun(**r)))
+            .count();
         let seals = self
             .seals
             .iter()
             .filter(|e| **e < ours && unpending(Object::Seal(**e)))
             .count();
-        segments + checkpoints + 3 * seals
+        segments + checkpoints + runs + 3 * seals
     }
 
     /// What no recovery from `position` (with `snapshot`) needs, and the
@@ -228,6 +254,7 @@ impl Collector {
         &self,
         position: SegmentId,
         snapshot: &Index,
+        named_runs: &BTreeSet<RunId>,
         current: &Index,
         ours: u64,
     ) -> Vec<(Object, u64)> {
@@ -247,6 +274,15 @@ impl Collector {
                 .iter()
                 .filter(|(id, _)| **id < position)
                 .map(|(id, size)| (Object::Checkpoint(*id), *size)),
+        );
+        // A later checkpoint's runs are this one's, or written above it
+        // (each builds on the chain of the last one stored): those are
+        // never marked here (docs/rfcs/0004).
+        unneeded.extend(
+            self.runs
+                .iter()
+                .filter(|(run, _)| run.position <= position && !named_runs.contains(*run))
+                .map(|(run, size)| (Object::IndexRun(*run), *size)),
         );
         let older = |set: &BTreeSet<u64>| {
             set.iter()
@@ -293,6 +329,9 @@ impl Collector {
             }
             Object::Checkpoint(id) => {
                 self.checkpoints.remove(id);
+            }
+            Object::IndexRun(run) => {
+                self.runs.remove(run);
             }
             Object::Seal(e) => {
                 self.seals.remove(e);
@@ -404,6 +443,10 @@ impl Inner {
         // and finds out at its next owner check.
         self.check_writable()?;
         let ours = self.log.fence().owned_epoch()?;
+        // A checkpoint being stored in the background is the one to
+        // confirm and mark from: wait for it rather than work from an
+        // older one while it lands.
+        self.checkpoint_settled().await;
         let mut pass = GcPass::default();
         let mut pace = Pace::new(&self.cfg.gc);
         // What was marked in earlier passes first: marking made it safe to
@@ -436,8 +479,7 @@ impl Inner {
             }
         };
         if markable >= if eager { 1 } else { MARK_BATCH } {
-            let mut fs = self.flush.lock().await;
-            self.write_checkpoint(&mut fs).await?;
+            self.write_checkpoint(true).await?;
             pass.checkpointed = true;
         }
         pass.marked = self.confirm_and_mark(ours).await?;
@@ -472,13 +514,16 @@ impl Inner {
     /// recovers from it or a newer one: mark what that recovery does not
     /// need (docs/rfcs/0002). No request when nothing would be marked.
     async fn confirm_and_mark(&self, ours: u64) -> Result<u64> {
-        let Some((position, snapshot)) = self.gc.lock().unconfirmed.take() else {
+        let Some((position, snapshot, named_runs)) = self.gc.lock().unconfirmed.take() else {
             return Ok(0);
         };
         let worth_it = {
             let gc = self.gc.lock();
             let current = self.state.lock().index.clone();
-            gc.inherited || !gc.unneeded(position, &snapshot, &current, ours).is_empty()
+            gc.inherited
+                || !gc
+                    .unneeded(position, &snapshot, &named_runs, &current, ours)
+                    .is_empty()
         };
         if !worth_it {
             return Ok(0);
@@ -496,7 +541,7 @@ impl Inner {
         let mut gc = self.gc.lock();
         let current = self.state.lock().index.clone();
         let now = Instant::now();
-        let unneeded = gc.unneeded(position, &snapshot, &current, ours);
+        let unneeded = gc.unneeded(position, &snapshot, &named_runs, &current, ours);
         let marked = unneeded.len() as u64;
         for (object, size) in unneeded {
             gc.pending.insert(object, (now, size));
@@ -512,7 +557,9 @@ impl Inner {
         let claims = store.list(paths::CLAIMS).await?;
         let releases = store.list(paths::RELEASES).await?;
         let probes = store.list(paths::PROBES).await?;
+        let runs = store.list(paths::INDEX_RUNS).await?;
         let mut gc = self.gc.lock();
+        gc.runs.extend(paths::listed_runs(&runs));
         gc.claims.extend(
             paths::listed_epochs(&claims, paths::CLAIMS)
                 .into_iter()

@@ -3,8 +3,9 @@
 //! - WRITE completes once the data is in the dirty table (memory), like a
 //!   disk's volatile write cache.
 //! - FLUSH completes once every write completed before it is in a segment
-//!   the object store acknowledged *and* the writer has confirmed it still
-//!   owns the volume (no newer epoch claim).
+//!   the object store created at a name no newer owner has fenced
+//!   (docs/rfcs/0003): one round trip, no owner check. Checkpoints are
+//!   stored in the background (`checkpoint`), never on the FLUSH path.
 //! - Reads look up: dirty table → clean-chunk cache → ranged GET of the
 //!   frame. Unwritten or discarded chunks read as zeros with no request.
 //! - A partial-chunk write reads the old chunk only if it is not already
@@ -12,6 +13,7 @@
 //! - The dirty table is bounded: a write that would exceed the limit first
 //!   flushes (back-pressure), and a background task flushes by size and age.
 
+mod checkpoint;
 mod dirty;
 mod fetch;
 mod flush;
@@ -142,6 +144,8 @@ pub(crate) struct Inner {
     gc: Mutex<gc::Collector>,
     /// One collection pass at a time (background or asked for).
     gc_pass: tokio::sync::Mutex<()>,
+    /// Checkpoints, stored off the FLUSH path one at a time.
+    checkpointer: checkpoint::Checkpointer,
 }
 
 pub struct Volume {
@@ -264,6 +268,7 @@ impl Volume {
                 log.epoch().unwrap_or(0),
             )),
             gc_pass: tokio::sync::Mutex::new(()),
+            checkpointer: checkpoint::Checkpointer::new(summary.chain.clone()),
             chunk_size: sb.chunk_size as usize,
             log,
             cfg,
@@ -661,6 +666,18 @@ impl Volume {
         self.inner.collect(grace, true).await
     }
 
+    /// Wait until no checkpoint is being stored (a flush that makes one
+    /// due starts it in the background and returns).
+    pub async fn checkpoint_settled(&self) {
+        self.inner.checkpoint_settled().await
+    }
+
+    /// Whether a checkpoint is being stored now (a flush that returned
+    /// has already started the one it made due).
+    pub fn checkpoint_running(&self) -> bool {
+        self.inner.checkpoint_running()
+    }
+
     /// Garbage-collection totals since open.
     pub fn gc_stats(&self) -> gc::GcStats {
         self.inner.gc.lock().stats()
@@ -684,7 +701,7 @@ impl Volume {
         if let Some(j) = self.inner.state.lock().journal.take() {
             j.remove();
         }
-        self.inner.checkpoint_now().await?;
+        self.inner.write_checkpoint(false).await?;
         self.inner.log.fence().release().await
     }
 }

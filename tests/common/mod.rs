@@ -333,3 +333,104 @@ pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 pub fn dir_store(path: &std::path::Path) -> DynStore {
     open_bucket(&BucketOptions::new(format!("file://{}", path.display()))).unwrap()
 }
+
+// ---- A backend that stops once where a test says ---------------------------
+
+use tokio::sync::{Notify, oneshot};
+use zerofs_ublk::store::backend::{ObjectInfo, ObjectStore, StoreResult};
+
+/// Where a `Pausing` store stops once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseAt {
+    /// After the listing of the segments (an opener, before it fences
+    /// or seals).
+    SegmentListing,
+    /// Before the first segment create.
+    SegmentPut,
+    /// Before the first checkpoint PUT.
+    CheckpointPut,
+}
+
+/// A store that stops once at `at`, when armed, until the test lets it go
+/// on.
+#[derive(Debug)]
+pub struct Pausing {
+    inner: DynStore,
+    at: PauseAt,
+    pub reached: Arc<Notify>,
+    go_on: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl Pausing {
+    /// Armed at once; the sender lets it go on.
+    pub fn armed(inner: DynStore, at: PauseAt) -> (Arc<Self>, oneshot::Sender<()>) {
+        let p = Self::unarmed(inner, at);
+        let go = p.arm();
+        (p, go)
+    }
+
+    /// Stop at the next request that matches; the sender lets it go on.
+    pub fn arm(&self) -> oneshot::Sender<()> {
+        let (go, wait) = oneshot::channel();
+        *self.go_on.lock() = Some(wait);
+        go
+    }
+
+    pub fn unarmed(inner: DynStore, at: PauseAt) -> Arc<Self> {
+        Arc::new(Pausing {
+            inner,
+            at,
+            reached: Arc::new(Notify::new()),
+            go_on: parking_lot::Mutex::new(None),
+        })
+    }
+
+    async fn pause_if(&self, at: PauseAt, key: &str) {
+        let object = match at {
+            PauseAt::CheckpointPut => "checkpoints/",
+            PauseAt::SegmentListing | PauseAt::SegmentPut => "segments/",
+        };
+        let wait = (at == self.at && key.starts_with(object))
+            .then(|| self.go_on.lock().take())
+            .flatten();
+        if let Some(wait) = wait {
+            self.reached.notify_one();
+            let _ = wait.await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Pausing {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> StoreResult<()> {
+        self.pause_if(PauseAt::CheckpointPut, key).await;
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> StoreResult<bool> {
+        self.pause_if(PauseAt::SegmentPut, key).await;
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn exists(&self, key: &str) -> StoreResult<bool> {
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
+        let listed = self.inner.list(prefix).await?;
+        self.pause_if(PauseAt::SegmentListing, prefix).await;
+        Ok(listed)
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    fn supports_conditional_create(&self) -> bool {
+        self.inner.supports_conditional_create()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}

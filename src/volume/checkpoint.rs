@@ -1,0 +1,182 @@
+//! Checkpoints off the FLUSH path: what a checkpoint holds is decided
+//! under the flush lock (a position and an O(1) snapshot of the index),
+//! and it is encoded and stored outside it, one at a time. A flush that
+//! makes one due starts it in the background and is acknowledged without
+//! waiting; the collector and a clean close wait for theirs.
+//!
+//! Why the position is still right when the object lands later: every
+//! segment at or below it that will ever be published was published when
+//! it was picked (flushes allocate and publish under the flush lock; a
+//! collector's copy below it changes no chunk's content), so a later
+//! acknowledged flush has ids above it — the case analysis of
+//! docs/rfcs/0003 (case 4) does not depend on when the object is stored.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use imbl::OrdSet;
+use parking_lot::Mutex;
+
+use super::Inner;
+use super::flush::FlushState;
+use crate::error::Result;
+use crate::store::checkpoint::Chain;
+use crate::store::{Index, SegmentId};
+
+/// One checkpoint at a time, what the next one builds on, and whether the
+/// last one failed.
+#[derive(Default)]
+pub(super) struct Checkpointer {
+    /// Held from the pick until the object is stored (or has failed).
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+    /// The last checkpoint failed: the next flush starts one whatever
+    /// the count of segments since.
+    failed: AtomicBool,
+    /// The runs of the last checkpoint stored (None: none to build on —
+    /// the next one writes a base).
+    chain: Mutex<Option<Chain>>,
+    /// Chunks changed before a checkpoint that failed: the next one's
+    /// delta holds them too.
+    carried: Mutex<OrdSet<u64>>,
+}
+
+impl Checkpointer {
+    /// Building on the checkpoint recovery read (its runs, if any).
+    pub(super) fn new(chain: Option<Chain>) -> Self {
+        Checkpointer {
+            chain: Mutex::new(chain),
+            ..Default::default()
+        }
+    }
+}
+
+/// What one checkpoint holds: the index as of its position, and the
+/// chunks set since the previous pick.
+struct Picked {
+    position: SegmentId,
+    index: Index,
+    changed: OrdSet<u64>,
+}
+
+impl Inner {
+    /// Decide the next checkpoint. Nothing new since the last one (the
+    /// collector forces one to make what it freed deletable): the position
+    /// is a fresh, never-written segment id, so no position ever names two
+    /// different checkpoints.
+    fn pick_checkpoint(&self, fs: &mut FlushState) -> Result<Picked> {
+        let position = match fs.last_segment {
+            Some(p) if fs.checkpointed_at != Some(p) => p,
+            _ => {
+                // Names a checkpoint only; an empty segment fills it when
+                // the window rule needs it (docs/rfcs/0003).
+                let fresh = self.log.alloc_segment()?;
+                self.log.give_up_segments([(fresh, None)]);
+                fs.last_segment = Some(fresh);
+                fresh
+            }
+        };
+        fs.checkpointed_at = Some(position);
+        fs.segments_since_checkpoint = 0;
+        // O(1): the index and its changed set are persistent (see
+        // store::index).
+        let (index, changed) = {
+            let mut st = self.state.lock();
+            let changed = st.index.take_changed();
+            (st.index.clone(), changed)
+        };
+        Ok(Picked {
+            position,
+            index,
+            changed,
+        })
+    }
+
+    /// Encode and store a picked checkpoint (what changed since the last
+    /// one stored, or a new base: store::checkpoint::Chain::plan); the
+    /// collector learns of it.
+    async fn store_checkpoint(&self, picked: Picked) -> Result<()> {
+        let Picked {
+            position,
+            index,
+            changed,
+        } = picked;
+        let cp = &self.checkpointer;
+        let changed = changed.union(cp.carried.lock().clone());
+        let plan = Chain::plan(cp.chain.lock().as_ref(), position, index.clone(), &changed);
+        match self.log.put_checkpoint(plan).await {
+            Ok((chain, root_size)) => {
+                let runs = chain.runs().map(|r| (r.id, r.size)).collect();
+                *cp.chain.lock() = Some(chain);
+                cp.carried.lock().clear();
+                self.gc
+                    .lock()
+                    .checkpointed(position, root_size, index, runs);
+                Ok(())
+            }
+            Err(e) => {
+                *cp.carried.lock() = changed;
+                cp.failed.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    /// After a flush published (its flush lock still held): start a
+    /// checkpoint in the background if one is due and none is running.
+    /// Durability does not depend on checkpoints; a failed one is retried
+    /// after the next flush.
+    pub(super) fn checkpoint_if_due(self: &Arc<Self>, fs: &mut FlushState) {
+        let due = fs.segments_since_checkpoint >= self.cfg.checkpoint_every
+            || self.checkpointer.failed.load(Ordering::SeqCst);
+        if !due {
+            return;
+        }
+        let Ok(running) = Arc::clone(&self.checkpointer.one_at_a_time).try_lock_owned() else {
+            // The one running covers most of it; the next flush checks again.
+            return;
+        };
+        self.checkpointer.failed.store(false, Ordering::SeqCst);
+        let picked = match self.pick_checkpoint(fs) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("checkpoint not started: {e}");
+                return;
+            }
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let _running = running;
+            if let Err(e) = this.store_checkpoint(picked).await {
+                tracing::warn!("checkpoint failed (will retry after the next flush): {e}");
+            }
+        });
+    }
+
+    /// Whether a checkpoint is being stored now.
+    pub(super) fn checkpoint_running(&self) -> bool {
+        self.checkpointer.one_at_a_time.try_lock().is_err()
+    }
+
+    /// Wait until no checkpoint is being stored.
+    pub(super) async fn checkpoint_settled(&self) {
+        drop(self.checkpointer.one_at_a_time.lock().await);
+    }
+
+    /// Write a checkpoint now and wait for it (after one in flight).
+    /// `always`: even when nothing was published since the last one.
+    pub(super) async fn write_checkpoint(&self, always: bool) -> Result<()> {
+        let _one = self.checkpointer.one_at_a_time.lock().await;
+        let picked = {
+            let mut fs = self.flush.lock().await;
+            let wanted = always
+                || fs.segments_since_checkpoint > 0
+                || self.checkpointer.failed.load(Ordering::SeqCst);
+            if !wanted {
+                return Ok(());
+            }
+            self.checkpointer.failed.store(false, Ordering::SeqCst);
+            self.pick_checkpoint(&mut fs)?
+        };
+        self.store_checkpoint(picked).await
+    }
+}
