@@ -454,3 +454,59 @@ async fn replayed_segments_are_in_the_next_delta() {
     assert_eq!(z.read(5 * CHUNK as u64, CHUNK as usize).await.unwrap(), x);
     assert_eq!(z.read(9 * CHUNK as u64, CHUNK as usize).await.unwrap(), y);
 }
+
+/// Review of RFC 0004: a checkpoint cancelled mid-way (the collector's
+/// task aborted, as `close` aborts it) leaves what it picked to the next
+/// checkpoint. Here the next one is written at close, above the segments
+/// that changed chunks 1 and 5; the reopen replays nothing, so they read
+/// their new data only if that checkpoint's delta holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_checkpoint_leaves_its_changes_to_the_next() {
+    let mem = memory();
+    Volume::create(&mem, &params(64), &secret(), false)
+        .await
+        .unwrap();
+    let cfg = || VolumeConfig {
+        checkpoint_every: 1000,
+        ..checkpointing()
+    };
+    let v = Volume::open(mem.clone(), &secret(), writer(false), cfg())
+        .await
+        .unwrap();
+    v.write(0, &pattern(1, 32 * CHUNK as usize)).await.unwrap();
+    v.close().await.unwrap(); // a base of 32 chunks: 3 changed make a delta
+    let holding = Pausing::unarmed(mem.clone(), PauseAt::CheckpointPut);
+    let store: DynStore = Arc::clone(&holding) as DynStore;
+    let v = Arc::new(
+        Volume::open(store, &secret(), writer(false), cfg())
+            .await
+            .unwrap(),
+    );
+    let (x1, x5) = (pattern(2, CHUNK as usize), pattern(3, CHUNK as usize));
+    v.write(CHUNK as u64, &pattern(4, CHUNK as usize))
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    v.write(CHUNK as u64, &x1).await.unwrap();
+    v.write(5 * CHUNK as u64, &x5).await.unwrap();
+    v.flush().await.unwrap();
+    // The first segment is dead: the collector checkpoints (a delta of
+    // chunks 1 and 5) to mark it; its root PUT is held, and the task
+    // aborted there.
+    let _go = holding.arm();
+    let c = Arc::clone(&v);
+    let collecting = tokio::spawn(async move { c.collect(Duration::ZERO).await });
+    prompt("the collector's checkpoint", holding.reached.notified()).await;
+    collecting.abort();
+    assert!(collecting.await.unwrap_err().is_cancelled());
+    let x9 = pattern(5, CHUNK as usize);
+    v.write(9 * CHUNK as u64, &x9).await.unwrap();
+    Arc::into_inner(v).unwrap().close().await.unwrap();
+    let w = Volume::open(mem.clone(), &secret(), writer(false), cfg())
+        .await
+        .unwrap();
+    assert_eq!(w.summary().replayed_segments, 0);
+    assert_eq!(w.read(CHUNK as u64, CHUNK as usize).await.unwrap(), x1);
+    assert_eq!(w.read(5 * CHUNK as u64, CHUNK as usize).await.unwrap(), x5);
+    assert_eq!(w.read(9 * CHUNK as u64, CHUNK as usize).await.unwrap(), x9);
+}

@@ -406,6 +406,13 @@ pub fn decode_run(
 ) -> Result<Vec<Entry>> {
     let origin = format!("index run {}", run.id.name());
     let bad = |why: &str| Error::Integrity(format!("{origin}: {why}"));
+    if bytes.len() as u64 != run.size {
+        return Err(bad(&format!(
+            "is {} bytes, its checkpoint says {}",
+            bytes.len(),
+            run.size
+        )));
+    }
     let most = most_for(run.entries.min(chunks), 32);
     let plain = open_object(
         keys,
@@ -537,6 +544,23 @@ impl Chain {
 }
 
 impl Plan {
+    /// The names of the runs it writes (cheap: before they are encoded).
+    pub fn run_ids(&self) -> Vec<RunId> {
+        let run = |kind, part| RunId {
+            position: self.position,
+            kind,
+            part,
+        };
+        if self.rebase {
+            let parts = self.snapshot.len().div_ceil(BASE_PART_ENTRIES).max(1);
+            (0..parts as u32).map(|p| run(RunKind::Base, p)).collect()
+        } else if self.delta.is_empty() {
+            Vec::new()
+        } else {
+            vec![run(RunKind::Delta, 0)]
+        }
+    }
+
     /// The runs to write, with their entries (a base: every mapped chunk,
     /// in parts; a delta: each changed chunk's location or zeros).
     pub fn runs_to_write(&self) -> Vec<(RunId, Vec<Entry>)> {

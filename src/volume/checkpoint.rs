@@ -29,15 +29,19 @@ use crate::store::{Index, SegmentId};
 pub(super) struct Checkpointer {
     /// Held from the pick until the object is stored (or has failed).
     one_at_a_time: Arc<tokio::sync::Mutex<()>>,
-    /// The last checkpoint failed: the next flush starts one whatever
-    /// the count of segments since.
+    /// The last checkpoint picked is not stored (it failed, or was
+    /// cancelled, or is running): the next flush starts one whatever the
+    /// count of segments since.
     failed: AtomicBool,
     /// The runs of the last checkpoint stored (None: none to build on —
     /// the next one writes a base).
     chain: Mutex<Option<Chain>>,
-    /// Chunks changed before a checkpoint that failed: the next one's
-    /// delta holds them too.
+    /// Chunks changed since the last checkpoint stored: taken from the
+    /// index at each pick, cleared only once a checkpoint holding them is
+    /// stored — so one that fails or is cancelled leaves them to the next.
     carried: Mutex<OrdSet<u64>>,
+    /// The checkpoint a flush started in the background.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Checkpointer {
@@ -48,14 +52,19 @@ impl Checkpointer {
             ..Default::default()
         }
     }
+
+    /// Stop a background checkpoint (what it picked stays carried).
+    pub(super) fn abort(&self) {
+        if let Some(task) = self.task.lock().take() {
+            task.abort();
+        }
+    }
 }
 
-/// What one checkpoint holds: the index as of its position, and the
-/// chunks set since the previous pick.
+/// What one checkpoint holds: the index as of its position.
 struct Picked {
     position: SegmentId,
     index: Index,
-    changed: OrdSet<u64>,
 }
 
 impl Inner {
@@ -84,41 +93,37 @@ impl Inner {
             let changed = st.index.take_changed();
             (st.index.clone(), changed)
         };
-        Ok(Picked {
-            position,
-            index,
-            changed,
-        })
+        let cp = &self.checkpointer;
+        let carried = std::mem::take(&mut *cp.carried.lock());
+        *cp.carried.lock() = carried.union(changed);
+        // Until it is stored: a checkpoint that fails, or whose task is
+        // cancelled, is started again by the next flush.
+        cp.failed.store(true, Ordering::SeqCst);
+        Ok(Picked { position, index })
     }
 
     /// Encode and store a picked checkpoint (what changed since the last
     /// one stored, or a new base: store::checkpoint::Chain::plan); the
     /// collector learns of it.
     async fn store_checkpoint(&self, picked: Picked) -> Result<()> {
-        let Picked {
-            position,
-            index,
-            changed,
-        } = picked;
+        let Picked { position, index } = picked;
         let cp = &self.checkpointer;
-        let changed = changed.union(cp.carried.lock().clone());
+        // Everything changed since the last checkpoint stored (no other
+        // pick can add to it while this one holds `one_at_a_time`).
+        let changed = cp.carried.lock().clone();
         let plan = Chain::plan(cp.chain.lock().as_ref(), position, index.clone(), &changed);
-        match self.log.put_checkpoint(plan).await {
-            Ok((chain, root_size)) => {
-                let runs = chain.runs().map(|r| (r.id, r.size)).collect();
-                *cp.chain.lock() = Some(chain);
-                cp.carried.lock().clear();
-                self.gc
-                    .lock()
-                    .checkpointed(position, root_size, index, runs);
-                Ok(())
-            }
-            Err(e) => {
-                *cp.carried.lock() = changed;
-                cp.failed.store(true, Ordering::SeqCst);
-                Err(e)
-            }
-        }
+        // Known to the collector before they are written: runs of a
+        // checkpoint that fails are collected like any unnamed run.
+        self.gc.lock().runs_planned(plan.run_ids());
+        let (chain, root_size) = self.log.put_checkpoint(plan).await?;
+        let runs = chain.runs().map(|r| (r.id, r.size)).collect();
+        *cp.chain.lock() = Some(chain);
+        cp.carried.lock().clear();
+        cp.failed.store(false, Ordering::SeqCst);
+        self.gc
+            .lock()
+            .checkpointed(position, root_size, index, runs);
+        Ok(())
     }
 
     /// After a flush published (its flush lock still held): start a
@@ -135,7 +140,6 @@ impl Inner {
             // The one running covers most of it; the next flush checks again.
             return;
         };
-        self.checkpointer.failed.store(false, Ordering::SeqCst);
         let picked = match self.pick_checkpoint(fs) {
             Ok(p) => p,
             Err(e) => {
@@ -144,12 +148,20 @@ impl Inner {
             }
         };
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let _running = running;
             if let Err(e) = this.store_checkpoint(picked).await {
                 tracing::warn!("checkpoint failed (will retry after the next flush): {e}");
             }
         });
+        *self.checkpointer.task.lock() = Some(task);
+    }
+
+    /// Hold off checkpoints (after the one running) while `f` runs: the
+    /// collector marks from the newest checkpoint stored, and none is
+    /// picked meanwhile (docs/rfcs/0004).
+    pub(super) async fn without_checkpoints(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.checkpointer.one_at_a_time.lock().await
     }
 
     /// Whether a checkpoint is being stored now.
@@ -174,7 +186,6 @@ impl Inner {
             if !wanted {
                 return Ok(());
             }
-            self.checkpointer.failed.store(false, Ordering::SeqCst);
             self.pick_checkpoint(&mut fs)?
         };
         self.store_checkpoint(picked).await

@@ -177,6 +177,14 @@ impl Collector {
         }
     }
 
+    /// A checkpoint of ours is about to write these runs (sizes learnt if
+    /// it is stored; if it fails, they are collected as unnamed runs).
+    pub(super) fn runs_planned(&mut self, runs: Vec<RunId>) {
+        for run in runs {
+            self.runs.entry(run).or_insert(0);
+        }
+    }
+
     /// A checkpoint of ours is stored (not yet confirmed by an owner
     /// check): its root's size, its index, the runs it names with sizes.
     pub(super) fn checkpointed(
@@ -514,6 +522,12 @@ impl Inner {
     /// recovers from it or a newer one: mark what that recovery does not
     /// need (docs/rfcs/0002). No request when nothing would be marked.
     async fn confirm_and_mark(&self, ours: u64) -> Result<u64> {
+        // A checkpoint picked before now lands first and is the one
+        // confirmed, and none is picked until the marks are made: a newer
+        // root never names what is marked here (docs/rfcs/0004; the review
+        // found a collector copy published after an older checkpoint's
+        // pick, named by a newer root in flight, marked from the older).
+        let _no_checkpoint = self.without_checkpoints().await;
         let Some((position, snapshot, named_runs)) = self.gc.lock().unconfirmed.take() else {
             return Ok(0);
         };

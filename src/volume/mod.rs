@@ -728,6 +728,9 @@ impl Volume {
         {
             task.abort();
         }
+        // A checkpoint in the background too: what it picked is carried
+        // to the next one (close writes it).
+        self.inner.checkpointer.abort();
     }
 }
 
