@@ -318,6 +318,23 @@ pub fn encrypt_for_fuzzing(keys: &VolumeKeys, position: SegmentId, compressed: &
     Bytes::from(out)
 }
 
+/// An index run whose encrypted content is `compressed` (for the fuzz
+/// targets, as `encrypt_for_fuzzing`).
+#[doc(hidden)]
+pub fn encrypt_run_for_fuzzing(keys: &VolumeKeys, run: RunId, compressed: &[u8]) -> Bytes {
+    let name = run.name();
+    let encrypted = keys
+        .segment_key("index-run", run.position.epoch, &name)
+        .encrypt(
+            &counter_nonce(domain::TABLE, 0),
+            &aad(keys, "index-run", &name),
+            compressed,
+        );
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&encrypted);
+    Bytes::from(out)
+}
+
 /// Read a checkpoint object: a whole index (formats 2 to 4) or a root.
 pub fn decode(
     keys: &VolumeKeys,
