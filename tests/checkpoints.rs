@@ -402,13 +402,21 @@ async fn a_failed_delta_is_carried_into_the_next_checkpoint() {
     v.write(9 * CHUNK as u64, &y).await.unwrap();
     v.flush().await.unwrap();
     v.checkpoint_settled().await;
-    let newest = newest_checkpoint(&mem).await;
     drop(v); // a crash
     let w = open_checkpointing(&mem, true).await;
-    assert_eq!(w.summary().checkpoint_used, Some(newest));
-    assert_eq!(w.summary().replayed_segments, 0);
-    assert_eq!(w.read(5 * CHUNK as u64, CHUNK as usize).await.unwrap(), x);
-    assert_eq!(w.read(9 * CHUNK as u64, CHUNK as usize).await.unwrap(), y);
+    reads_from_the_newest_checkpoint(&mem, &w, &[(5, &x), (9, &y)]).await;
+}
+
+/// `v` opened from the newest checkpoint, replayed no segment, and reads
+/// `chunks` (chunk, data).
+async fn reads_from_the_newest_checkpoint(store: &DynStore, v: &Volume, chunks: &[(u64, &[u8])]) {
+    let newest = newest_checkpoint(store).await;
+    assert_eq!(v.summary().checkpoint_used, Some(newest));
+    assert_eq!(v.summary().replayed_segments, 0);
+    for (chunk, data) in chunks {
+        let back = v.read(chunk * CHUNK as u64, data.len()).await.unwrap();
+        assert!(back == *data, "chunk {chunk} reads other data");
+    }
 }
 
 /// Segments replayed at open are changes the next delta must hold: a
@@ -446,13 +454,9 @@ async fn replayed_segments_are_in_the_next_delta() {
     w.write(9 * CHUNK as u64, &y).await.unwrap();
     w.flush().await.unwrap(); // replayed + this one: a checkpoint (a delta)
     w.checkpoint_settled().await;
-    let newest = newest_checkpoint(&mem).await;
     drop(w); // a crash
     let z = open(true).await.unwrap();
-    assert_eq!(z.summary().checkpoint_used, Some(newest));
-    assert_eq!(z.summary().replayed_segments, 0);
-    assert_eq!(z.read(5 * CHUNK as u64, CHUNK as usize).await.unwrap(), x);
-    assert_eq!(z.read(9 * CHUNK as u64, CHUNK as usize).await.unwrap(), y);
+    reads_from_the_newest_checkpoint(&mem, &z, &[(5, &x), (9, &y)]).await;
 }
 
 /// Review of RFC 0004: a checkpoint cancelled mid-way (the collector's
@@ -505,8 +509,5 @@ async fn a_cancelled_checkpoint_leaves_its_changes_to_the_next() {
     let w = Volume::open(mem.clone(), &secret(), writer(false), cfg())
         .await
         .unwrap();
-    assert_eq!(w.summary().replayed_segments, 0);
-    assert_eq!(w.read(CHUNK as u64, CHUNK as usize).await.unwrap(), x1);
-    assert_eq!(w.read(5 * CHUNK as u64, CHUNK as usize).await.unwrap(), x5);
-    assert_eq!(w.read(9 * CHUNK as u64, CHUNK as usize).await.unwrap(), x9);
+    reads_from_the_newest_checkpoint(&mem, &w, &[(1, &x1), (5, &x5), (9, &x9)]).await;
 }

@@ -140,10 +140,11 @@ suite() {
   if OUT=$($Z add $B --name "dup-$label" 2>&1); then fail "second add of the same volume succeeded: $OUT"; fi
   echo "$OUT" | grep -q "in use" || fail "second add failed for the wrong reason: $OUT"
   echo "second add refused: $OUT"
-  if [ "$label" != faults ]; then SUM3=$(dev_sum "$DEV"); fi
+  if [ "$label" = s3 ]; then SUM3=$(dev_sum "$DEV"); fi
   $Z del --timeout 60 -n "$ID" || fail "del before SSD-tier runs"
 
-  if [ "$label" != faults ]; then
+  # The SSD tier does not care where the bucket is: once, against S3.
+  if [ "$label" = s3 ]; then
     step "[$label] SSD cache tier: cold fill, then a warm restart reads the same"
     DEV=$($Z add $B --name "vol-$label" --cache-dir /tmp/ssd-$label --cache-disk 128M) || fail "add --cache-dir"
     [ "$(dev_sum "$DEV")" = "$SUM3" ] || fail "contents differ with the SSD tier (cold)"
@@ -173,11 +174,11 @@ suite() {
     echo "PASS [$label]"
     return 0
   fi
-  step "[$label] garbage collection: overwrite 48 MiB three times, then gc --grace 0; contents intact"
+  step "[$label] garbage collection: overwrite 24 MiB three times, then gc --grace 0; contents intact"
   DEV=$($Z add $B --name "vol-$label" --grace 0) || fail "add (gc)"
   ID=${DEV#/dev/ublkb}
   for r in 1 2 3; do
-    head -c $((48 << 20)) /dev/urandom > /tmp/overwrite
+    head -c $((24 << 20)) /dev/urandom > /tmp/overwrite
     dd if=/tmp/overwrite of="$DEV" bs=1M seek=208 conv=notrunc,fsync 2>/dev/null || fail "overwrite $r"
   done
   rm -f /tmp/overwrite

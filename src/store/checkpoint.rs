@@ -147,10 +147,21 @@ fn aad(keys: &VolumeKeys, purpose: &str, name: &str) -> Vec<u8> {
 /// Compress and encrypt `plain` for the object `name` of `epoch`.
 fn seal_object(keys: &VolumeKeys, purpose: &str, epoch: u64, name: &str, plain: &[u8]) -> Bytes {
     let compressed = zstd::bulk::compress(plain, 3).expect("zstd compress to memory");
+    encrypt_object(keys, purpose, epoch, name, &compressed)
+}
+
+/// The object for already compressed content.
+fn encrypt_object(
+    keys: &VolumeKeys,
+    purpose: &str,
+    epoch: u64,
+    name: &str,
+    compressed: &[u8],
+) -> Bytes {
     let encrypted = keys.segment_key(purpose, epoch, name).encrypt(
         &counter_nonce(domain::TABLE, 0),
         &aad(keys, purpose, name),
-        &compressed,
+        compressed,
     );
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&encrypted);
@@ -305,34 +316,26 @@ pub fn encode_whole(keys: &VolumeKeys, position: SegmentId, index: &Index) -> By
 /// targets: plaintext that passes authentication).
 #[doc(hidden)]
 pub fn encrypt_for_fuzzing(keys: &VolumeKeys, position: SegmentId, compressed: &[u8]) -> Bytes {
-    let name = position.name();
-    let encrypted = keys
-        .segment_key("checkpoint", position.epoch, &name)
-        .encrypt(
-            &counter_nonce(domain::TABLE, 0),
-            &aad(keys, "checkpoint", &name),
-            compressed,
-        );
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&encrypted);
-    Bytes::from(out)
+    encrypt_object(
+        keys,
+        "checkpoint",
+        position.epoch,
+        &position.name(),
+        compressed,
+    )
 }
 
 /// An index run whose encrypted content is `compressed` (for the fuzz
 /// targets, as `encrypt_for_fuzzing`).
 #[doc(hidden)]
 pub fn encrypt_run_for_fuzzing(keys: &VolumeKeys, run: RunId, compressed: &[u8]) -> Bytes {
-    let name = run.name();
-    let encrypted = keys
-        .segment_key("index-run", run.position.epoch, &name)
-        .encrypt(
-            &counter_nonce(domain::TABLE, 0),
-            &aad(keys, "index-run", &name),
-            compressed,
-        );
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&encrypted);
-    Bytes::from(out)
+    encrypt_object(
+        keys,
+        "index-run",
+        run.position.epoch,
+        &run.name(),
+        compressed,
+    )
 }
 
 /// Read a checkpoint object: a whole index (formats 2 to 4) or a root.
