@@ -367,7 +367,7 @@ pub fn decode(
             d.finish()?;
             let mut index = Index::default();
             for (chunk, loc) in entries {
-                index.set(chunk, loc);
+                index.load(chunk, loc);
             }
             Ok(Checkpoint::Whole(index))
         }

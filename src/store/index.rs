@@ -44,6 +44,12 @@ impl Index {
     /// Map `chunk` to `loc` (Some) or to zeros (None).
     pub fn set(&mut self, chunk: u64, loc: Option<Loc>) {
         self.changed.insert(chunk);
+        self.load(chunk, loc);
+    }
+
+    /// Map `chunk` as a checkpoint recorded it: not a change since the
+    /// checkpoint (nothing for the next delta to hold).
+    pub fn load(&mut self, chunk: u64, loc: Option<Loc>) {
         let old = match loc {
             Some(loc) => {
                 let live = self.live.entry(loc.segment).or_default();

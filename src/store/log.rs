@@ -524,7 +524,7 @@ impl LogStore {
         for (run, entries) in root.runs.iter().zip(&runs) {
             let mut chunks = imbl::OrdSet::new();
             for (chunk, loc) in entries {
-                index.set(*chunk, *loc);
+                index.load(*chunk, *loc);
                 if run.id.kind == checkpoint::RunKind::Delta {
                     chunks.insert(*chunk);
                 }
