@@ -511,3 +511,83 @@ async fn a_cancelled_checkpoint_leaves_its_changes_to_the_next() {
         .unwrap();
     reads_from_the_newest_checkpoint(&mem, &w, &[(1, &x1), (5, &x5), (9, &x9)]).await;
 }
+
+/// Review of RFC 0004: the collector confirms and marks only with no
+/// checkpoint in flight. Pass 1 copies chunk 0 out of segment V into G
+/// while chunks 1 and 2 (also copied into G) are overwritten and
+/// checkpoint P (snapshot: chunk 0 at V) is picked; P lands after the
+/// pass, so G is a third live. Pass 2 copies chunk 0 out of G into G2
+/// while checkpoint Q (snapshot: chunk 0 at G) is picked and its root
+/// held. Marking from P then would take G — which Q, the newest root,
+/// names — and after a crash chunk 0 would be unreadable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_never_marks_what_a_checkpoint_in_flight_names() {
+    let mem = memory();
+    Volume::create(&mem, &params(64), &secret(), false)
+        .await
+        .unwrap();
+    let cfg = VolumeConfig {
+        checkpoint_every: 1,
+        segment_target: 8 * CHUNK as usize,
+        ..test_config()
+    };
+    let holding = Pausing::unarmed(mem.clone(), PauseAt::SegmentPut);
+    let store: DynStore = Arc::clone(&holding) as DynStore;
+    let v = Arc::new(
+        Volume::open(store, &secret(), writer(false), cfg.clone())
+            .await
+            .unwrap(),
+    );
+    let c0 = pattern(1, CHUNK as usize);
+    // V: chunks 0..8; 3..8 overwritten elsewhere: V is 3/8 live.
+    let mut first = c0.clone();
+    first.extend(pattern(2, 7 * CHUNK as usize));
+    v.write(0, &first).await.unwrap();
+    v.flush().await.unwrap();
+    v.write(3 * CHUNK as u64, &pattern(3, 5 * CHUNK as usize))
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    v.checkpoint_settled().await;
+
+    let collect = |v: &Arc<Volume>| {
+        let v = Arc::clone(v);
+        tokio::spawn(async move { v.collect(Duration::ZERO).await })
+    };
+    // Pass 1.
+    let go_copy = holding.arm_at(PauseAt::SegmentPut);
+    let pass1 = collect(&v);
+    prompt("the first copy", holding.reached.notified()).await;
+    let go_root = holding.arm_at(PauseAt::CheckpointPut);
+    v.write(CHUNK as u64, &pattern(4, 2 * CHUNK as usize))
+        .await
+        .unwrap();
+    v.flush().await.unwrap(); // P picked, its root held
+    prompt("P's root", holding.reached.notified()).await;
+    drop(go_copy);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(go_root);
+    prompt("the first pass", pass1).await.unwrap().unwrap();
+    v.checkpoint_settled().await;
+
+    // Pass 2.
+    let go_copy = holding.arm_at(PauseAt::SegmentPut);
+    let pass2 = collect(&v);
+    prompt("the second copy", holding.reached.notified()).await;
+    let go_root = holding.arm_at(PauseAt::CheckpointPut);
+    v.write(21 * CHUNK as u64, &pattern(5, CHUNK as usize))
+        .await
+        .unwrap();
+    v.flush().await.unwrap(); // Q picked, its root held
+    prompt("Q's root", holding.reached.notified()).await;
+    drop(go_copy);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(go_root);
+    prompt("the second pass", pass2).await.unwrap().unwrap();
+    v.checkpoint_settled().await;
+    drop(Arc::into_inner(v)); // a crash
+    let w = Volume::open(mem.clone(), &secret(), writer(true), cfg)
+        .await
+        .unwrap();
+    assert_eq!(w.read(0, CHUNK as usize).await.unwrap(), c0);
+}

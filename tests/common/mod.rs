@@ -351,14 +351,14 @@ pub enum PauseAt {
     CheckpointPut,
 }
 
-/// A store that stops once at `at`, when armed, until the test lets it go
-/// on.
+/// A store that stops once at `at` (or where `arm_at` says), when armed,
+/// until the test lets it go on.
 #[derive(Debug)]
 pub struct Pausing {
     inner: DynStore,
     at: PauseAt,
     pub reached: Arc<Notify>,
-    go_on: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
+    go_on: parking_lot::Mutex<Vec<(PauseAt, oneshot::Receiver<()>)>>,
 }
 
 impl Pausing {
@@ -371,8 +371,13 @@ impl Pausing {
 
     /// Stop at the next request that matches; the sender lets it go on.
     pub fn arm(&self) -> oneshot::Sender<()> {
+        self.arm_at(self.at)
+    }
+
+    /// The same at another place (several can be armed at once).
+    pub fn arm_at(&self, at: PauseAt) -> oneshot::Sender<()> {
         let (go, wait) = oneshot::channel();
-        *self.go_on.lock() = Some(wait);
+        self.go_on.lock().push((at, wait));
         go
     }
 
@@ -381,7 +386,7 @@ impl Pausing {
             inner,
             at,
             reached: Arc::new(Notify::new()),
-            go_on: parking_lot::Mutex::new(None),
+            go_on: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -390,9 +395,12 @@ impl Pausing {
             PauseAt::CheckpointPut => "checkpoints/",
             PauseAt::SegmentListing | PauseAt::SegmentPut => "segments/",
         };
-        let wait = (at == self.at && key.starts_with(object))
-            .then(|| self.go_on.lock().take())
-            .flatten();
+        let wait = key.starts_with(object).then(|| {
+            let mut armed = self.go_on.lock();
+            let i = armed.iter().position(|(a, _)| *a == at)?;
+            Some(armed.remove(i).1)
+        });
+        let wait = wait.flatten();
         if let Some(wait) = wait {
             self.reached.notify_one();
             let _ = wait.await;
