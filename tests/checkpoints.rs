@@ -550,44 +550,32 @@ async fn the_collector_never_marks_what_a_checkpoint_in_flight_names() {
     v.flush().await.unwrap();
     v.checkpoint_settled().await;
 
-    let collect = |v: &Arc<Volume>| {
-        let v = Arc::clone(v);
-        tokio::spawn(async move { v.collect(Duration::ZERO).await })
-    };
-    // Pass 1.
-    let go_copy = holding.arm_at(PauseAt::SegmentPut);
-    let pass1 = collect(&v);
-    prompt("the first copy", holding.reached.notified()).await;
-    let go_root = holding.arm_at(PauseAt::CheckpointPut);
-    v.write(CHUNK as u64, &pattern(4, 2 * CHUNK as usize))
-        .await
-        .unwrap();
-    v.flush().await.unwrap(); // P picked, its root held
-    prompt("P's root", holding.reached.notified()).await;
-    drop(go_copy);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(go_root);
-    prompt("the first pass", pass1).await.unwrap().unwrap();
-    v.checkpoint_settled().await;
-
-    // Pass 2.
-    let go_copy = holding.arm_at(PauseAt::SegmentPut);
-    let pass2 = collect(&v);
-    prompt("the second copy", holding.reached.notified()).await;
-    let go_root = holding.arm_at(PauseAt::CheckpointPut);
-    v.write(21 * CHUNK as u64, &pattern(5, CHUNK as usize))
-        .await
-        .unwrap();
-    v.flush().await.unwrap(); // Q picked, its root held
-    prompt("Q's root", holding.reached.notified()).await;
-    drop(go_copy);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(go_root);
-    prompt("the second pass", pass2).await.unwrap().unwrap();
-    v.checkpoint_settled().await;
+    // Pass 1: P picked (chunks 1, 2 rewritten) while the copy is held.
+    pass_racing_a_checkpoint(&v, &holding, 1, &pattern(4, 2 * CHUNK as usize)).await;
+    // Pass 2: Q picked while the copy of G is held.
+    pass_racing_a_checkpoint(&v, &holding, 21, &pattern(5, CHUNK as usize)).await;
     drop(Arc::into_inner(v)); // a crash
     let w = Volume::open(mem.clone(), &secret(), writer(true), cfg)
         .await
         .unwrap();
     assert_eq!(w.read(0, CHUNK as usize).await.unwrap(), c0);
+}
+
+/// A collection pass whose copy's PUT is held while `data` is written at
+/// `chunk` and flushed — which picks a checkpoint, whose root is held in
+/// turn; the copy lands, then (300 ms later) the root.
+async fn pass_racing_a_checkpoint(v: &Arc<Volume>, holding: &Pausing, chunk: u64, data: &[u8]) {
+    let go_copy = holding.arm_at(PauseAt::SegmentPut);
+    let c = Arc::clone(v);
+    let pass = tokio::spawn(async move { c.collect(Duration::ZERO).await });
+    prompt("the copy", holding.reached.notified()).await;
+    let go_root = holding.arm_at(PauseAt::CheckpointPut);
+    v.write(chunk * CHUNK as u64, data).await.unwrap();
+    v.flush().await.unwrap();
+    prompt("the checkpoint's root", holding.reached.notified()).await;
+    drop(go_copy);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(go_root);
+    prompt("the pass", pass).await.unwrap().unwrap();
+    v.checkpoint_settled().await;
 }
