@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use zerofs_ublk::store::backend::DynStore;
+use zerofs_ublk::store::backend::{DynStore, FaultPlan, FaultyStore};
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 /// Long enough for any in-memory step; a flush that waited for the held
@@ -88,33 +88,44 @@ async fn checkpoints_become(store: &DynStore, want: usize) -> usize {
     }
 }
 
-/// A background checkpoint whose PUT fails is started again by the next
-/// flush, though fewer segments than `checkpoint_every` followed it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_checkpoint_is_retried_by_the_next_flush() {
-    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
+/// A 64-chunk volume opened over a store whose writes can be made to fail.
+async fn over_faults(cfg: VolumeConfig) -> (DynStore, Arc<FaultyStore>, Volume) {
     let mem = memory();
     Volume::create(&mem, &params(64), &secret(), false)
         .await
         .unwrap();
     let faulty = Arc::new(FaultyStore::new(mem.clone()));
     let store: DynStore = faulty.clone();
-    let cfg = VolumeConfig {
-        checkpoint_every: 2,
-        ..test_config()
-    };
     let v = Volume::open(store, &secret(), writer(false), cfg)
         .await
         .unwrap();
-    v.write(0, &pattern(1, CHUNK as usize)).await.unwrap();
-    v.flush().await.unwrap();
-    // The second segment makes a checkpoint due; its PUT (the write after
-    // the segment's) fails once.
+    (mem, faulty, v)
+}
+
+/// The next write succeeds (a flush's segment), the one after fails once
+/// (its checkpoint's first PUT).
+fn fail_the_second_write(faulty: &FaultyStore) {
     faulty.set_plan(FaultPlan {
         writes_before_failure: Some(1),
         failures: Some(1),
         ..FaultPlan::default()
     });
+}
+
+/// A background checkpoint whose PUT fails is started again by the next
+/// flush, though fewer segments than `checkpoint_every` followed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_checkpoint_is_retried_by_the_next_flush() {
+    let cfg = VolumeConfig {
+        checkpoint_every: 2,
+        ..test_config()
+    };
+    let (mem, faulty, v) = over_faults(cfg).await;
+    v.write(0, &pattern(1, CHUNK as usize)).await.unwrap();
+    v.flush().await.unwrap();
+    // The second segment makes a checkpoint due; its PUT (the write after
+    // the segment's) fails once.
+    fail_the_second_write(&faulty);
     v.write(CHUNK as u64, &pattern(2, CHUNK as usize))
         .await
         .unwrap();
@@ -375,25 +386,12 @@ async fn deltas_merge_rebase_and_reopen_to_the_same_volume() {
 /// the failed delta's chunks were forgotten).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delta_is_carried_into_the_next_checkpoint() {
-    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
-    let mem = memory();
-    Volume::create(&mem, &params(64), &secret(), false)
-        .await
-        .unwrap();
-    let faulty = Arc::new(FaultyStore::new(mem.clone()));
-    let store: DynStore = faulty.clone();
-    let v = Volume::open(store, &secret(), writer(false), checkpointing())
-        .await
-        .unwrap();
+    let (mem, faulty, v) = over_faults(checkpointing()).await;
     v.write(0, &pattern(1, 64 * CHUNK as usize)).await.unwrap();
     v.flush().await.unwrap();
     v.checkpoint_settled().await;
     // Chunk 5 changes; its flush's segment lands, its delta does not.
-    faulty.set_plan(FaultPlan {
-        writes_before_failure: Some(1),
-        failures: Some(1),
-        ..FaultPlan::default()
-    });
+    fail_the_second_write(&faulty);
     let x = pattern(2, CHUNK as usize);
     v.write(5 * CHUNK as u64, &x).await.unwrap();
     v.flush().await.unwrap();

@@ -176,21 +176,26 @@ async fn nothing_is_deleted_before_the_grace_period() {
     assert!(bucket_bytes(&store).await.1 < after);
 }
 
+/// Background collection every `interval`, no grace period.
+fn collecting_in_the_background(interval: Duration) -> VolumeConfig {
+    VolumeConfig {
+        gc: GcConfig {
+            policy: GcPolicy::Background,
+            interval,
+            grace: Duration::ZERO,
+            ..test_config().gc
+        },
+        ..test_config()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_collector_makes_no_requests() {
     let store = memory();
     Volume::create(&store, &params(16), &secret(), false)
         .await
         .unwrap();
-    let cfg = VolumeConfig {
-        gc: GcConfig {
-            policy: GcPolicy::Background,
-            interval: Duration::from_millis(20),
-            grace: Duration::ZERO,
-            ..test_config().gc
-        },
-        ..test_config()
-    };
+    let cfg = collecting_in_the_background(Duration::from_millis(20));
     let vol = open_writer(&store, cfg, false).await;
     for i in 0..6u64 {
         vol.write(0, &pattern(i, CHUNK as usize)).await.unwrap();
@@ -215,14 +220,7 @@ async fn an_idle_volume_makes_no_requests_for_a_minute() {
     Volume::create(&store, &params(16), &secret(), false)
         .await
         .unwrap();
-    let cfg = VolumeConfig {
-        gc: GcConfig {
-            policy: GcPolicy::Background,
-            grace: Duration::ZERO,
-            ..test_config().gc
-        },
-        ..test_config()
-    };
+    let cfg = collecting_in_the_background(GcConfig::default().interval);
     assert_eq!(cfg.gc.interval, Duration::from_secs(10), "the default");
     let vol = open_writer(&store, cfg, false).await;
     for i in 0..6u64 {

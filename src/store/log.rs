@@ -292,9 +292,8 @@ impl LogStore {
             }
             None => (Index::default(), None),
         };
-        // What the checkpoint holds is in it already; the segments
-        // replayed below are what the next checkpoint's delta holds.
-        index.take_changed();
+        // The checkpoint's entries were loaded, not recorded as changes;
+        // the segments replayed below are (the next delta holds them).
         summary.chain = runs;
         summary.checkpoint_used = newest_cp;
         summary.inventory = Inventory {

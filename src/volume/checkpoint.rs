@@ -24,15 +24,15 @@ use crate::store::checkpoint::Chain;
 use crate::store::{Index, SegmentId};
 
 /// One checkpoint at a time, what the next one builds on, and whether the
-/// last one failed.
+/// last one picked is stored.
 #[derive(Default)]
 pub(super) struct Checkpointer {
-    /// Held from the pick until the object is stored (or has failed).
+    /// Held from the pick until the checkpoint is stored (or has failed).
     one_at_a_time: Arc<tokio::sync::Mutex<()>>,
     /// The last checkpoint picked is not stored (it failed, or was
     /// cancelled, or is running): the next flush starts one whatever the
     /// count of segments since.
-    failed: AtomicBool,
+    unstored: AtomicBool,
     /// The runs of the last checkpoint stored (None: none to build on —
     /// the next one writes a base).
     chain: Mutex<Option<Chain>>,
@@ -98,7 +98,7 @@ impl Inner {
         *cp.carried.lock() = carried.union(changed);
         // Until it is stored: a checkpoint that fails, or whose task is
         // cancelled, is started again by the next flush.
-        cp.failed.store(true, Ordering::SeqCst);
+        cp.unstored.store(true, Ordering::SeqCst);
         Ok(Picked { position, index })
     }
 
@@ -119,7 +119,7 @@ impl Inner {
         let runs = chain.runs().map(|r| (r.id, r.size)).collect();
         *cp.chain.lock() = Some(chain);
         cp.carried.lock().clear();
-        cp.failed.store(false, Ordering::SeqCst);
+        cp.unstored.store(false, Ordering::SeqCst);
         self.gc
             .lock()
             .checkpointed(position, root_size, index, runs);
@@ -132,7 +132,7 @@ impl Inner {
     /// after the next flush.
     pub(super) fn checkpoint_if_due(self: &Arc<Self>, fs: &mut FlushState) {
         let due = fs.segments_since_checkpoint >= self.cfg.checkpoint_every
-            || self.checkpointer.failed.load(Ordering::SeqCst);
+            || self.checkpointer.unstored.load(Ordering::SeqCst);
         if !due {
             return;
         }
@@ -182,7 +182,7 @@ impl Inner {
             let mut fs = self.flush.lock().await;
             let wanted = always
                 || fs.segments_since_checkpoint > 0
-                || self.checkpointer.failed.load(Ordering::SeqCst);
+                || self.checkpointer.unstored.load(Ordering::SeqCst);
             if !wanted {
                 return Ok(());
             }
