@@ -581,39 +581,24 @@ impl Plan {
         }
     }
 
-    /// The runs to write, with their entries (a base: every mapped chunk,
-    /// in parts; a delta: each changed chunk's location or zeros).
+    /// The runs to write (named by `run_ids`), with their entries (a
+    /// base: every mapped chunk, in parts; a delta: each changed chunk's
+    /// location or zeros).
     pub fn runs_to_write(&self) -> Vec<(RunId, Vec<Entry>)> {
-        let run = |kind, part| RunId {
-            position: self.position,
-            kind,
-            part,
-        };
+        let ids = self.run_ids();
         if self.rebase {
-            let mut parts = Vec::new();
-            let mut entries = Vec::new();
-            for (chunk, loc) in self.snapshot.iter() {
-                entries.push((chunk, Some(loc)));
-                if entries.len() == BASE_PART_ENTRIES {
-                    parts.push((
-                        run(RunKind::Base, parts.len() as u32),
-                        std::mem::take(&mut entries),
-                    ));
-                }
+            let mut parts: Vec<Vec<Entry>> = vec![Vec::new(); ids.len()];
+            for (i, (chunk, loc)) in self.snapshot.iter().enumerate() {
+                parts[i / BASE_PART_ENTRIES].push((chunk, Some(loc)));
             }
-            if !entries.is_empty() || parts.is_empty() {
-                parts.push((run(RunKind::Base, parts.len() as u32), entries));
-            }
-            parts
-        } else if self.delta.is_empty() {
-            Vec::new()
+            ids.into_iter().zip(parts).collect()
         } else {
-            let entries = self
+            let delta: Vec<Entry> = self
                 .delta
                 .iter()
                 .map(|c| (*c, self.snapshot.get(*c)))
                 .collect();
-            vec![(run(RunKind::Delta, 0), entries)]
+            ids.into_iter().zip(std::iter::once(delta)).collect()
         }
     }
 
