@@ -634,6 +634,9 @@ impl Case {
             // Some lives checkpoint after every flush (then every flush
             // reaches a checkpoint PUT).
             checkpoint_every: if rng.chance(33) { 1 } else { 3 },
+            // Mostly the default (two flushes in flight), sometimes one at
+            // a time or three.
+            flush_depth: [2, 2, 1, 3][rng.below(4) as usize],
             readahead_chunks: rng.below(3),
             // Collection runs when a life asks (with no grace period, so
             // what it marks is deleted at its next pass), copying forward
@@ -788,8 +791,9 @@ impl Case {
 
     async fn step(&mut self, stats: &mut Stats) -> Step {
         stats.ops += 1;
-        let r = self.rng.below(110);
+        let r = self.rng.below(116);
         match r {
+            110..=115 => self.overlapping_flushes(stats).await,
             100..=104 => self.collect().await,
             105..=109 => self.gated_collect(stats).await,
             0..=20 => self.random_write(&self.vol(), "").await,
@@ -1046,8 +1050,8 @@ impl Case {
                 self.read_check(&vol, sector, sectors).await?;
             }
         }
-        // A second flush queued behind the held one (flushes are serial;
-        // it captures whatever the first left, and these later writes).
+        // A second flush behind the held one (its segment PUT is held too;
+        // it captures the writes made since, and publishes after it).
         let second = (!crash && self.rng.chance(30))
             .then(|| self.spawn_flush(&vol, "  while held: a second flush starts"));
         if crash {
@@ -1070,6 +1074,86 @@ impl Case {
         }
         // What the flush made durable and what was written during it must
         // both read back (a flush that forgot the later writes shows here).
+        self.read_check(&vol, 0, SECTORS).await
+    }
+
+    /// Flushes overlapping (docs/rfcs/0005): the first is held at its
+    /// first segment PUT while later ones capture, upload and wait for
+    /// their turn — maybe with a collection copying forward meanwhile —
+    /// then the first goes on, fails, or the process dies. A later flush
+    /// acknowledged before an earlier one landed, or over an earlier one
+    /// that failed after it captured, shows as lost data after the crash.
+    async fn overlapping_flushes(&mut self, stats: &mut Stats) -> Step {
+        let later = 1 + self.rng.below(2);
+        let collect = self.rng.chance(30);
+        let end = self.rng.below(4);
+        let end_name = ["goes on", "goes on", "fails", "process dies"][end as usize];
+        self.note(format!(
+            "overlapping flushes: {later} behind one held at its segment PUT, collection {collect}, then it {end_name}"
+        ));
+        let vol = self.vol();
+        self.random_write(&vol, "  ").await?;
+        self.proc_.arm_once(Gate::SegmentPut);
+        let mut flushes = vec![self.spawn_flush(&vol, "  first flush")];
+        if reached(&self.proc_, &flushes[0].1, None).await? {
+            stats.reached(Gate::SegmentPut, "overlapped flush");
+        }
+        for i in 0..later {
+            for _ in 0..1 + self.rng.below(2) {
+                self.random_write(&vol, "  while held: ").await?;
+            }
+            flushes.push(self.spawn_flush(&vol, &format!("  while held: flush {}", i + 2)));
+        }
+        let collection = collect.then(|| {
+            self.note("  while held: collect");
+            let v = Arc::clone(&vol);
+            tokio::spawn(async move { v.collect(Duration::ZERO).await })
+        });
+        // Let the later flushes upload and wait for their turn.
+        for _ in 0..self.rng.below(20) {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        if end == 2 {
+            // The held PUT fails (it may land), and its retries: the later
+            // flushes captured after it and must go round again.
+            self.faults.set_plan(FaultPlan {
+                writes_before_failure: Some(0),
+                land_then_fail: self.rng.chance(50),
+                failures: Some(1 + self.rng.below(3)),
+                ..FaultPlan::default()
+            });
+            self.faulty = true;
+        }
+        if end == 3 {
+            self.proc_.kill_now();
+            for (_, task) in &flushes {
+                task.abort();
+            }
+            if let Some(c) = &collection {
+                c.abort();
+            }
+            // Any may have been acknowledged before the process died.
+            for (marks, task) in flushes {
+                if let Ok(Ok(())) = within("flush", task).await? {
+                    self.model.flushed_at(&marks);
+                }
+            }
+            drop(vol);
+            self.vol = None;
+            return self.recover(stats, "overlapping flushes").await.map(drop);
+        }
+        self.proc_.open_gate();
+        for (marks, task) in flushes {
+            let r = within("flush", task).await?.unwrap();
+            self.flushed(&marks, r, stats)?;
+        }
+        if let Some(c) = collection {
+            match within("collect", c).await?.unwrap() {
+                Ok(_) => {}
+                Err(_) if self.faulty => {}
+                Err(e) => return Err(format!("collection failed: {e}")),
+            }
+        }
         self.read_check(&vol, 0, SECTORS).await
     }
 
@@ -1747,6 +1831,7 @@ fn random_lives_keep_the_durability_contract() {
         // Every gate must actually have held something.
         for gate in [
             "SegmentPut (owner's flush)",
+            "SegmentPut (overlapped flush)",
             "CheckpointPut (owner's flush)",
             "IndexRunPut (owner's flush)",
             "SegmentPut (flush across a takeover)",

@@ -1,4 +1,4 @@
-//! `bench`: the engine benchmarks P1–P5 (issue 5) and P9 (issue 11),
+//! `bench`: the engine benchmarks P1–P5 (issue 5), P8–P10 and P12 (issue 11),
 //! each a ratio against a baseline measured in the same run. Prints a
 //! markdown table; nothing here asserts a time (the test suite runs it with `--quick` as a smoke).
 
@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only these benchmarks (comma-separated, e.g. `p1,p4`).
-    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5", "p8", "p9", "p10"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5", "p8", "p9", "p10", "p12"])]
     pub only: Vec<String>,
 }
 
@@ -404,6 +404,125 @@ async fn p8(flushes: usize) -> Result<Vec<String>> {
         percentile(&lat, 0.5).as_secs_f64() / rtt,
         percentile(&lat, 0.99).as_secs_f64() / rtt,
     )])
+}
+
+/// P12: overlapping flushes (docs/rfcs/0005), behind 25 ms per request
+/// and a 200 MiB/s upload cap. Two loads, each run with one flush in
+/// flight at a time (`flush_depth` 1, the baseline) and with the default
+/// (2), in the same run:
+/// - a database's WAL fsync (4 KiB write + FLUSH, in a loop) beside a bulk
+///   writer that writes 8 MiB and flushes, in a loop (a ZFS transaction
+///   group, a checkpoint): the fsync's latency;
+/// - 8 clients each writing 4 KiB + FLUSH in a loop: fsyncs per second,
+///   and segment PUTs per fsync (what overlapping costs in requests).
+async fn p12(fsyncs: usize) -> Result<Vec<String>> {
+    let store = || -> DynStore {
+        Arc::new(LatencyStore::new(
+            Arc::new(MemoryStore::new()),
+            LatencyPlan {
+                latency: Duration::from_millis(25),
+                bandwidth: Some(200 << 20),
+                error_rate: 0.0,
+            },
+        ))
+    };
+    let size = 1u64 << 30;
+    let cfg = |depth| VolumeConfig {
+        flush_depth: depth,
+        background_flush: false,
+        ..VolumeConfig::default()
+    };
+    let small = data(4096, false);
+    let bulk = data(8 << 20, false);
+    let spot = |x: &mut u64| {
+        *x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (*x >> 33) % (size / 2 / 4096) * 4096
+    };
+    // The fsync beside a bulk writer.
+    let mut beside = Vec::new();
+    for depth in [1, 2] {
+        let vol = new_volume(&store(), size, cfg(depth)).await?;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let wal = async {
+            let mut lat = Vec::with_capacity(fsyncs);
+            let mut x = 7u64;
+            for _ in 0..fsyncs {
+                vol.write(spot(&mut x), &small).await?;
+                let t = Instant::now();
+                vol.flush().await?;
+                lat.push(t.elapsed());
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            lat.sort();
+            anyhow::Ok(lat)
+        };
+        let bulk_writer = async {
+            let mut at = size / 2;
+            let mut bytes = 0u64;
+            let t = Instant::now();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                vol.write(at, &bulk).await?;
+                vol.flush().await?;
+                bytes += bulk.len() as u64;
+                at = size / 2 + (at + bulk.len() as u64) % (size / 2);
+            }
+            anyhow::Ok(mib_s(bytes, t.elapsed()))
+        };
+        let (lat, mibs) = futures::future::join(wal, bulk_writer).await;
+        let (lat, mibs) = (lat?, mibs?);
+        vol.close().await?;
+        beside.push((percentile(&lat, 0.5), percentile(&lat, 0.99), mibs));
+    }
+    // Eight clients fsyncing.
+    let clients = 8;
+    let mut many = Vec::new();
+    for depth in [1, 2] {
+        let vol = new_volume(&store(), size, cfg(depth)).await?;
+        let before = vol.request_stats();
+        let t = Instant::now();
+        let client = |seed: u64| {
+            let vol = &vol;
+            let small = &small;
+            async move {
+                let mut x = seed;
+                for _ in 0..fsyncs / clients {
+                    vol.write(spot(&mut x), small).await?;
+                    vol.flush().await?;
+                }
+                anyhow::Ok(())
+            }
+        };
+        for r in futures::future::join_all((0..clients as u64).map(|c| client(c + 1))).await {
+            r?;
+        }
+        let elapsed = t.elapsed();
+        let puts = vol.request_stats().conditional_put - before.conditional_put;
+        let n = (fsyncs / clients * clients) as f64;
+        vol.close().await?;
+        many.push((n / elapsed.as_secs_f64(), puts as f64 / n));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let ((p50_1, p99_1, mibs_1), (p50_2, p99_2, mibs_2)) = (beside[0], beside[1]);
+    let ((rate_1, puts_1), (rate_2, puts_2)) = (many[0], many[1]);
+    Ok(vec![
+        format!(
+            "| P12 fsync of a 4 KiB write beside 8 MiB write+flush loops, 25 ms/request, 200 MiB/s ({fsyncs} fsyncs) | two flushes in flight: p50 {:.0} ms, p99 {:.0} ms; bulk {:.0} MiB/s | one at a time: p50 {:.0} ms, p99 {:.0} ms; bulk {:.0} MiB/s | p50 {:.2}×, p99 {:.2}×, bulk {:.2}× | p50 < 1× |",
+            ms(p50_2),
+            ms(p99_2),
+            mibs_2,
+            ms(p50_1),
+            ms(p99_1),
+            mibs_1,
+            p50_2.as_secs_f64() / p50_1.as_secs_f64(),
+            p99_2.as_secs_f64() / p99_1.as_secs_f64(),
+            mibs_2 / mibs_1,
+        ),
+        format!(
+            "| P12 {clients} clients each 4 KiB write + fsync, 25 ms/request | two in flight: {rate_2:.0} fsyncs/s, {puts_2:.2} segment PUTs/fsync | one at a time: {rate_1:.0} fsyncs/s, {puts_1:.2} PUTs/fsync | {:.2}× fsyncs/s, {:.2}× PUTs | > 1× fsyncs/s |",
+            rate_2 / rate_1,
+            puts_2 / puts_1,
+        ),
+    ])
 }
 
 /// P10: incremental checkpoints at scale. An index of `chunks` mapped
@@ -841,6 +960,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         if !a.quick {
             rows.extend(p9(size, 0.8).await?);
         }
+    }
+    if run("p12") {
+        rows.extend(p12(if a.quick { 16 } else { 200 }).await?);
     }
     if run("p10") {
         let chunks = if a.quick { 1 << 16 } else { 8 << 20 };

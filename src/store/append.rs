@@ -203,31 +203,46 @@ impl Appender {
 
     /// Put again what failed and fill what was abandoned (ids `<= upto`,
     /// or all), lowest first, one at a time. No request when there is
-    /// nothing to settle.
+    /// nothing to settle. A settling PUT keeps the window rule too: it
+    /// waits while an id `WINDOW` below it is in flight elsewhere (with
+    /// flushes overlapping, a failed id can be above an acknowledged
+    /// flush's segments still uploading: docs/rfcs/0005).
     pub async fn settle(
         &self,
         store: &DynStore,
         keys: &VolumeKeys,
         upto: Option<u64>,
     ) -> Result<()> {
+        let mut changes = self.changes.subscribe();
         loop {
+            changes.borrow_and_update();
             let next = {
                 let mut st = self.state.lock();
-                st.open
+                let low = st.open.keys().next().copied().unwrap_or(st.next);
+                let lowest = st
+                    .open
                     .iter_mut()
                     .take_while(|(seq, _)| upto.is_none_or(|u| **seq <= u))
-                    .find_map(|(seq, s)| {
-                        let data = match s {
-                            IdState::Failed(d) => Some(d.clone()),
-                            IdState::Abandoned => None,
-                            _ => return None,
+                    .find(|(_, s)| matches!(s, IdState::Failed(_) | IdState::Abandoned));
+                match lowest {
+                    None => return Ok(()),
+                    // An id a window below is still in flight elsewhere.
+                    Some((seq, _)) if seq.checked_sub(WINDOW).is_some_and(|b| low <= b) => None,
+                    Some((seq, s)) => {
+                        let data = match std::mem::replace(s, IdState::Putting) {
+                            IdState::Failed(d) => Some(d),
+                            _ => None,
                         };
-                        *s = IdState::Putting;
                         Some((*seq, data))
-                    })
+                    }
+                }
             };
             let Some((seq, data)) = next else {
-                return Ok(());
+                changes
+                    .changed()
+                    .await
+                    .expect("the appender outlives its settlers");
+                continue;
             };
             let id = SegmentId {
                 epoch: self.epoch,
@@ -303,6 +318,32 @@ mod tests {
         a.put(&store, &keys, ids[0], data(0)).await.unwrap();
         waiting.await.unwrap().unwrap();
         assert!(store.exists(&paths::segment(last)).await.unwrap());
+    }
+
+    /// A settling PUT keeps the window too: a failed id a window above an
+    /// id still uploading elsewhere (an acknowledged flush's, with flushes
+    /// overlapping) waits for it (docs/rfcs/0005).
+    #[tokio::test]
+    async fn settling_waits_for_the_id_a_window_below() {
+        let (store, keys, a) = setup();
+        let ids: Vec<SegmentId> = (0..=WINDOW).map(|_| a.alloc()).collect();
+        for id in &ids[1..WINDOW as usize] {
+            a.put(&store, &keys, *id, data(1)).await.unwrap();
+        }
+        let last = ids[WINDOW as usize];
+        a.give_up([(last, Some(data(2)))]);
+        let (s, k, a2) = (store.clone(), keys.clone(), Arc::clone(&a));
+        let settling = tokio::spawn(async move { a2.settle(&s, &k, None).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!settling.is_finished(), "id 0 is still in flight");
+        assert!(!store.exists(&paths::segment(last)).await.unwrap());
+        a.put(&store, &keys, ids[0], data(0)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), settling)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.get(&paths::segment(last)).await.unwrap(), data(2));
     }
 
     /// W3 and W1: the window settles what failed (the same bytes again)

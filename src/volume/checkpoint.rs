@@ -6,10 +6,12 @@
 //!
 //! Why the position is still right when the object lands later: every
 //! segment at or below it that will ever be published was published when
-//! it was picked (flushes allocate and publish under the flush lock; a
-//! collector's copy below it changes no chunk's content), so a later
-//! acknowledged flush has ids above it — the case analysis of
-//! docs/rfcs/0003 (case 4) does not depend on when the object is stored.
+//! it was picked (flushes publish in the order of their ids, and the pick
+//! waits while a flush in flight holds an id below the newest segment
+//! published: docs/rfcs/0005; a collector's copy below it changes no
+//! chunk's content), so a later acknowledged flush has ids above it — the
+//! case analysis of docs/rfcs/0003 (case 4) does not depend on when the
+//! object is stored.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +21,7 @@ use parking_lot::Mutex;
 
 use super::Inner;
 use super::flush::FlushState;
+use super::pipeline::Drained;
 use crate::error::Result;
 use crate::store::checkpoint::Chain;
 use crate::store::{Index, SegmentId};
@@ -68,14 +71,28 @@ struct Picked {
 }
 
 impl Inner {
-    /// Decide the next checkpoint. Nothing new since the last one (the
-    /// collector forces one to make what it freed deletable): the position
-    /// is a fresh, never-written segment id, so no position ever names two
-    /// different checkpoints.
-    fn pick_checkpoint(&self, fs: &mut FlushState) -> Result<Picked> {
+    /// Decide the next checkpoint, or None when none can be picked now.
+    /// Its position must be at or above every id that will ever be
+    /// published at or below it (docs/rfcs/0005): the newest segment
+    /// published, unless a flush still in flight holds an id below it (a
+    /// collector's copy published ahead of it) — then the next flush to
+    /// publish picks. Nothing new since the last one (the collector forces
+    /// one to make what it freed deletable): the position is a fresh,
+    /// never-written segment id, so no position ever names two different
+    /// checkpoints — allocated only with the pipeline drained.
+    fn pick_checkpoint(
+        &self,
+        fs: &mut FlushState,
+        drained: Option<&Drained<'_>>,
+    ) -> Result<Option<Picked>> {
         let position = match fs.last_segment {
-            Some(p) if fs.checkpointed_at != Some(p) => p,
-            _ => {
+            Some(p) if fs.checkpointed_at != Some(p) => {
+                if self.pipeline.lowest_in_flight().is_some_and(|low| low < p) {
+                    return Ok(None);
+                }
+                p
+            }
+            _ if drained.is_some() => {
                 // Names a checkpoint only; an empty segment fills it when
                 // the window rule needs it (docs/rfcs/0003).
                 let fresh = self.log.alloc_segment()?;
@@ -83,6 +100,7 @@ impl Inner {
                 fs.last_segment = Some(fresh);
                 fresh
             }
+            _ => return Ok(None),
         };
         fs.checkpointed_at = Some(position);
         fs.segments_since_checkpoint = 0;
@@ -99,7 +117,7 @@ impl Inner {
         // Until it is stored: a checkpoint that fails, or whose task is
         // cancelled, is started again by the next flush.
         cp.unstored.store(true, Ordering::SeqCst);
-        Ok(Picked { position, index })
+        Ok(Some(Picked { position, index }))
     }
 
     /// Encode and store a picked checkpoint (what changed since the last
@@ -140,8 +158,10 @@ impl Inner {
             // The one running covers most of it; the next flush checks again.
             return;
         };
-        let picked = match self.pick_checkpoint(fs) {
-            Ok(p) => p,
+        let picked = match self.pick_checkpoint(fs, None) {
+            Ok(Some(p)) => p,
+            // Due still: the next flush to publish picks.
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!("checkpoint not started: {e}");
                 return;
@@ -179,6 +199,9 @@ impl Inner {
     pub(super) async fn write_checkpoint(&self, always: bool) -> Result<()> {
         let _one = self.checkpointer.one_at_a_time.lock().await;
         let picked = {
+            // After the flushes in flight, and before any other: every id
+            // below the position is then published or never will be.
+            let drained = self.pipeline.drain().await;
             let mut fs = self.flush.lock().await;
             let wanted = always
                 || fs.segments_since_checkpoint > 0
@@ -186,7 +209,8 @@ impl Inner {
             if !wanted {
                 return Ok(());
             }
-            self.pick_checkpoint(&mut fs)?
+            self.pick_checkpoint(&mut fs, Some(&drained))?
+                .expect("a drained pipeline always picks")
         };
         self.store_checkpoint(picked).await
     }

@@ -6,7 +6,9 @@
 //!
 //! Each entry carries a generation; a flush removes an entry only if it is
 //! still the generation it uploaded, so a write that lands during the
-//! upload stays dirty for the next flush.
+//! upload stays dirty for the next flush. An entry whose generation a
+//! flush in flight holds is not captured again by the next one (flushes
+//! overlap: docs/rfcs/0005); if that flush fails, it gives the entry back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +28,8 @@ struct Dirty {
     /// None: the chunk is now zeros.
     data: Option<ChunkData>,
     generation: u64,
+    /// A flush in flight captured this generation.
+    in_flight: bool,
 }
 
 #[derive(Default)]
@@ -34,6 +38,10 @@ pub struct DirtyTable {
     bytes: usize,
     /// The most bytes ever dirty at once.
     peak: usize,
+    /// How many times a flush gave back what it captured (it failed or
+    /// was dropped). A flush that sees this change between its capture
+    /// and its publication did not make every earlier write durable.
+    given_back: u64,
 }
 
 fn cost(data: &Option<ChunkData>) -> usize {
@@ -59,6 +67,10 @@ impl DirtyTable {
 
     pub fn peak(&self) -> usize {
         self.peak
+    }
+
+    pub fn given_back(&self) -> u64 {
+        self.given_back
     }
 
     fn grew(&mut self) {
@@ -103,7 +115,12 @@ impl State {
     pub fn set_dirty(&mut self, chunk: u64, data: Option<ChunkData>) {
         let generation = self.bump();
         let new_cost = cost(&data);
-        if let Some(old) = self.dirty.map.insert(chunk, Dirty { data, generation }) {
+        let entry = Dirty {
+            data,
+            generation,
+            in_flight: false,
+        };
+        if let Some(old) = self.dirty.map.insert(chunk, entry) {
             self.dirty.bytes -= cost(&old.data);
         }
         self.dirty.bytes += new_cost;
@@ -138,6 +155,7 @@ impl State {
             None => buf[at..].fill(0),
         }
         entry.generation = generation;
+        entry.in_flight = false;
         let after = cost(&entry.data);
         self.dirty.bytes = self.dirty.bytes - before + after;
         self.dirty.grew();
@@ -158,20 +176,38 @@ impl State {
         }
     }
 
-    /// Everything dirty now, in chunk order.
-    pub fn capture(&self) -> Vec<Captured> {
+    /// Everything dirty now that no flush in flight holds, in chunk
+    /// order; it is in flight from now on.
+    pub fn capture(&mut self) -> Vec<Captured> {
         let mut out: Vec<Captured> = self
             .dirty
             .map
-            .iter()
-            .map(|(chunk, d)| Captured {
-                chunk: *chunk,
-                generation: d.generation,
-                data: d.data.clone(),
+            .iter_mut()
+            .filter(|(_, d)| !d.in_flight)
+            .map(|(chunk, d)| {
+                d.in_flight = true;
+                Captured {
+                    chunk: *chunk,
+                    generation: d.generation,
+                    data: d.data.clone(),
+                }
             })
             .collect();
         out.sort_by_key(|c| c.chunk);
         out
+    }
+
+    /// A flush that captured these (chunk, generation) will not publish
+    /// them: those not rewritten since are for the next flush to capture.
+    pub fn give_back(&mut self, captured: impl IntoIterator<Item = (u64, u64)>) {
+        for (chunk, generation) in captured {
+            if let Some(d) = self.dirty.map.get_mut(&chunk)
+                && d.generation == generation
+            {
+                d.in_flight = false;
+            }
+        }
+        self.dirty.given_back += 1;
     }
 
     /// A captured chunk is durable at `loc` (None = zeros): publish it and
@@ -190,5 +226,48 @@ impl State {
         if self.dirty.is_empty() {
             self.oldest_dirty = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: u8) -> Option<ChunkData> {
+        Some(Arc::new(vec![n; 16]))
+    }
+
+    fn chunks(c: &[Captured]) -> Vec<(u64, u64)> {
+        c.iter().map(|c| (c.chunk, c.generation)).collect()
+    }
+
+    /// A flush in flight holds what it captured: the next capture takes
+    /// only what was written since; a rewrite is captured again; what a
+    /// failed flush gives back is captured again unless rewritten (then
+    /// the rewrite is), and the give-back is counted.
+    #[test]
+    fn captures_skip_what_a_flush_in_flight_holds() {
+        let mut st = State::new(Index::default());
+        st.set_dirty(1, chunk(1));
+        st.set_dirty(2, chunk(2));
+        let first = st.capture();
+        assert_eq!(first.len(), 2);
+        assert!(st.capture().is_empty(), "both are in flight");
+        st.set_dirty(2, chunk(3));
+        let second = st.capture();
+        assert_eq!(second.iter().map(|c| c.chunk).collect::<Vec<_>>(), [2]);
+        assert_eq!(st.dirty.given_back(), 0);
+        st.give_back(chunks(&first));
+        assert_eq!(st.dirty.given_back(), 1);
+        // Chunk 1 is back; chunk 2's newer version is still in flight.
+        let third = st.capture();
+        assert_eq!(chunks(&third), [(1, first[0].generation)]);
+        // The second flush publishes: chunk 2 is clean, chunk 1 stays
+        // dirty (in flight with the third).
+        st.complete(2, second[0].generation, None);
+        assert_eq!(st.dirty.len(), 1);
+        st.complete(1, third[0].generation, None);
+        assert!(st.dirty.is_empty());
+        assert!(st.oldest_dirty.is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! FLUSH: capture the dirty table, encode it into segments, upload them in
 //! parallel by conditional create (a newer owner fences the names:
-//! docs/rfcs/0003), then publish the new locations.
+//! docs/rfcs/0003), then publish the new locations. Successive flushes
+//! overlap, and publish in order (volume::pipeline, docs/rfcs/0005).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -16,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::store::segment::SegmentLayout;
 use crate::store::{Loc, SegmentId};
 
-/// Serialized by the flush mutex: one flush at a time, in log order.
+/// Publication state, under the flush lock: flushes publish in turn
+/// (volume::pipeline), a collector's copy whenever its upload ends.
 pub struct FlushState {
     pub(super) segments_since_checkpoint: u64,
     /// The newest segment of ours whose entries are published; every
@@ -72,6 +74,63 @@ impl Drop for Unstored<'_> {
         let bytes = &mut self.bytes;
         self.log
             .give_up_segments(ids.into_iter().map(|id| (id, bytes.remove(&id))));
+    }
+}
+
+/// Rounds a FLUSH makes at most when earlier flushes fail under it.
+const FLUSH_ROUNDS: usize = 3;
+
+/// Whether a flush made every write before it durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    Covered,
+    /// An earlier flush gave back what it held after this one captured.
+    Overtaken,
+}
+
+/// What one flush captured, in flight until it is published; given back
+/// to the dirty table if the flush fails or is dropped.
+struct Flight<'a> {
+    inner: &'a Inner,
+    /// (chunk, generation) still held: given back on drop.
+    held: Vec<(u64, u64)>,
+    given_back_at_capture: u64,
+    journal_mark: Option<Result<u64>>,
+}
+
+impl Flight<'_> {
+    /// Publish the outcomes (under the flush lock, in turn). Covered when
+    /// no flush gave anything back since this one captured: then every
+    /// write before the capture is durable, and the journal segments
+    /// before the mark can go.
+    fn publish(mut self, outcomes: Option<&[Vec<Outcome>]>) -> Round {
+        let inner = self.inner;
+        let mut st = inner.state.lock();
+        for (chunk, generation, loc, data) in outcomes.into_iter().flatten().flatten() {
+            st.complete(*chunk, *generation, *loc);
+            if let (Some(loc), Some(data)) = (loc, data) {
+                inner.cache.insert(*loc, data.clone());
+            }
+        }
+        self.held.clear();
+        if st.dirty.given_back() != self.given_back_at_capture {
+            return Round::Overtaken;
+        }
+        match (&mut st.journal, self.journal_mark.take()) {
+            (Some(j), Some(Ok(mark))) => j.release_before(mark),
+            (Some(_), Some(Err(e))) => tracing::warn!("journal rotation failed: {e}"),
+            _ => {}
+        }
+        Round::Covered
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        if !self.held.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            self.inner.state.lock().give_back(held);
+        }
     }
 }
 
@@ -270,82 +329,110 @@ impl Inner {
         Ok(written)
     }
 
-    /// Encode and upload the captured chunks: plan, then encrypt segment by
-    /// segment while earlier segments upload. Returns the segments written
-    /// and what they make durable.
-    async fn write_segments(
-        self: &Arc<Self>,
-        captured: Vec<Captured>,
-    ) -> Result<(Vec<Written>, Vec<Vec<Outcome>>)> {
-        let this = Arc::clone(self);
-        let (captured, plains) = tokio::task::spawn_blocking(move || {
-            let plains = this.compress(&captured);
-            (captured, plains)
-        })
-        .await
-        .expect("compress task");
-        // Ids are allocated here, and handed to the upload with no await
-        // in between: a cancelled flush gives up every id it allocated.
-        let (plan, layouts, outcomes) = self.layout(captured, plains)?;
-        let written = self.upload_plan(plan, layouts).await?;
-        Ok((written, outcomes))
-    }
-
+    /// Make every write that completed before this call durable. Flushes
+    /// overlap (docs/rfcs/0005): this one captures and uploads while
+    /// earlier ones are in flight, and publishes after them. If one of
+    /// those fails after this one captured, what it held is dirty again
+    /// and not in this flush: go round once more (at most
+    /// `FLUSH_ROUNDS` times; every round's failure is the store's, after
+    /// its own retries).
     pub(super) async fn flush(self: &Arc<Self>) -> Result<()> {
-        let mut fs = self.flush.lock().await;
-        self.check_writable()?;
-        let (captured, journal_mark) = {
-            let mut st = self.state.lock();
-            let captured = st.capture();
-            if captured.is_empty() {
-                // Every earlier write was acknowledged by an earlier flush
-                // (a failed one left its writes dirty): nothing to do, no
-                // request.
+        for _ in 0..FLUSH_ROUNDS {
+            if self.flush_round().await? == Round::Covered {
                 return Ok(());
             }
-            // Later writes go to a new journal segment; the captured ones
-            // are all in the segments before it.
-            let mark = st.journal.as_mut().map(|j| j.rotate());
-            (captured, mark)
-        };
-        // Segments an earlier flush failed to store go first (no request
-        // when there are none): the window rule needs them, and their
-        // bytes are held until then.
-        self.log
-            .settle_segments()
-            .await
-            .map_err(|e| self.fenced_by(e))?;
-        // Compression and encryption are CPU work: off the async workers,
-        // on all cores, overlapping the uploads. Stored by conditional create at names a newer owner fences: when
-        // every PUT succeeded, no newer owner can miss them, and no owner
-        // check is needed before the acknowledgement (docs/rfcs/0003).
-        let (segments, outcomes) = self
-            .write_segments(captured)
-            .await
-            .map_err(|e| self.fenced_by(e))?;
-        {
-            let mut st = self.state.lock();
-            for (chunk, generation, loc, data) in outcomes.iter().flatten() {
-                st.complete(*chunk, *generation, *loc);
-                if let (Some(loc), Some(data)) = (loc, data) {
-                    self.cache.insert(*loc, data.clone());
-                }
-            }
-            match (&mut st.journal, journal_mark) {
-                (Some(j), Some(Ok(mark))) => j.release_before(mark),
-                (Some(_), Some(Err(e))) => tracing::warn!("journal rotation failed: {e}"),
-                _ => {}
-            }
         }
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.last_flush_unix
-            .store(crate::clock::unix_now(), Ordering::Relaxed);
-        fs.published(&segments);
-        self.gc.lock().published(&segments);
-        // Started in the background: the acknowledgement never waits for
-        // a checkpoint (see volume::checkpoint).
-        self.checkpoint_if_due(&mut fs);
-        Ok(())
+        Err(Error::Store(
+            crate::store::backend::StoreError::Unavailable(format!(
+                "{FLUSH_ROUNDS} flushes in a row were overtaken by the failure of an earlier one"
+            )),
+        ))
+    }
+
+    /// One flush: capture, encode and upload, then publish in turn.
+    async fn flush_round(self: &Arc<Self>) -> Result<Round> {
+        let pipeline = &self.pipeline;
+        let slot = pipeline.slot().await;
+        let (turn, flight, upload) = {
+            let allocating = pipeline.allocating().await;
+            self.check_writable()?;
+            let (flight, captured) = {
+                let mut st = self.state.lock();
+                let captured = st.capture();
+                // Later writes go to a new journal segment; the captured
+                // ones are all in the segments before it.
+                let mark = (!captured.is_empty())
+                    .then(|| st.journal.as_mut().map(|j| j.rotate()))
+                    .flatten();
+                let flight = Flight {
+                    inner: self,
+                    held: captured.iter().map(|c| (c.chunk, c.generation)).collect(),
+                    given_back_at_capture: st.dirty.given_back(),
+                    journal_mark: mark,
+                };
+                (flight, captured)
+            };
+            // Segments an earlier flush failed to store go first (no
+            // request when there are none): the window rule needs them,
+            // and their bytes are held until then.
+            self.log
+                .settle_segments()
+                .await
+                .map_err(|e| self.fenced_by(e))?;
+            let upload = if captured.is_empty() {
+                None
+            } else {
+                // Compression is CPU work: off the async workers, on all
+                // cores.
+                let this = Arc::clone(self);
+                let (captured, plains) = tokio::task::spawn_blocking(move || {
+                    let plains = this.compress(&captured);
+                    (captured, plains)
+                })
+                .await
+                .expect("compress task");
+                Some(self.layout(captured, plains)?)
+            };
+            // Ids are allocated by the layout, and handed to the upload
+            // with no await in between: a cancelled flush gives up every
+            // id it allocated.
+            let lowest = upload
+                .as_ref()
+                .and_then(|(_, l, _)| l.first().map(|l| l.id));
+            (pipeline.take(&allocating, slot, lowest), flight, upload)
+        };
+        // Encryption overlaps the uploads; stored by conditional create at
+        // names a newer owner fences: when every PUT succeeded, no newer
+        // owner can miss them, and no owner check is needed before the
+        // acknowledgement (docs/rfcs/0003).
+        let written = match upload {
+            Some((plan, layouts, outcomes)) => Some((
+                self.upload_plan(plan, layouts)
+                    .await
+                    .map_err(|e| self.fenced_by(e))?,
+                outcomes,
+            )),
+            None => None,
+        };
+        turn.wait().await;
+        let mut fs = self.flush.lock().await;
+        // An earlier flush may have found this writer fenced meanwhile.
+        self.check_writable()?;
+        let round = flight.publish(written.as_ref().map(|(_, o)| o.as_slice()));
+        turn.published();
+        if let Some((segments, _)) = &written {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.last_flush_unix
+                .store(crate::clock::unix_now(), Ordering::Relaxed);
+            fs.published(segments);
+            self.gc.lock().published(segments);
+            // Started in the background: the acknowledgement never waits
+            // for a checkpoint (see volume::checkpoint).
+            self.checkpoint_if_due(&mut fs);
+        }
+        drop(fs);
+        drop(turn);
+        Ok(round)
     }
 
     /// Note a fencing error: this writer stops acknowledging anything.

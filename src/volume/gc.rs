@@ -641,18 +641,23 @@ impl Inner {
         })
         .await
         .expect("compress task");
-        // Under the flush lock: the chunks still at the copied frames, and
-        // the new ids. Any flush that publishes a newer version of one of
-        // them allocates its segment after this, so replay applies it
-        // after the copy.
+        // Under the allocation lock flushes capture and allocate under:
+        // the chunks still at the copied frames and not dirty, and the new
+        // ids. A newer version of one of them is either published (the
+        // index moved), or dirty — captured by a flush in flight, which
+        // may hold lower ids than the copy (docs/rfcs/0005), or to be
+        // captured — or written later: its flush allocates after this, so
+        // replay applies it after the copy.
         let (plan, layouts, moves) = {
-            let _fs = self.flush.lock().await;
+            let _allocating = self.pipeline.allocating().await;
             let still: Vec<bool> = {
                 let st = self.state.lock();
                 captured
                     .iter()
                     .zip(&from)
-                    .map(|(c, loc)| st.index.get(c.chunk) == Some(*loc))
+                    .map(|(c, loc)| {
+                        st.index.get(c.chunk) == Some(*loc) && st.dirty.get(c.chunk).is_none()
+                    })
                     .collect()
             };
             let mut kept_c = Vec::new();

@@ -19,6 +19,7 @@ mod fetch;
 mod flush;
 pub mod gc;
 pub mod journal;
+mod pipeline;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -58,6 +59,9 @@ pub struct VolumeConfig {
     pub flush_age: Duration,
     /// Segments between checkpoints.
     pub checkpoint_every: u64,
+    /// Flushes in flight at once: flush N+1 encodes and uploads while
+    /// flush N uploads; they publish in order (1: one at a time).
+    pub flush_depth: usize,
     /// Clean-chunk memory cache budget.
     pub cache_bytes: usize,
     /// Run the background flusher (off in tests that control every flush).
@@ -80,6 +84,7 @@ impl Default for VolumeConfig {
             segment_target: 32 << 20,
             flush_age: Duration::from_secs(2),
             checkpoint_every: 64,
+            flush_depth: 2,
             cache_bytes: 256 << 20,
             background_flush: true,
             readahead_chunks: 32,
@@ -121,6 +126,8 @@ pub(crate) struct Inner {
     cfg: VolumeConfig,
     state: Mutex<State>,
     flush: tokio::sync::Mutex<FlushState>,
+    /// The order of flushes in flight.
+    pipeline: pipeline::Pipeline,
     fenced: AtomicBool,
     chunk_size: usize,
     last_flush_unix: AtomicU64,
@@ -254,6 +261,7 @@ impl Volume {
             state: Mutex::new(State::new(index)),
             // A long replay tail is checkpointed at the first opportunity.
             flush: tokio::sync::Mutex::new(FlushState::new(replayed)),
+            pipeline: pipeline::Pipeline::new(cfg.flush_depth),
             fenced: AtomicBool::new(false),
             last_flush_unix: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
