@@ -37,6 +37,17 @@ use crate::error::{Error, Result};
 /// (4) plus the collector's copy.
 pub const WINDOW: u64 = 8;
 
+/// What settling does with a failed id whose window is not satisfied yet
+/// (an id `WINDOW` below it is still in flight elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// Wait for it (a PUT above needs this id settled).
+    Wait,
+    /// Leave it, and every higher one, to a later settle (a flush about to
+    /// upload: its own PUTs' windows settle what they need).
+    Skip,
+}
+
 #[derive(Debug)]
 enum IdState {
     /// Handed out; its holder will put it or abandon it.
@@ -190,7 +201,7 @@ impl Appender {
                 return Ok(());
             }
             if self.unsettled(Some(below)) {
-                self.settle(store, keys, Some(below)).await?;
+                self.settle(store, keys, Some(below), Blocked::Wait).await?;
                 continue;
             }
             // In flight elsewhere: wait for something to change.
@@ -212,6 +223,7 @@ impl Appender {
         store: &DynStore,
         keys: &VolumeKeys,
         upto: Option<u64>,
+        blocked: Blocked,
     ) -> Result<()> {
         let mut changes = self.changes.subscribe();
         loop {
@@ -238,6 +250,10 @@ impl Appender {
                 }
             };
             let Some((seq, data)) = next else {
+                if blocked == Blocked::Skip {
+                    // Every higher one waits for the same id.
+                    return Ok(());
+                }
                 changes
                     .changed()
                     .await
@@ -333,7 +349,7 @@ mod tests {
         let last = ids[WINDOW as usize];
         a.give_up([(last, Some(data(2)))]);
         let (s, k, a2) = (store.clone(), keys.clone(), Arc::clone(&a));
-        let settling = tokio::spawn(async move { a2.settle(&s, &k, None).await });
+        let settling = tokio::spawn(async move { a2.settle(&s, &k, None, Blocked::Wait).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!settling.is_finished(), "id 0 is still in flight");
         assert!(!store.exists(&paths::segment(last)).await.unwrap());
@@ -417,9 +433,9 @@ mod review_tests {
             writes_before_failure: Some(0),
             ..FaultPlan::default()
         });
-        assert!(a.settle(&store, &keys, None).await.is_err());
+        assert!(a.settle(&store, &keys, None, Blocked::Wait).await.is_err());
         faulty.set_plan(FaultPlan::default());
-        a.settle(&store, &keys, None).await.unwrap();
+        a.settle(&store, &keys, None, Blocked::Wait).await.unwrap();
         assert!(!a.unsettled(None));
         assert_eq!(a.low(), 4, "every id stored");
     }

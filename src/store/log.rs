@@ -459,10 +459,14 @@ impl LogStore {
     }
 
     /// Put again the segments whose upload failed and fill abandoned ids
-    /// (no request when there are none).
+    /// (no request when there are none), those whose window allows now;
+    /// the rest are settled by the PUTs above them (docs/rfcs/0005).
     pub async fn settle_segments(&self) -> Result<()> {
         match &self.appender {
-            Some(a) if a.unsettled(None) => a.settle(&self.store, &self.keys, None).await,
+            Some(a) if a.unsettled(None) => {
+                let skip = super::append::Blocked::Skip;
+                a.settle(&self.store, &self.keys, None, skip).await
+            }
             _ => Ok(()),
         }
     }

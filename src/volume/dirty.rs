@@ -10,7 +10,7 @@
 //! flush in flight holds is not captured again by the next one (flushes
 //! overlap: docs/rfcs/0005); if that flush fails, it gives the entry back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,10 +38,12 @@ pub struct DirtyTable {
     bytes: usize,
     /// The most bytes ever dirty at once.
     peak: usize,
-    /// How many times a flush gave back what it captured (it failed or
-    /// was dropped). A flush that sees this change between its capture
-    /// and its publication did not make every earlier write durable.
-    given_back: u64,
+    /// Captures not yet published or given back, by capture number: true
+    /// once an earlier capture gave back (its entries are dirty again and
+    /// not in the later one, which then did not make every write before it
+    /// durable).
+    flights: BTreeMap<u64, bool>,
+    next_flight: u64,
 }
 
 fn cost(data: &Option<ChunkData>) -> usize {
@@ -67,10 +69,6 @@ impl DirtyTable {
 
     pub fn peak(&self) -> usize {
         self.peak
-    }
-
-    pub fn given_back(&self) -> u64 {
-        self.given_back
     }
 
     fn grew(&mut self) {
@@ -177,8 +175,8 @@ impl State {
     }
 
     /// Everything dirty now that no flush in flight holds, in chunk
-    /// order; it is in flight from now on.
-    pub fn capture(&mut self) -> Vec<Captured> {
+    /// order, under a new capture number; it is in flight from now on.
+    pub fn capture(&mut self) -> (u64, Vec<Captured>) {
         let mut out: Vec<Captured> = self
             .dirty
             .map
@@ -194,12 +192,16 @@ impl State {
             })
             .collect();
         out.sort_by_key(|c| c.chunk);
-        out
+        let flight = self.dirty.next_flight;
+        self.dirty.next_flight += 1;
+        self.dirty.flights.insert(flight, false);
+        (flight, out)
     }
 
-    /// A flush that captured these (chunk, generation) will not publish
-    /// them: those not rewritten since are for the next flush to capture.
-    pub fn give_back(&mut self, captured: impl IntoIterator<Item = (u64, u64)>) {
+    /// Capture `flight` will not publish these (chunk, generation): those
+    /// not rewritten since are for the next flush to capture, and every
+    /// later capture still in flight is overtaken.
+    pub fn give_back(&mut self, flight: u64, captured: impl IntoIterator<Item = (u64, u64)>) {
         for (chunk, generation) in captured {
             if let Some(d) = self.dirty.map.get_mut(&chunk)
                 && d.generation == generation
@@ -207,7 +209,16 @@ impl State {
                 d.in_flight = false;
             }
         }
-        self.dirty.given_back += 1;
+        self.dirty.flights.remove(&flight);
+        for (_, overtaken) in self.dirty.flights.range_mut(flight + 1..) {
+            *overtaken = true;
+        }
+    }
+
+    /// Capture `flight` is published: whether an earlier one gave back
+    /// after it (then not every write before it is durable).
+    pub fn landed(&mut self, flight: u64) -> bool {
+        self.dirty.flights.remove(&flight).unwrap_or(false)
     }
 
     /// A captured chunk is durable at `loc` (None = zeros): publish it and
@@ -244,30 +255,33 @@ mod tests {
     /// A flush in flight holds what it captured: the next capture takes
     /// only what was written since; a rewrite is captured again; what a
     /// failed flush gives back is captured again unless rewritten (then
-    /// the rewrite is), and the give-back is counted.
+    /// the rewrite is); a give-back overtakes later captures in flight,
+    /// not earlier ones or later ones not yet made.
     #[test]
     fn captures_skip_what_a_flush_in_flight_holds() {
         let mut st = State::new(Index::default());
         st.set_dirty(1, chunk(1));
         st.set_dirty(2, chunk(2));
-        let first = st.capture();
-        assert_eq!(first.len(), 2);
-        assert!(st.capture().is_empty(), "both are in flight");
-        st.set_dirty(2, chunk(3));
-        let second = st.capture();
+        let (f0, _) = st.capture();
+        let (f_empty, none) = st.capture();
+        assert!(none.is_empty(), "both are in flight");
+        assert!(!st.landed(f_empty));
+        st.set_dirty(3, chunk(3));
+        let (f1, first) = st.capture();
+        assert_eq!(first.iter().map(|c| c.chunk).collect::<Vec<_>>(), [3]);
+        st.set_dirty(2, chunk(4));
+        let (f2, second) = st.capture();
         assert_eq!(second.iter().map(|c| c.chunk).collect::<Vec<_>>(), [2]);
-        assert_eq!(st.dirty.given_back(), 0);
-        st.give_back(chunks(&first));
-        assert_eq!(st.dirty.given_back(), 1);
-        // Chunk 1 is back; chunk 2's newer version is still in flight.
-        let third = st.capture();
-        assert_eq!(chunks(&third), [(1, first[0].generation)]);
-        // The second flush publishes: chunk 2 is clean, chunk 1 stays
-        // dirty (in flight with the third).
+        // f1 fails: f2 (later, in flight) is overtaken; f0 (earlier) is not.
+        st.give_back(f1, chunks(&first));
+        let (f3, third) = st.capture();
+        assert_eq!(chunks(&third), chunks(&first), "chunk 3 is back");
+        assert!(!st.landed(f0));
+        assert!(st.landed(f2));
+        assert!(!st.landed(f3), "captured after the give-back");
+        // Publishing: chunk 2's newer version is clean, chunk 3 too.
         st.complete(2, second[0].generation, None);
-        assert_eq!(st.dirty.len(), 1);
-        st.complete(1, third[0].generation, None);
-        assert!(st.dirty.is_empty());
-        assert!(st.oldest_dirty.is_none());
+        st.complete(3, third[0].generation, None);
+        assert_eq!(st.dirty.len(), 1, "chunk 1 is still dirty");
     }
 }

@@ -11,6 +11,7 @@ use futures::StreamExt as _;
 
 use super::Inner;
 use super::dirty::Captured;
+use super::pipeline::Turn;
 use crate::cache::ChunkData;
 use crate::codec::Plain;
 use crate::error::{Error, Result};
@@ -21,9 +22,11 @@ use crate::store::{Loc, SegmentId};
 /// (volume::pipeline), a collector's copy whenever its upload ends.
 pub struct FlushState {
     pub(super) segments_since_checkpoint: u64,
-    /// The newest segment of ours whose entries are published; every
+    /// The newest segment of ours whose entries are published. Every
     /// segment of ours below it is published too, or never will be, or is
-    /// a collector's copy whose moves change no chunk's content.
+    /// a collector's copy whose moves change no chunk's content — or, when
+    /// a copy published ahead of them, belongs to a flush still in flight
+    /// (the checkpoint pick checks: docs/rfcs/0005).
     pub(super) last_segment: Option<SegmentId>,
     /// Where the last checkpoint was attempted: a position names one
     /// checkpoint, written once (its key and nonce derive from it).
@@ -92,10 +95,21 @@ enum Round {
 /// to the dirty table if the flush fails or is dropped.
 struct Flight<'a> {
     inner: &'a Inner,
+    /// The capture's number (`State::capture`).
+    number: u64,
     /// (chunk, generation) still held: given back on drop.
     held: Vec<(u64, u64)>,
-    given_back_at_capture: u64,
+    /// Not yet landed or given back.
+    open: bool,
     journal_mark: Option<Result<u64>>,
+}
+
+/// A flush between its capture and its end. Its fields drop in this
+/// order: what it holds is given back *before* its turn ends, so the next
+/// turn, publishing, already sees itself overtaken (docs/rfcs/0005).
+struct InFlight<'a> {
+    flight: Flight<'a>,
+    turn: Turn<'a>,
 }
 
 impl Flight<'_> {
@@ -113,7 +127,8 @@ impl Flight<'_> {
             }
         }
         self.held.clear();
-        if st.dirty.given_back() != self.given_back_at_capture {
+        self.open = false;
+        if st.landed(self.number) {
             return Round::Overtaken;
         }
         match (&mut st.journal, self.journal_mark.take()) {
@@ -127,9 +142,9 @@ impl Flight<'_> {
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        if !self.held.is_empty() {
+        if self.open {
             let held = std::mem::take(&mut self.held);
-            self.inner.state.lock().give_back(held);
+            self.inner.state.lock().give_back(self.number, held);
         }
     }
 }
@@ -353,12 +368,12 @@ impl Inner {
     async fn flush_round(self: &Arc<Self>) -> Result<Round> {
         let pipeline = &self.pipeline;
         let slot = pipeline.slot().await;
-        let (turn, flight, upload) = {
+        let (in_flight, upload) = {
             let allocating = pipeline.allocating().await;
             self.check_writable()?;
             let (flight, captured) = {
                 let mut st = self.state.lock();
-                let captured = st.capture();
+                let (number, captured) = st.capture();
                 // Later writes go to a new journal segment; the captured
                 // ones are all in the segments before it.
                 let mark = (!captured.is_empty())
@@ -366,15 +381,18 @@ impl Inner {
                     .flatten();
                 let flight = Flight {
                     inner: self,
+                    number,
                     held: captured.iter().map(|c| (c.chunk, c.generation)).collect(),
-                    given_back_at_capture: st.dirty.given_back(),
+                    open: true,
                     journal_mark: mark,
                 };
                 (flight, captured)
             };
             // Segments an earlier flush failed to store go first (no
-            // request when there are none): the window rule needs them,
-            // and their bytes are held until then.
+            // request when there are none), those whose window allows:
+            // the window rule needs them, and their bytes are held until
+            // then. Waiting here for a flush in flight would hold off
+            // every capture; the PUTs above them settle the rest.
             self.log
                 .settle_segments()
                 .await
@@ -399,7 +417,8 @@ impl Inner {
             let lowest = upload
                 .as_ref()
                 .and_then(|(_, l, _)| l.first().map(|l| l.id));
-            (pipeline.take(&allocating, slot, lowest), flight, upload)
+            let turn = pipeline.take(&allocating, slot, lowest);
+            (InFlight { flight, turn }, upload)
         };
         // Encryption overlaps the uploads; stored by conditional create at
         // names a newer owner fences: when every PUT succeeded, no newer
@@ -414,10 +433,11 @@ impl Inner {
             )),
             None => None,
         };
-        turn.wait().await;
+        in_flight.turn.wait().await;
         let mut fs = self.flush.lock().await;
         // An earlier flush may have found this writer fenced meanwhile.
         self.check_writable()?;
+        let InFlight { flight, turn } = in_flight;
         let round = flight.publish(written.as_ref().map(|(_, o)| o.as_slice()));
         turn.published();
         if let Some((segments, _)) = &written {

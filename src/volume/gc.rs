@@ -6,10 +6,11 @@
 //! 1. **Copy forward.** A segment whose live bytes fall below a share of
 //!    its size has its live frames read, re-encoded into new segments of
 //!    ours and published — a chunk moves only if the index still points at
-//!    the frame that was copied. The ids are allocated, and the index
-//!    checked, under the flush lock, so a newer version of any copied
-//!    chunk is always in a later segment: replaying a copy never changes a
-//!    chunk's content.
+//!    the frame that was copied. The ids are allocated, and the index and
+//!    the dirty table checked, under the lock flushes capture and allocate
+//!    under (docs/rfcs/0005), so a newer version of any copied chunk is
+//!    always in a later segment: replaying a copy never changes a chunk's
+//!    content.
 //! 2. **Mark.** After a checkpoint of ours is stored *and* a following
 //!    owner check finds no newer claim, every future recovery starts from
 //!    that checkpoint or a newer one. What it does not need is marked

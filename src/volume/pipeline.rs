@@ -136,17 +136,17 @@ impl Turn<'_> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        let first = {
-            let mut t = self.pipeline.turns.lock();
-            t.ids.remove(&self.n);
-            t.over.insert(self.n);
-            while t.over.first() == Some(&t.first_open) {
-                t.over.pop_first();
-                t.first_open += 1;
-            }
-            t.first_open
-        };
-        self.pipeline.first_open.send_replace(first);
+        let mut t = self.pipeline.turns.lock();
+        t.ids.remove(&self.n);
+        t.over.insert(self.n);
+        while t.over.first() == Some(&t.first_open) {
+            t.over.pop_first();
+            t.first_open += 1;
+        }
+        // Sent under the lock: two turns ending at once on two threads
+        // must not send their values in the wrong order (the watch would
+        // go back, and the next turn would wait forever).
+        self.pipeline.first_open.send_replace(t.first_open);
     }
 }
 
@@ -195,6 +195,39 @@ mod tests {
             .unwrap();
         drop(c);
         assert_eq!(p.lowest_in_flight(), None);
+    }
+
+    /// Turns ending at the same moment on two threads leave the pipeline
+    /// open for the next (the review found the watch going back when its
+    /// value was sent after the lock: every later flush then hung).
+    #[test]
+    fn turns_ending_at_once_on_two_threads_never_close_the_pipeline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let p = Pipeline::new(2);
+        for _ in 0..5_000 {
+            let (a, b) = rt.block_on(async {
+                let alloc = p.allocating().await;
+                let a = p.take(&alloc, p.slot().await, Some(id(1)));
+                let b = p.take(&alloc, p.slot().await, Some(id(2)));
+                (a, b)
+            });
+            let barrier = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    barrier.wait();
+                    drop(a);
+                });
+                s.spawn(|| {
+                    barrier.wait();
+                    drop(b);
+                });
+            });
+            let next = *p.first_open.borrow();
+            assert_eq!(next, p.turns.lock().first_open, "the watch went back");
+        }
     }
 
     #[tokio::test]
