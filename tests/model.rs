@@ -1101,6 +1101,10 @@ impl Case {
         for i in 0..later {
             for _ in 0..1 + self.rng.below(2) {
                 self.random_write(&vol, "  while held: ").await?;
+                // A flush spawned earlier may not have captured yet (its
+                // task not yet run, or waiting for a slot): it may capture
+                // this version, which then may be in the bucket.
+                self.model.capture();
             }
             flushes.push(self.spawn_flush(&vol, &format!("  while held: flush {}", i + 2)));
         }
