@@ -208,6 +208,20 @@ impl Inner {
         })
     }
 
+    /// `compress`, off the async workers (CPU work, on all cores).
+    pub(super) async fn compress_off_workers(
+        self: &Arc<Self>,
+        captured: Vec<Captured>,
+    ) -> (Vec<Captured>, Vec<Option<Plain>>) {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let plains = this.compress(&captured);
+            (captured, plains)
+        })
+        .await
+        .expect("compress task")
+    }
+
     /// Lay the compressed frames out evenly over as many segments as the
     /// size target rounds to, allocating their ids (frame offsets, hence
     /// nonces, are known once compressed sizes are). Cheap; no I/O.
@@ -400,15 +414,7 @@ impl Inner {
             let upload = if captured.is_empty() {
                 None
             } else {
-                // Compression is CPU work: off the async workers, on all
-                // cores.
-                let this = Arc::clone(self);
-                let (captured, plains) = tokio::task::spawn_blocking(move || {
-                    let plains = this.compress(&captured);
-                    (captured, plains)
-                })
-                .await
-                .expect("compress task");
+                let (captured, plains) = self.compress_off_workers(captured).await;
                 Some(self.layout(captured, plains)?)
             };
             // Ids are allocated by the layout, and handed to the upload

@@ -635,13 +635,7 @@ impl Inner {
         if captured.is_empty() {
             return Ok(GcPass::default());
         }
-        let this = Arc::clone(self);
-        let (captured, plains) = tokio::task::spawn_blocking(move || {
-            let plains = this.compress(&captured);
-            (captured, plains)
-        })
-        .await
-        .expect("compress task");
+        let (captured, plains) = self.compress_off_workers(captured).await;
         // Under the allocation lock flushes capture and allocate under:
         // the chunks still at the copied frames and not dirty, and the new
         // ids. A newer version of one of them is either published (the
