@@ -419,6 +419,8 @@ pub(super) async fn create_or_confirm(
                 let existing = store.get(key).await?;
                 return Ok(ours(&existing));
             }
+            // The retry layer already spent the outage bound on it.
+            Err(e @ StoreError::GaveUp(_)) => return Err(e.into()),
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!("creating {key} failed (attempt {attempt}, retrying): {e}");
             }

@@ -55,6 +55,11 @@ pub enum StoreError {
     /// dropped connection, 5xx, throttling): worth retrying.
     #[error("object store unavailable: {0}")]
     Unavailable(String),
+    /// Unavailable for the whole outage bound (`--retry-for`): the retry
+    /// layer's final answer. Callers do not retry it again (that would
+    /// multiply the bound).
+    #[error("object store unavailable: {0}")]
+    GaveUp(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -104,7 +104,7 @@ impl RetryStore {
                     "{what} {key}: giving up after {tries} attempts in {:?}: {error}",
                     started.elapsed()
                 );
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::GaveUp(format!(
                     "{what} {key}: {error} (gave up after {tries} attempts in {} s)",
                     started.elapsed().as_secs()
                 )));
