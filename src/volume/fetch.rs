@@ -21,7 +21,8 @@ pub struct Fetcher {
     sequence: Mutex<Sequence>,
 }
 
-/// The sequential-read detector.
+/// The sequential-read detector: pure (no I/O, no clock), so its rules
+/// are unit-tested on their own.
 #[derive(Default)]
 struct Sequence {
     /// Chunk after the last read.
@@ -32,6 +33,38 @@ struct Sequence {
     window: u64,
     /// Whether any read was seen (the first read is never "sequential").
     started: bool,
+}
+
+impl Sequence {
+    /// Note a read of chunks `first..=last` on a volume of `chunks`
+    /// chunks; returns the chunks to prefetch now. A read that starts at,
+    /// just before, or inside what was read or prefetched is sequential:
+    /// the window doubles (from 2) up to `max`, and what it covers beyond
+    /// what was already prefetched is returned. Anything else resets the
+    /// window, and nothing is prefetched. `max` 0: never.
+    fn note(&mut self, first: u64, last: u64, max: u64, chunks: u64) -> std::ops::Range<u64> {
+        if max == 0 {
+            return 0..0;
+        }
+        let sequential = self.started
+            && first >= self.next.saturating_sub(1)
+            && first <= self.prefetched_to.max(self.next);
+        self.started = true;
+        self.window = if sequential {
+            (self.window * 2).max(2).min(max)
+        } else {
+            0
+        };
+        self.next = last + 1;
+        if self.window == 0 {
+            self.prefetched_to = last + 1;
+            return 0..0;
+        }
+        let end = (last + 1 + self.window).min(chunks);
+        let start = self.prefetched_to.max(last + 1);
+        self.prefetched_to = self.prefetched_to.max(end);
+        start..end.max(start)
+    }
 }
 
 impl Inner {
@@ -105,31 +138,12 @@ impl Inner {
     /// Note a read of chunks `first..=last`; when reads are sequential,
     /// prefetch a window (doubling up to the configured maximum) ahead.
     pub(super) fn note_read(self: &Arc<Self>, first: u64, last: u64) {
-        let max = self.cfg.readahead_chunks;
-        if max == 0 {
-            return;
-        }
-        let range = {
-            let mut s = self.fetch.sequence.lock();
-            let sequential = s.started
-                && first >= s.next.saturating_sub(1)
-                && first <= s.prefetched_to.max(s.next);
-            s.started = true;
-            s.window = if sequential {
-                (s.window * 2).max(2).min(max)
-            } else {
-                0
-            };
-            s.next = last + 1;
-            if s.window == 0 {
-                s.prefetched_to = last + 1;
-                return;
-            }
-            let end = (last + 1 + s.window).min(self.log.chunks());
-            let start = s.prefetched_to.max(last + 1);
-            s.prefetched_to = s.prefetched_to.max(end);
-            start..end
-        };
+        let range = self.fetch.sequence.lock().note(
+            first,
+            last,
+            self.cfg.readahead_chunks,
+            self.log.chunks(),
+        );
         for chunk in range {
             let loc = {
                 let st = self.state.lock();
@@ -148,6 +162,50 @@ impl Inner {
                     tracing::debug!("readahead of chunk {chunk} failed: {e}");
                 }
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sequence;
+
+    #[test]
+    fn sequential_reads_prefetch_a_doubling_window_once() {
+        let mut s = Sequence::default();
+        assert_eq!(
+            s.note(0, 0, 8, 100),
+            0..0,
+            "the first read is never sequential"
+        );
+        assert_eq!(s.note(1, 1, 8, 100), 2..4, "window 2");
+        assert_eq!(s.note(2, 2, 8, 100), 4..7, "window 4: only what is new");
+        assert_eq!(s.note(3, 3, 8, 100), 7..12, "window 8, the most");
+        assert_eq!(s.note(4, 4, 8, 100), 12..13);
+        // A read inside what was prefetched is still sequential.
+        assert_eq!(s.note(10, 11, 8, 100), 13..20);
+    }
+
+    #[test]
+    fn a_jump_resets_and_the_end_of_the_volume_bounds_it() {
+        let mut s = Sequence::default();
+        s.note(0, 0, 8, 100);
+        s.note(1, 1, 8, 100);
+        assert_eq!(s.note(50, 50, 8, 100), 0..0, "a jump: not sequential");
+        assert_eq!(s.note(51, 51, 8, 100), 52..54, "starts again at 2");
+        let mut s = Sequence::default();
+        s.note(96, 96, 8, 100);
+        assert_eq!(s.note(97, 97, 8, 100), 98..100);
+        assert_eq!(s.note(98, 99, 8, 100), 100..100, "nothing past the end");
+        // Reading backwards by one chunk still counts (a re-read).
+        assert_eq!(s.note(99, 99, 8, 100), 100..100);
+    }
+
+    #[test]
+    fn readahead_off_prefetches_nothing() {
+        let mut s = Sequence::default();
+        for c in 0..10 {
+            assert_eq!(s.note(c, c, 0, 100), 0..0);
         }
     }
 }

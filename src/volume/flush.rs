@@ -170,6 +170,34 @@ fn is_zero(data: &[u8]) -> bool {
     data.iter().all(|b| *b == 0)
 }
 
+/// Which segment each captured chunk goes to, given its frame length
+/// (None: a zero record, which takes no frame bytes): as many segments as
+/// the target size rounds to, filled evenly and in order — a flush of
+/// 64 MiB and a little is 2 segments, not 2 full ones and a tiny third;
+/// none exceeds 1.5 × the target (bar one frame). Pure: the plan is
+/// unit-tested apart from encoding. Returns (segments, segment of each).
+fn split_segments(lens: &[Option<usize>], target: usize) -> (usize, Vec<usize>) {
+    let total: usize = lens.iter().flatten().sum();
+    let target = target.max(1);
+    let count = ((total + target / 2) / target).max(1);
+    let per_segment = total.div_ceil(count);
+    let (mut n, mut used) = (0, 0);
+    let segment_of = lens
+        .iter()
+        .map(|len| {
+            if let Some(len) = len {
+                if used > 0 && used + len > per_segment && n + 1 < count {
+                    n += 1;
+                    used = 0;
+                }
+                used += len;
+            }
+            n
+        })
+        .collect();
+    (count, segment_of)
+}
+
 /// Run `f` over `items` on all cores (scoped threads), keeping order.
 fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     let threads = super::cores();
@@ -230,41 +258,31 @@ impl Inner {
         captured: Vec<Captured>,
         plains: Vec<Option<Plain>>,
     ) -> Result<(Plan, Vec<SegmentLayout>, Vec<Vec<Outcome>>)> {
-        // As many segments as the target size rounds to, filled evenly: a
-        // flush of 64 MiB + a little is 2 segments, not 2 full ones and a
-        // tiny third (a segment is at most 1.5 × the target).
-        let total: usize = plains
+        let lens: Vec<Option<usize>> = plains
             .iter()
-            .flatten()
-            .map(|p| self.codec.frame_len(p))
-            .sum();
-        let target = self.cfg.segment_target.max(1);
-        let count = ((total + target / 2) / target).max(1);
-        let per_segment = total.div_ceil(count);
-        let mut layouts = vec![SegmentLayout::new(self.log.alloc_segment()?)];
-        let mut frames = vec![Vec::new()];
-        let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new()];
-        for (i, (c, plain)) in captured.iter().zip(&plains).enumerate() {
-            let loc = match plain {
-                Some(p) => {
-                    let len = self.codec.frame_len(p);
-                    let used = layouts.last().expect("one at least").frames_len();
-                    if used > 0 && used + len > per_segment && layouts.len() < count {
-                        layouts.push(SegmentLayout::new(self.log.alloc_segment()?));
-                        frames.push(Vec::new());
-                        outcomes.push(Vec::new());
-                    }
-                    let loc = layouts.last_mut().expect("one").add_frame(c.chunk, len);
-                    frames.last_mut().expect("one per layout").push((i, loc));
+            .map(|p| p.as_ref().map(|p| self.codec.frame_len(p)))
+            .collect();
+        let (count, segment_of) = split_segments(&lens, self.cfg.segment_target);
+        let mut layouts = Vec::with_capacity(count);
+        for _ in 0..count {
+            layouts.push(SegmentLayout::new(self.log.alloc_segment()?));
+        }
+        let mut frames = vec![Vec::new(); count];
+        let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); count];
+        for (i, (c, len)) in captured.iter().zip(&lens).enumerate() {
+            let n = segment_of[i];
+            let loc = match len {
+                Some(len) => {
+                    let loc = layouts[n].add_frame(c.chunk, *len);
+                    frames[n].push((i, loc));
                     Some(loc)
                 }
                 None => {
-                    layouts.last_mut().expect("one").add_zero(c.chunk);
+                    layouts[n].add_zero(c.chunk);
                     None
                 }
             };
-            let last = outcomes.last_mut().expect("one per layout");
-            last.push((c.chunk, c.generation, loc, c.data.clone()));
+            outcomes[n].push((c.chunk, c.generation, loc, c.data.clone()));
         }
         let plan = Plan {
             captured,
@@ -495,5 +513,52 @@ pub async fn background(inner: Weak<Inner>, wanted: Arc<tokio::sync::Notify>) {
             }
             tracing::warn!("background flush failed (will retry): {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_segments;
+
+    const MIB: usize = 1 << 20;
+
+    fn sizes(lens: &[Option<usize>], target: usize) -> Vec<usize> {
+        let (count, of) = split_segments(lens, target);
+        let mut out = vec![0; count];
+        for (len, n) in lens.iter().zip(&of) {
+            out[*n] += len.unwrap_or(0);
+        }
+        assert!(of.windows(2).all(|w| w[0] <= w[1]), "in order");
+        out
+    }
+
+    #[test]
+    fn segments_are_as_many_as_the_target_rounds_to_and_even() {
+        // 64 MiB and a little, in 128 KiB frames: 2 segments, no tiny third.
+        let lens = vec![Some(128 << 10); 512 + 3];
+        let s = sizes(&lens, 32 * MIB);
+        assert_eq!(s.len(), 2);
+        assert!(s.iter().all(|b| b.abs_diff(32 * MIB) <= MIB), "{s:?}");
+        // 47 MiB: one segment (rounds to 1), at most 1.5 × the target.
+        assert_eq!(sizes(&vec![Some(MIB); 47], 32 * MIB), [47 * MIB]);
+        // 49 MiB: two.
+        assert_eq!(sizes(&vec![Some(MIB); 49], 32 * MIB).len(), 2);
+        // Small flushes and zero records only: one segment.
+        assert_eq!(sizes(&[Some(4096)], 32 * MIB), [4096]);
+        assert_eq!(sizes(&[None, None], 32 * MIB), [0]);
+    }
+
+    #[test]
+    fn zero_records_ride_with_the_segment_being_filled() {
+        let mut lens = vec![Some(MIB); 64];
+        lens.insert(40, None);
+        let (count, of) = split_segments(&lens, 32 * MIB);
+        assert_eq!(count, 2);
+        assert_eq!(
+            of[40], of[39],
+            "the zero record goes where its neighbour went"
+        );
+        assert_eq!(of[0], 0);
+        assert_eq!(of[64], 1);
     }
 }
