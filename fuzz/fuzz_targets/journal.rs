@@ -19,13 +19,13 @@ fuzz_target!(|data: &[u8]| {
         key: key(),
         plaintext_allowed: true,
     };
-    for last in [false, true] {
-        let _ = journal::parse_segment(path, data, &owner, last);
+    for tail in [journal::Tail::Whole, journal::Tail::MayBeTorn] {
+        let _ = journal::parse_segment(path, data, &owner, tail);
     }
     // The same bytes behind a valid header, so the record parser is reached
     // (records themselves only authenticate if encrypted under the key; the parser must
     // still never panic or over-allocate on them).
     let mut file = journal::header_for_fuzzing(&owner, 0);
     file.extend_from_slice(data);
-    let _ = journal::parse_segment(path, &file, &owner, true);
+    let _ = journal::parse_segment(path, &file, &owner, journal::Tail::MayBeTorn);
 });

@@ -532,14 +532,20 @@ impl Volume {
                 }
             }
         }
+        // Only an epoch's newest segment may end in a torn record.
+        let tail = |i: usize, r: &Replay| {
+            if i + 1 == r.paths.len() {
+                journal::Tail::MayBeTorn
+            } else {
+                journal::Tail::Whole
+            }
+        };
         // Check every segment before applying any (a corrupt one must not
         // leave half a replay behind), then apply record by record: replay
         // holds one record in memory, not the journal.
         for r in &replay {
             for (i, path) in r.paths.iter().enumerate() {
-                // Only an epoch's newest segment may end in a torn record.
-                let last = i + 1 == r.paths.len();
-                for record in journal::read_segment(path, &r.owner(&id), last)? {
+                for record in journal::read_segment(path, &r.owner(&id), tail(i, r))? {
                     record?;
                 }
             }
@@ -547,8 +553,7 @@ impl Volume {
         let mut replayed = 0;
         for r in &replay {
             for (i, path) in r.paths.iter().enumerate() {
-                let last = i + 1 == r.paths.len();
-                for record in journal::read_segment(path, &r.owner(&id), last)? {
+                for record in journal::read_segment(path, &r.owner(&id), tail(i, r))? {
                     match record? {
                         journal::Record::Data { offset, data } => self.write(offset, &data).await?,
                         journal::Record::Zeroes { offset, len } => {
