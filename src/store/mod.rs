@@ -24,7 +24,7 @@ pub mod log;
 pub mod paths;
 pub mod segment;
 pub mod superblock;
-mod wire;
+pub(crate) mod wire;
 
 pub use index::{Index, Loc};
 pub use log::{Inventory, LogStore, LogSummary, OpenMode, WriterOptions};

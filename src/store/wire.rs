@@ -1,5 +1,6 @@
 //! Little-endian fixed-width encoding for the binary tables (segment tables,
-//! checkpoints). Decoding never panics: short input is a format error.
+//! checkpoints) and the journal's headers. Decoding never panics: short
+//! input is a format error.
 
 use crate::error::{Error, Result};
 
@@ -20,6 +21,11 @@ impl Encoder {
     }
     pub fn u8(&mut self, v: u8) -> &mut Self {
         self.0.push(v);
+        self
+    }
+    /// Bytes of a size both sides know (no length).
+    pub fn fixed(&mut self, v: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(v);
         self
     }
     /// Length (u32) and bytes.
@@ -63,6 +69,11 @@ impl<'a> Decoder<'a> {
 
     pub fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
+    }
+
+    /// `N` bytes, as `Encoder::fixed` wrote them.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
     }
 
     /// Length (u32) and bytes, as `Encoder::bytes` wrote them.

@@ -51,6 +51,7 @@ pub use writer::{Journal, budget, free_bytes};
 
 use crate::error::{Error, Result};
 use crate::store::keys::{SubKey, TAG_LEN, VolumeKeys, counter_nonce, domain};
+use crate::store::wire::{Decoder, Encoder};
 
 /// Encrypted records (what this build writes).
 const MAGIC: &[u8; 8] = b"ZUBLKJN3";
@@ -160,13 +161,14 @@ pub fn header_for_fuzzing(owner: &Owner, segment: u64) -> Vec<u8> {
 }
 
 fn header(owner: &Owner, segment: u64) -> Vec<u8> {
-    let mut h = MAGIC.to_vec();
-    h.extend_from_slice(owner.volume_id);
-    h.extend_from_slice(&owner.epoch.to_le_bytes());
-    h.extend_from_slice(owner.tag);
-    h.extend_from_slice(&segment.to_le_bytes());
-    let crc = crc32c::crc32c(&h);
-    h.extend_from_slice(&crc.to_le_bytes());
+    let mut h = Header {
+        magic: *MAGIC,
+        volume_id: *owner.volume_id,
+        epoch: owner.epoch,
+        tag: *owner.tag,
+        segment,
+    }
+    .encode();
     let check = owner
         .key
         .encrypt_in_place(&header_nonce(segment), &h, &mut []);
@@ -174,16 +176,60 @@ fn header(owner: &Owner, segment: u64) -> Vec<u8> {
     h
 }
 
+/// A segment file's header fields (both formats), then a CRC of them.
+#[derive(Debug, PartialEq, Eq)]
+struct Header {
+    magic: [u8; 8],
+    volume_id: [u8; 16],
+    epoch: u64,
+    tag: ClaimTag,
+    segment: u64,
+}
+
+impl Header {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::with_capacity(HEADER_LEN);
+        e.fixed(&self.magic)
+            .fixed(&self.volume_id)
+            .u64(self.epoch)
+            .fixed(&self.tag)
+            .u64(self.segment);
+        let crc = crc32c::crc32c(&e.0);
+        e.u32(crc);
+        e.0
+    }
+
+    /// The fields of `h` (the first `HEADER_LEN` bytes of a file), if its
+    /// magic is a journal's and its CRC matches.
+    fn decode(h: &[u8], path: &Path) -> Result<Header> {
+        let bad = |why: &str| Error::Integrity(format!("journal {}: {why}", path.display()));
+        if h.len() < HEADER_LEN || (&h[..8] != MAGIC && &h[..8] != MAGIC_V2) {
+            return Err(bad("bad header (or the format of another version)"));
+        }
+        let mut d = Decoder::new(&h[..HEADER_LEN], "journal header");
+        let header = Header {
+            magic: d.array()?,
+            volume_id: d.array()?,
+            epoch: d.u64()?,
+            tag: d.array()?,
+            segment: d.u64()?,
+        };
+        if crc32c::crc32c(&h[..HEADER_LEN - 4]) != d.u32()? {
+            return Err(bad("header checksum mismatch"));
+        }
+        d.finish()?;
+        Ok(header)
+    }
+}
+
 fn header_nonce(segment: u64) -> [u8; crate::store::keys::NONCE_LEN] {
     counter_nonce(domain::JOURNAL_HEADER, segment)
 }
 
 fn record_crc(kind: u8, offset: u64, len: u64, data: &[u8]) -> u32 {
-    let mut h = [0u8; 17];
-    h[0] = kind;
-    h[1..9].copy_from_slice(&offset.to_le_bytes());
-    h[9..17].copy_from_slice(&len.to_le_bytes());
-    crc32c::crc32c_append(crc32c::crc32c(&h), data)
+    let mut h = Encoder::with_capacity(17);
+    h.u8(kind).u64(offset).u64(len);
+    crc32c::crc32c_append(crc32c::crc32c(&h.0), data)
 }
 
 /// The journal directory, private to root: created 0700, and narrowed to

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::error::{Error, Result};
 use crate::store::keys::{SubKey, TAG_LEN, counter_nonce, domain};
+use crate::store::wire::Decoder;
 
 /// The claim tag in a segment's header, if the header is intact.
 pub fn read_tag(path: &Path) -> Result<ClaimTag> {
@@ -16,25 +17,7 @@ pub fn read_tag(path: &Path) -> Result<ClaimTag> {
     File::open(path)
         .and_then(|mut f| f.read_exact(&mut h))
         .map_err(|e| io(path, e))?;
-    check_header(path, &h)?;
-    Ok(h[32..48].try_into().expect("16"))
-}
-
-fn check_header(path: &Path, h: &[u8]) -> Result<()> {
-    if h.len() < HEADER_LEN || (&h[..8] != MAGIC && &h[..8] != MAGIC_V2) {
-        return Err(Error::Integrity(format!(
-            "journal {}: bad header (or the format of another version)",
-            path.display()
-        )));
-    }
-    let stored = u32::from_le_bytes(h[HEADER_LEN - 4..HEADER_LEN].try_into().expect("4"));
-    if crc32c::crc32c(&h[..HEADER_LEN - 4]) != stored {
-        return Err(Error::Integrity(format!(
-            "journal {}: header checksum mismatch",
-            path.display()
-        )));
-    }
-    Ok(())
+    Ok(Header::decode(&h, path)?.tag)
 }
 
 /// How a segment may end: the recovery policy for a torn final record.
@@ -107,23 +90,23 @@ impl<R: Read> Records<R> {
     fn new(path: &Path, mut reader: R, owner: &Owner, tail: Tail) -> Result<Self> {
         let mut h = [0u8; HEADER_LEN];
         let n = read_full(&mut reader, &mut h).map_err(|e| io(path, e))?;
-        check_header(path, &h[..n])?;
+        let header = Header::decode(&h[..n], path)?;
         let mut records = Records {
             path: path.to_path_buf(),
             reader,
             key: owner.key.clone(),
-            plaintext: &h[..8] == MAGIC_V2,
+            plaintext: &header.magic == MAGIC_V2,
             counter: None,
             tail,
             done: false,
         };
-        if h[8..24] != owner.volume_id[..] {
+        if header.volume_id != *owner.volume_id {
             return Err(records.bad("volume mismatch"));
         }
-        if u64::from_le_bytes(h[24..32].try_into().expect("8")) != owner.epoch {
+        if header.epoch != owner.epoch {
             return Err(records.bad("epoch mismatch"));
         }
-        if h[32..48] != owner.tag[..] {
+        if header.tag != *owner.tag {
             return Err(records.bad("claim mismatch"));
         }
         if records.plaintext && !owner.plaintext_allowed {
@@ -132,7 +115,7 @@ impl<R: Read> Records<R> {
         if !records.plaintext {
             let mut check = [0u8; TAG_LEN];
             let n = read_full(&mut records.reader, &mut check).map_err(|e| io(path, e))?;
-            let segment = u64::from_le_bytes(h[48..56].try_into().expect("8"));
+            let segment = header.segment;
             if n < TAG_LEN
                 || !owner
                     .key
@@ -175,9 +158,12 @@ impl<R: Read> Records<R> {
             Ok(n) if n < header_len => return self.torn(),
             Ok(_) => {}
         }
-        let kind = h[0];
-        let offset = u64::from_le_bytes(h[1..9].try_into().expect("8"));
-        let len = u64::from_le_bytes(h[9..17].try_into().expect("8"));
+        let mut fields = Decoder::new(h, "journal record header");
+        let (kind, offset, len) = (
+            fields.u8().expect("read whole"),
+            fields.u64().expect("read whole"),
+            fields.u64().expect("read whole"),
+        );
         let data_len = if kind == KIND_DATA { len } else { 0 };
         // A record is one chunk's write at most; a larger length is a torn
         // or corrupt header, and must not size an allocation.
@@ -191,11 +177,11 @@ impl<R: Read> Records<R> {
             Ok(_) => {}
         }
         let authentic = if self.plaintext {
-            let crc = u32::from_le_bytes(h[17..21].try_into().expect("4"));
+            let crc = fields.u32().expect("read whole");
             record_crc(kind, offset, len, &data) == crc
         } else {
-            let counter = u64::from_le_bytes(h[17..25].try_into().expect("8"));
-            let tag: [u8; TAG_LEN] = h[RECORD_AAD..].try_into().expect("16");
+            let counter = fields.u64().expect("read whole");
+            let tag: [u8; TAG_LEN] = fields.array().expect("read whole");
             let nonce = counter_nonce(domain::JOURNAL, counter);
             if !self
                 .key

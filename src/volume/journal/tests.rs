@@ -393,3 +393,38 @@ fn a_failed_append_leaves_no_torn_record_before_later_ones() {
         vec![rec1, rec3]
     );
 }
+
+/// The header's bytes stay where format 3 put them (journals written by an
+/// older build are replayed by a newer one): magic, volume id, epoch, claim
+/// tag, segment, CRC of those, then the key check.
+#[test]
+fn the_header_layout_is_format_3s() {
+    let id = [3u8; 16];
+    let owner = Owner {
+        volume_id: &id,
+        epoch: 0x0102_0304_0506_0708,
+        tag: &TAG,
+        key: key(),
+        plaintext_allowed: false,
+    };
+    let h = header(&owner, 0x1122_3344);
+    assert_eq!(h.len(), HEADER_V3);
+    assert_eq!(&h[..8], b"ZUBLKJN3");
+    assert_eq!(h[8..24], id);
+    assert_eq!(h[24..32], 0x0102_0304_0506_0708u64.to_le_bytes());
+    assert_eq!(h[32..48], TAG);
+    assert_eq!(h[48..56], 0x1122_3344u64.to_le_bytes());
+    assert_eq!(h[56..60], crc32c::crc32c(&h[..56]).to_le_bytes());
+    let decoded = Header::decode(&h[..HEADER_LEN], Path::new("x")).unwrap();
+    assert_eq!((decoded.epoch, decoded.segment), (owner.epoch, 0x1122_3344));
+    let mut bad = h.clone();
+    bad[30] ^= 1;
+    assert!(
+        Header::decode(&bad[..HEADER_LEN], Path::new("x")).is_err(),
+        "CRC"
+    );
+    assert!(
+        Header::decode(&h[..HEADER_LEN - 1], Path::new("x")).is_err(),
+        "short"
+    );
+}

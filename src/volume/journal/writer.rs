@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::error::{Error, Result};
 use crate::store::keys::{SubKey, TAG_LEN, counter_nonce, domain};
+use crate::store::wire::Encoder;
 
 pub struct Journal {
     dir: PathBuf,
@@ -142,13 +143,15 @@ impl Journal {
         };
         let counter = self.counter;
         self.counter += 1;
-        let mut buf = Vec::with_capacity(RECORD_HEADER + data.len());
-        buf.push(kind);
-        buf.extend_from_slice(&offset.to_le_bytes());
-        buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&counter.to_le_bytes());
-        buf.extend_from_slice(&[0u8; TAG_LEN]);
-        buf.extend_from_slice(data);
+        let mut record = Encoder::with_capacity(RECORD_HEADER + data.len());
+        record
+            .u8(kind)
+            .u64(offset)
+            .u64(len)
+            .u64(counter)
+            .fixed(&[0u8; TAG_LEN])
+            .fixed(data);
+        let mut buf = record.0;
         let (head, body) = buf.split_at_mut(RECORD_HEADER);
         let tag = self.key.encrypt_in_place(
             &counter_nonce(domain::JOURNAL, counter),
