@@ -67,6 +67,19 @@ fn data(len: usize, compressible: bool) -> Vec<u8> {
     out
 }
 
+/// `store` behind 25 ms per request (an S3 round trip), and a bandwidth
+/// cap in bytes per second if given.
+fn behind_25ms(store: DynStore, bandwidth: Option<u64>) -> DynStore {
+    Arc::new(LatencyStore::new(
+        store,
+        LatencyPlan {
+            latency: Duration::from_millis(25),
+            bandwidth,
+            error_rate: 0.0,
+        },
+    ))
+}
+
 fn secret() -> Secret {
     Secret::key_file(vec![7u8; 32]).expect("32 bytes")
 }
@@ -312,14 +325,7 @@ async fn p3(size: u64) -> Result<Vec<String>> {
     let vol = new_volume(&mem, size, VolumeConfig::default()).await?;
     vol.write(0, &data(size as usize, false)).await?;
     vol.close().await?;
-    let slow: DynStore = Arc::new(LatencyStore::new(
-        mem,
-        LatencyPlan {
-            latency: Duration::from_millis(25),
-            bandwidth: Some(bandwidth),
-            error_rate: 0.0,
-        },
-    ));
+    let slow = behind_25ms(mem, Some(bandwidth));
     let ro = OpenOptions {
         mode: OpenMode::ReadOnly,
     };
@@ -360,16 +366,7 @@ async fn p3(size: u64) -> Result<Vec<String>> {
 /// same store in the same run (one round trip; the ideal a FLUSH that
 /// must reach the store can have).
 async fn p8(flushes: usize) -> Result<Vec<String>> {
-    let behind_latency = || -> DynStore {
-        Arc::new(LatencyStore::new(
-            Arc::new(MemoryStore::new()),
-            LatencyPlan {
-                latency: Duration::from_millis(25),
-                bandwidth: None,
-                error_rate: 0.0,
-            },
-        ))
-    };
+    let behind_latency = || behind_25ms(Arc::new(MemoryStore::new()), None);
     let (bare_store, slow) = (behind_latency(), behind_latency());
     let block = data(4096, false);
     let mut bare = Vec::with_capacity(flushes);
@@ -416,16 +413,7 @@ async fn p8(flushes: usize) -> Result<Vec<String>> {
 /// - 8 clients each writing 4 KiB + FLUSH in a loop: fsyncs per second,
 ///   and segment PUTs per fsync (what overlapping costs in requests).
 async fn p12(fsyncs: usize) -> Result<Vec<String>> {
-    let store = || -> DynStore {
-        Arc::new(LatencyStore::new(
-            Arc::new(MemoryStore::new()),
-            LatencyPlan {
-                latency: Duration::from_millis(25),
-                bandwidth: Some(200 << 20),
-                error_rate: 0.0,
-            },
-        ))
-    };
+    let store = || behind_25ms(Arc::new(MemoryStore::new()), Some(200 << 20));
     let size = 1u64 << 30;
     let cfg = |depth| VolumeConfig {
         flush_depth: depth,
@@ -602,14 +590,7 @@ async fn p10(chunks: u64, changed: u64) -> Result<Vec<String>> {
     let delta_time = t.elapsed();
     let (puts1, bytes1) = stored(&log);
     drop(log);
-    let slow: DynStore = Arc::new(LatencyStore::new(
-        mem,
-        LatencyPlan {
-            latency: Duration::from_millis(25),
-            bandwidth: None,
-            error_rate: 0.0,
-        },
-    ));
+    let slow = behind_25ms(mem, None);
     let t = Instant::now();
     let (reader, loaded, summary) = LogStore::open(slow, &secret(), OpenMode::ReadOnly).await?;
     let open_time = t.elapsed();
