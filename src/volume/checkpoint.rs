@@ -8,10 +8,10 @@
 //! segment at or below it that will ever be published was published when
 //! it was picked (flushes publish in the order of their ids, and no pick
 //! is made while a flush in flight holds an id below the newest segment
-//! published — a later flush picks: docs/rfcs/0005; a collector's copy below it changes no
-//! chunk's content), so a later acknowledged flush has ids above it — the
-//! case analysis of docs/rfcs/0003 (case 4) does not depend on when the
-//! object is stored.
+//! published — a later flush picks: docs/rfcs/0005; a collector's copy
+//! below it changes no chunk's content), so a later acknowledged flush has
+//! ids above it — the case analysis of docs/rfcs/0003 (case 4) does not
+//! depend on when the object is stored.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -420,18 +420,19 @@ impl Inner {
                 };
                 (flight, captured)
             };
-            // Segments an earlier flush failed to store go first (no
-            // request when there are none), those whose window allows:
-            // the window rule needs them, and their bytes are held until
-            // then. Waiting here for a flush in flight would hold off
-            // every capture; the PUTs above them settle the rest.
-            self.log
-                .settle_segments()
-                .await
-                .map_err(|e| self.fenced_by(e))?;
             let upload = if captured.is_empty() {
+                // Nothing new: wait for the flushes before, no request.
                 None
             } else {
+                // Segments an earlier flush failed to store go first (no
+                // request when there are none), those whose window allows:
+                // the window rule needs them, and their bytes are held
+                // until then. Waiting here for a flush in flight would hold
+                // off every capture; the PUTs above them settle the rest.
+                self.log
+                    .settle_segments()
+                    .await
+                    .map_err(|e| self.fenced_by(e))?;
                 let (captured, plains) = self.compress_off_workers(captured).await;
                 Some(self.layout(captured, plains)?)
             };
