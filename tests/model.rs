@@ -858,7 +858,7 @@ impl Case {
                 self.takeover(stats, Some(gate)).await
             }
             87..=88 => self.takeover_held_at_open(stats).await,
-            89 => self.rmw_race(stats).await,
+            89 => self.partial_write_race(stats).await,
             90 => self.racing_takeovers(stats).await,
             91..=95 if self.zombie.is_some() => self.zombie_step(stats).await,
             96..=99 => self.contended_open(stats).await,
@@ -968,11 +968,14 @@ impl Case {
         Ok(())
     }
 
-    /// A partial write to a clean chunk fetches the chunk's frame; while
-    /// that GET is held, the chunk is rewritten whole and flushed (it moves
-    /// to a new frame). The partial write must then apply on top of the
-    /// new contents, not the fetched old ones.
-    async fn rmw_race(&mut self, stats: &mut Stats) -> Step {
+    /// A partial write to a chunk neither dirty nor cached completes
+    /// without the store: it is acknowledged while its background read of
+    /// the chunk's stored version is held. Meanwhile, one of: the chunk is
+    /// rewritten whole and flushed (it moves to a new frame; the late read
+    /// must not fold the old contents in); another partial write, a read
+    /// of what was written, and a flush that has to wait for the held read;
+    /// or the process dies with the read held.
+    async fn partial_write_race(&mut self, stats: &mut Stats) -> Step {
         let mapped: Vec<usize> = (0..CHUNKS as usize)
             .filter(|&c| self.model.chunk(c).iter().any(|b| *b != 0))
             .collect();
@@ -980,15 +983,24 @@ impl Case {
             return Ok(());
         }
         let c = mapped[self.rng.below(mapped.len() as u64) as usize] as u64;
-        let first = self.rng.below(SECTORS_PER_CHUNK - 1);
-        let sectors = 1 + self.rng.below(SECTORS_PER_CHUNK - 1 - first);
-        let partial = (c * SECTORS_PER_CHUNK + first, sectors, self.rng.next());
+        let mut partial = || {
+            let first = self.rng.below(SECTORS_PER_CHUNK - 1);
+            let sectors = 1 + self.rng.below(SECTORS_PER_CHUNK - 1 - first);
+            (c * SECTORS_PER_CHUNK + first, sectors, self.rng.next())
+        };
+        let (p1, p2) = (partial(), partial());
         let whole = (c * SECTORS_PER_CHUNK, SECTORS_PER_CHUNK, self.rng.next());
+        let then = self.rng.below(3);
+        let next = match then {
+            0 => format!("a whole write {whole:?} and a flush"),
+            1 => format!("a partial write {p2:?}, a read and a flush"),
+            _ => "the process dies".to_string(),
+        };
         self.note(format!(
-            "read-modify-write race on chunk {c}: partial {partial:?} held at its GET, whole {whole:?} and a flush meanwhile"
+            "partial write {p1:?} to chunk {c} while its read is held, then {next}"
         ));
         // A fresh process (empty cache) after a clean close, so the
-        // partial write must fetch.
+        // partial write's chunk is not in memory.
         self.clear_faults();
         let marks = self.model.capture();
         let vol = Arc::try_unwrap(self.vol.take().expect("live writer")).expect("one reference");
@@ -1001,30 +1013,46 @@ impl Case {
             .map_err(|e| format!("open failed: {e}"))?;
         self.vol = Some(Arc::clone(&vol));
         self.proc_.arm(Gate::FrameGet);
-        let v = Arc::clone(&vol);
-        let task = tokio::spawn(async move {
-            let (s, k, seed) = partial;
-            v.write(s * 512, &pattern(seed, (k * 512) as usize)).await
-        });
-        if reached(&self.proc_, &task, None).await? {
-            stats.reached(Gate::FrameGet, "partial write");
+        let (s, k, seed) = p1;
+        let data = pattern(seed, (k * 512) as usize);
+        match tokio::time::timeout(Duration::from_secs(5), vol.write(s * 512, &data)).await {
+            Ok(r) => r.map_err(|e| format!("partial write failed: {e}"))?,
+            Err(_) => return Err("a partial write waited for the store".into()),
         }
-        let (s, k, seed) = whole;
-        within(
-            "write",
-            vol.write(s * 512, &pattern(seed, (k * 512) as usize)),
-        )
-        .await?
-        .map_err(|e| format!("write failed: {e}"))?;
-        within("flush", vol.flush())
-            .await?
-            .map_err(|e| format!("flush failed with no fault armed: {e}"))?;
-        self.proc_.open_gate();
-        within("write", task)
-            .await?
-            .unwrap()
-            .map_err(|e| format!("partial write failed: {e}"))?;
-        self.resolve(&vol, &[partial, whole]).await?;
+        self.model.apply((s * 512) as usize, &data);
+        self.acked();
+        let idle = tokio::spawn(async {});
+        if reached(&self.proc_, &idle, None).await? {
+            stats.reached(Gate::FrameGet, "partial write's read");
+        }
+        match then {
+            0 => {
+                let (s, k, seed) = whole;
+                self.write(&vol, s, k, seed).await?;
+                self.flush(stats).await?;
+                self.proc_.open_gate();
+            }
+            1 => {
+                let (s, k, seed) = p2;
+                self.write(&vol, s, k, seed).await?;
+                self.read_check(&vol, s, k).await?;
+                let marks = self.model.capture();
+                let v = Arc::clone(&vol);
+                let task = tokio::spawn(async move { v.flush().await });
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                self.proc_.open_gate();
+                let r = within("flush", task).await?.unwrap();
+                self.flushed(&marks, r, stats)?;
+            }
+            _ => {
+                self.die();
+                drop(vol);
+                self.recover(stats, "partial write's read held").await?;
+                return Ok(());
+            }
+        }
+        self.read_check(&vol, c * SECTORS_PER_CHUNK, SECTORS_PER_CHUNK)
+            .await?;
         self.flush(stats).await
     }
 
@@ -1846,7 +1874,7 @@ fn random_lives_keep_the_durability_contract() {
             "SegmentList (opener)",
             "FencePut (opener)",
             "SegmentPut (zombie's flush)",
-            "FrameGet (partial write)",
+            "FrameGet (partial write's read)",
             "FrameGet (collector)",
             "SegmentPut (collector)",
             "CheckpointPut (collector)",

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::journal::{Journal, Record};
+use super::partial::Partial;
 use crate::cache::ChunkData;
 use crate::error::Result;
 use crate::store::{Index, Loc};
@@ -23,10 +24,45 @@ use crate::store::{Index, Loc};
 /// but a huge discard must still apply back-pressure).
 pub const ZERO_COST: usize = 64;
 
+/// What a dirty chunk holds.
+#[derive(Clone, Debug)]
+pub enum Content {
+    /// All zeros (discarded or zeroed).
+    Zeros,
+    Whole(ChunkData),
+    /// Some sectors, written over a stored version not read yet
+    /// (volume::partial).
+    Partial(Arc<Partial>),
+}
+
+impl Content {
+    /// What it counts against the dirty limit.
+    fn cost(&self) -> usize {
+        match self {
+            Content::Zeros => ZERO_COST,
+            Content::Whole(d) => d.len(),
+            Content::Partial(p) => p.data().len(),
+        }
+    }
+
+    /// Copy `out.len()` bytes at `at` into `out`; false when some of them
+    /// are in the stored version of a partial chunk.
+    pub fn read(&self, at: usize, out: &mut [u8]) -> bool {
+        match self {
+            Content::Zeros => out.fill(0),
+            Content::Whole(d) => out.copy_from_slice(&d[at..at + out.len()]),
+            Content::Partial(p) if p.covers(at, out.len()) => {
+                out.copy_from_slice(&p.data()[at..at + out.len()])
+            }
+            Content::Partial(_) => return false,
+        }
+        true
+    }
+}
+
 #[derive(Clone)]
 struct Dirty {
-    /// None: the chunk is now zeros.
-    data: Option<ChunkData>,
+    data: Content,
     generation: u64,
     /// A flush in flight captured this generation.
     in_flight: bool,
@@ -46,12 +82,8 @@ pub struct DirtyTable {
     next_flight: u64,
 }
 
-fn cost(data: &Option<ChunkData>) -> usize {
-    data.as_ref().map_or(ZERO_COST, |d| d.len())
-}
-
 impl DirtyTable {
-    pub fn get(&self, chunk: u64) -> Option<&Option<ChunkData>> {
+    pub fn get(&self, chunk: u64) -> Option<&Content> {
         self.map.get(&chunk).map(|d| &d.data)
     }
 
@@ -80,7 +112,7 @@ impl DirtyTable {
 pub struct Captured {
     pub chunk: u64,
     pub generation: u64,
-    pub data: Option<ChunkData>,
+    pub content: Content,
 }
 
 pub struct State {
@@ -110,16 +142,16 @@ impl State {
         self.next_generation
     }
 
-    pub fn set_dirty(&mut self, chunk: u64, data: Option<ChunkData>) {
+    pub fn set_dirty(&mut self, chunk: u64, data: Content) {
         let generation = self.bump();
-        let new_cost = cost(&data);
+        let new_cost = data.cost();
         let entry = Dirty {
             data,
             generation,
             in_flight: false,
         };
         if let Some(old) = self.dirty.map.insert(chunk, entry) {
-            self.dirty.bytes -= cost(&old.data);
+            self.dirty.bytes -= old.data.cost();
         }
         self.dirty.bytes += new_cost;
         self.dirty.grew();
@@ -135,26 +167,34 @@ impl State {
 
     /// Patch a chunk that is already dirty (the caller checked, under this
     /// same lock, and journaled the patch first).
-    pub fn patch_dirty(&mut self, chunk: u64, at: usize, bytes: Option<&[u8]>, chunk_size: usize) {
+    pub fn patch_dirty(&mut self, chunk: u64, at: usize, bytes: &[u8], chunk_size: usize) {
         let generation = self.bump();
         let entry = self
             .dirty
             .map
             .get_mut(&chunk)
             .expect("caller checked it is dirty");
-        let before = cost(&entry.data);
-        let data = entry
-            .data
-            .get_or_insert_with(|| Arc::new(vec![0u8; chunk_size]));
+        let before = entry.data.cost();
         // Copy-on-write: a flush in progress may hold the previous version.
-        let buf = Arc::make_mut(data);
-        match bytes {
-            Some(b) => buf[at..at + b.len()].copy_from_slice(b),
-            None => buf[at..].fill(0),
+        match &mut entry.data {
+            Content::Zeros => {
+                let mut buf = vec![0u8; chunk_size];
+                buf[at..at + bytes.len()].copy_from_slice(bytes);
+                entry.data = Content::Whole(Arc::new(buf));
+            }
+            Content::Whole(data) => {
+                Arc::make_mut(data)[at..at + bytes.len()].copy_from_slice(bytes)
+            }
+            Content::Partial(p) => Arc::make_mut(p).write(at, bytes),
+        }
+        if let Content::Partial(p) = &entry.data
+            && p.is_whole()
+        {
+            entry.data = Content::Whole(Arc::new(p.data().to_vec()));
         }
         entry.generation = generation;
         entry.in_flight = false;
-        let after = cost(&entry.data);
+        let after = entry.data.cost();
         self.dirty.bytes = self.dirty.bytes - before + after;
         self.dirty.grew();
     }
@@ -162,7 +202,7 @@ impl State {
     /// Whether the chunk currently has (possibly) non-zero content.
     pub fn holds_data(&self, chunk: u64) -> bool {
         match self.dirty.get(chunk) {
-            Some(data) => data.is_some(),
+            Some(data) => !matches!(data, Content::Zeros),
             None => self.index.get(chunk).is_some(),
         }
     }
@@ -170,8 +210,48 @@ impl State {
     /// Make a whole chunk zeros; free when it already is.
     pub fn zero_chunk(&mut self, chunk: u64) {
         if self.holds_data(chunk) {
-            self.set_dirty(chunk, None);
+            self.set_dirty(chunk, Content::Zeros);
         }
+    }
+
+    /// Where a partial chunk's stored version is now (None: it reads as
+    /// zeros); None when the chunk is not partial.
+    pub fn partial_base(&self, chunk: u64) -> Option<Option<Loc>> {
+        matches!(self.dirty.get(chunk), Some(Content::Partial(_))).then(|| self.index.get(chunk))
+    }
+
+    /// Every partial chunk, in chunk order.
+    pub fn partial_chunks(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = (self.dirty.map.iter())
+            .filter(|(_, d)| matches!(d.data, Content::Partial(_)))
+            .map(|(chunk, _)| *chunk)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Make a partial chunk whole, given its stored version `data` read
+    /// from `base` (None: zeros): its generation stays, its content does
+    /// not change (volume::partial). `Err(now)` when the chunk is no
+    /// longer at `base` — read it from `now` instead.
+    pub fn fold(
+        &mut self,
+        chunk: u64,
+        base: Option<Loc>,
+        data: Option<&[u8]>,
+    ) -> std::result::Result<(), Option<Loc>> {
+        let now = self.index.get(chunk);
+        let Some(entry) = self.dirty.map.get_mut(&chunk) else {
+            return Ok(());
+        };
+        let Content::Partial(p) = &entry.data else {
+            return Ok(());
+        };
+        if now != base {
+            return Err(now);
+        }
+        entry.data = Content::Whole(Arc::new(p.over(data)));
+        Ok(())
     }
 
     /// Everything dirty now that no flush in flight holds, in chunk
@@ -187,7 +267,7 @@ impl State {
                 Captured {
                     chunk: *chunk,
                     generation: d.generation,
-                    data: d.data.clone(),
+                    content: d.data.clone(),
                 }
             })
             .collect();
@@ -232,7 +312,7 @@ impl State {
             .is_some_and(|d| d.generation == generation)
         {
             let gone = self.dirty.map.remove(&chunk).expect("present");
-            self.dirty.bytes -= cost(&gone.data);
+            self.dirty.bytes -= gone.data.cost();
         }
         if self.dirty.is_empty() {
             self.oldest_dirty = None;
@@ -244,8 +324,8 @@ impl State {
 mod tests {
     use super::*;
 
-    fn chunk(n: u8) -> Option<ChunkData> {
-        Some(Arc::new(vec![n; 16]))
+    fn chunk(n: u8) -> Content {
+        Content::Whole(Arc::new(vec![n; 16]))
     }
 
     fn chunks(c: &[Captured]) -> Vec<(u64, u64)> {
@@ -283,5 +363,43 @@ mod tests {
         st.complete(2, second[0].generation, None);
         st.complete(3, third[0].generation, None);
         assert_eq!(st.dirty.len(), 1, "chunk 1 is still dirty");
+    }
+
+    fn loc(offset: u32) -> Loc {
+        Loc {
+            segment: crate::store::SegmentId { epoch: 1, seq: 1 },
+            offset,
+            len: 16,
+        }
+    }
+
+    /// A partial chunk folds over the stored version read from where the
+    /// index says — and not over one read from a location the chunk has
+    /// left since: a late read of an old lineage must not fold into a new
+    /// partial entry (published, rewritten, published, partial again).
+    #[test]
+    fn a_partial_chunk_folds_only_over_its_current_stored_version() {
+        let mut st = State::new(Index::default());
+        let (old, new) = (loc(0), loc(100));
+        st.index.set(7, Some(old));
+        let partial = |b: u8| Content::Partial(Arc::new(Partial::new(1024, 512, &[b; 512])));
+        st.set_dirty(7, partial(1));
+        assert_eq!(st.partial_base(7), Some(Some(old)));
+        assert_eq!(st.partial_chunks(), [7]);
+        // Published and written again meanwhile: the read of `old` is stale.
+        let (_, c) = st.capture();
+        st.complete(7, c[0].generation, Some(new));
+        st.set_dirty(7, partial(2));
+        assert_eq!(st.fold(7, Some(old), Some(&[9u8; 1024])), Err(Some(new)));
+        assert!(matches!(st.dirty.get(7), Some(Content::Partial(_))));
+        // Read from where it is now: whole, the written sectors on top.
+        assert_eq!(st.fold(7, Some(new), Some(&[5u8; 1024])), Ok(()));
+        let mut out = [0u8; 1024];
+        assert!(st.dirty.get(7).expect("dirty").read(0, &mut out));
+        assert_eq!(&out[..512], &[5u8; 512]);
+        assert_eq!(&out[512..], &[2u8; 512]);
+        assert!(st.partial_chunks().is_empty());
+        // Nothing to fold any more.
+        assert_eq!(st.fold(7, Some(old), Some(&[9u8; 1024])), Ok(()));
     }
 }

@@ -10,13 +10,20 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use super::Inner;
-use super::dirty::Captured;
 use super::pipeline::Turn;
 use crate::cache::ChunkData;
 use crate::codec::Plain;
 use crate::error::{Error, Result};
+use crate::store::backend::StoreError;
 use crate::store::segment::SegmentLayout;
 use crate::store::{Loc, SegmentId};
+
+/// A chunk a flush (or a collector's copy) writes: whole, or zeros (None).
+pub(super) struct Ready {
+    pub chunk: u64,
+    pub generation: u64,
+    pub data: Option<ChunkData>,
+}
 
 /// Publication state, under the flush lock: flushes publish in turn
 /// (volume::pipeline), a collector's copy whenever its upload ends.
@@ -157,7 +164,7 @@ const SEGMENTS_IN_FLIGHT: usize = 4;
 /// What a flush decided before encrypting anything: each captured chunk
 /// compressed (or raw, or a zero record) and placed in a segment.
 pub(super) struct Plan {
-    captured: Vec<Captured>,
+    captured: Vec<Ready>,
     plains: Vec<Option<Plain>>,
     /// Per segment: (index into `captured`, frame location), in layout order.
     frames: Vec<Vec<(usize, Loc)>>,
@@ -229,7 +236,7 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 
 impl Inner {
     /// Compress every captured chunk in parallel (None: a zero record).
-    pub(super) fn compress(&self, captured: &[Captured]) -> Vec<Option<Plain>> {
+    pub(super) fn compress(&self, captured: &[Ready]) -> Vec<Option<Plain>> {
         par_map(captured.iter().collect(), |c| match c.data.as_deref() {
             Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
             _ => None,
@@ -239,8 +246,8 @@ impl Inner {
     /// `compress`, off the async workers (CPU work, on all cores).
     pub(super) async fn compress_off_workers(
         self: &Arc<Self>,
-        captured: Vec<Captured>,
-    ) -> (Vec<Captured>, Vec<Option<Plain>>) {
+        captured: Vec<Ready>,
+    ) -> (Vec<Ready>, Vec<Option<Plain>>) {
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let plains = this.compress(&captured);
@@ -255,7 +262,7 @@ impl Inner {
     /// nonces, are known once compressed sizes are). Cheap; no I/O.
     pub(super) fn layout(
         &self,
-        captured: Vec<Captured>,
+        captured: Vec<Ready>,
         plains: Vec<Option<Plain>>,
     ) -> Result<(Plan, Vec<SegmentLayout>, Vec<Vec<Outcome>>)> {
         let lens: Vec<Option<usize>> = plains
@@ -400,6 +407,12 @@ impl Inner {
     async fn flush_round(self: &Arc<Self>) -> Result<Round> {
         let pipeline = &self.pipeline;
         let slot = pipeline.slot().await;
+        // Partial chunks are read before the capture, not under the
+        // allocation lock (volume::partial); one written since is read
+        // below, under it.
+        if let Err(e) = self.fold_all().await {
+            return Err(self.base_unreadable(e).await);
+        }
         let (in_flight, upload) = {
             let allocating = pipeline.allocating().await;
             self.check_writable()?;
@@ -433,6 +446,10 @@ impl Inner {
                     .settle_segments()
                     .await
                     .map_err(|e| self.fenced_by(e))?;
+                let captured = match self.resolve_all(captured).await {
+                    Ok(captured) => captured,
+                    Err(e) => return Err(self.base_unreadable(e).await),
+                };
                 let (captured, plains) = self.compress_off_workers(captured).await;
                 Some(self.layout(captured, plains)?)
             };
@@ -478,6 +495,18 @@ impl Inner {
         drop(fs);
         drop(turn);
         Ok(round)
+    }
+
+    /// A partial chunk's stored version could not be read for this flush:
+    /// if it is gone, a newer owner may have collected it — then say this
+    /// writer is fenced, which is what the flush would have found.
+    async fn base_unreadable(&self, e: Error) -> Error {
+        if matches!(e, Error::Store(StoreError::NotFound(_)))
+            && let Err(fenced @ Error::Fenced(_)) = self.log.fence().check_owner().await
+        {
+            return self.fenced_by(fenced);
+        }
+        e
     }
 
     /// Note a fencing error: this writer stops acknowledging anything.

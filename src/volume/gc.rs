@@ -28,7 +28,7 @@ use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use super::Inner;
-use super::dirty::Captured;
+use super::flush::Ready;
 use super::flush::Written;
 use crate::error::{Error, Result};
 use crate::store::backend::StoreError;
@@ -625,7 +625,7 @@ impl Inner {
         let mut from = Vec::with_capacity(live.len());
         for (chunk, loc) in &live {
             let data = self.codec.decode(*loc, *chunk, &frame_of(loc))?;
-            captured.push(Captured {
+            captured.push(Ready {
                 chunk: *chunk,
                 generation: 0,
                 data: Some(Arc::new(data)),

@@ -8,8 +8,9 @@
 //!   stored in the background (`checkpoint`), never on the FLUSH path.
 //! - Reads look up: dirty table → clean-chunk cache → ranged GET of the
 //!   frame. Unwritten or discarded chunks read as zeros with no request.
-//! - A partial-chunk write reads the old chunk only if it is not already
-//!   dirty, without holding any lock while it waits (see `write_chunk`).
+//! - A partial-chunk write never waits for the store: into a chunk that
+//!   is dirty or cached it is a copy; into any other it is kept as the
+//!   sectors written, and the rest is read later (`partial`).
 //! - The dirty table is bounded: a write that would exceed the limit first
 //!   flushes (back-pressure), and a background task flushes by size and age.
 
@@ -19,6 +20,7 @@ mod fetch;
 mod flush;
 pub mod gc;
 pub mod journal;
+mod partial;
 mod pipeline;
 
 use std::sync::Arc;
@@ -34,8 +36,9 @@ use crate::error::{Error, Result};
 use crate::store::backend::DynStore;
 use crate::store::keys::Secret;
 use crate::store::{CreateParams, Index, Loc, LogStore, LogSummary, OpenMode, Superblock};
-use dirty::State;
+use dirty::{Content, State};
 use flush::FlushState;
+use partial::Partial;
 
 /// CPUs this process may use, asked once: `available_parallelism` reads
 /// cgroup files on every call (about 10 µs, as much as a hot read).
@@ -117,6 +120,9 @@ pub struct VolumeStats {
     /// Unix time of the last flush that made data durable (0: none yet).
     pub last_flush_unix: u64,
     pub flushes: u64,
+    /// Writes into a chunk neither dirty nor cached that completed
+    /// without reading it (volume::partial).
+    pub partial_writes: u64,
 }
 
 pub(crate) struct Inner {
@@ -132,6 +138,7 @@ pub(crate) struct Inner {
     chunk_size: usize,
     last_flush_unix: AtomicU64,
     flushes: AtomicU64,
+    partial_writes: AtomicU64,
     fetch: fetch::Fetcher,
     /// The SSD tier, if configured.
     disk: Option<crate::cache::DiskCache>,
@@ -265,6 +272,7 @@ impl Volume {
             fenced: AtomicBool::new(false),
             last_flush_unix: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            partial_writes: AtomicU64::new(0),
             fetch: fetch::Fetcher::default(),
             disk,
             runtime: tokio::runtime::Handle::current(),
@@ -329,6 +337,7 @@ impl Volume {
             epoch: self.inner.log.epoch(),
             last_flush_unix: self.inner.last_flush_unix.load(Ordering::Relaxed),
             flushes: self.inner.flushes.load(Ordering::Relaxed),
+            partial_writes: self.inner.partial_writes.load(Ordering::Relaxed),
         }
     }
 
@@ -377,8 +386,17 @@ impl Volume {
         let mut fetch = Vec::new();
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
             let out = &mut buf[span.buf.clone()];
-            if let Some(loc) = self.inner.copy_from_memory(&span, out) {
-                fetch.push((span, loc));
+            loop {
+                match self.inner.copy_from_memory(&span, out) {
+                    Missing::None => {}
+                    Missing::Stored(loc) => fetch.push((span, loc)),
+                    // Read the rest of a partial chunk (it stays whole).
+                    Missing::Partial => {
+                        self.inner.fold(span.chunk).await?;
+                        continue;
+                    }
+                }
+                break;
             }
         }
         if fetch.is_empty() {
@@ -400,11 +418,11 @@ impl Volume {
         self.check_range(offset, buf.len() as u64)?;
         self.note_read(offset, buf.len());
         for span in spans(offset, buf.len(), self.inner.chunk_size) {
-            if self
-                .inner
-                .copy_from_memory(&span, &mut buf[span.buf.clone()])
-                .is_some()
-            {
+            if !matches!(
+                self.inner
+                    .copy_from_memory(&span, &mut buf[span.buf.clone()]),
+                Missing::None
+            ) {
                 return Ok(false);
             }
         }
@@ -424,8 +442,7 @@ impl Volume {
         for span in spans(offset, data.len(), self.inner.chunk_size) {
             let _room = self.inner.wait_for_space().await?;
             self.inner
-                .write_chunk(span.chunk, span.at, Some(&data[span.buf]))
-                .await?;
+                .write_chunk(span.chunk, span.at, &data[span.buf])?;
         }
         self.inner.wake_flusher_if_due();
         Ok(())
@@ -451,9 +468,7 @@ impl Volume {
                 }
             } else if self.inner.state.lock().holds_data(span.chunk) {
                 let zeros = vec![0u8; n];
-                self.inner
-                    .write_chunk(span.chunk, span.at, Some(&zeros))
-                    .await?;
+                self.inner.write_chunk(span.chunk, span.at, &zeros)?;
             }
         }
         Ok(())
@@ -764,11 +779,13 @@ impl Drop for Volume {
     }
 }
 
-fn copy_or_zero(out: &mut [u8], src: Option<&[u8]>) {
-    match src {
-        Some(src) => out.copy_from_slice(src),
-        None => out.fill(0),
-    }
+/// What a span needs beyond memory.
+enum Missing {
+    None,
+    /// The clean chunk, from this location.
+    Stored(Loc),
+    /// The stored version of a partial chunk.
+    Partial,
 }
 
 impl Inner {
@@ -783,30 +800,25 @@ impl Inner {
     /// Serve a span from memory — the dirty table, zeros for an unmapped
     /// chunk, or the clean-chunk cache — without waiting. Returns where the
     /// clean chunk lives when it has to be fetched instead.
-    fn copy_from_memory(&self, span: &Span, out: &mut [u8]) -> Option<Loc> {
+    fn copy_from_memory(&self, span: &Span, out: &mut [u8]) -> Missing {
         let loc = {
             let st = self.state.lock();
             match st.dirty.get(span.chunk) {
-                Some(data) => {
-                    copy_or_zero(
-                        out,
-                        data.as_deref().map(|d| &d[span.at..span.at + out.len()]),
-                    );
-                    return None;
-                }
+                Some(data) if data.read(span.at, out) => return Missing::None,
+                Some(_) => return Missing::Partial,
                 None => st.index.get(span.chunk),
             }
         };
         let Some(loc) = loc else {
             out.fill(0);
-            return None;
+            return Missing::None;
         };
         match self.cache.get(&loc) {
             Some(data) => {
                 out.copy_from_slice(&data[span.at..span.at + out.len()]);
-                None
+                Missing::None
             }
-            None => Some(loc),
+            None => Missing::Stored(loc),
         }
     }
 
@@ -837,65 +849,56 @@ impl Inner {
         Ok(loaded)
     }
 
-    /// Put `bytes` (None = zeros) at `at` inside `chunk`.
-    ///
-    /// Read-modify-write without holding locks across the read: remember
-    /// the chunk's location, fetch the old data, then apply only if the
-    /// chunk is still not dirty and still at that location (locations are
-    /// never reused, so equality means nothing changed); otherwise retry,
-    /// which then patches the dirty copy in place.
-    async fn write_chunk(
-        self: &Arc<Self>,
-        chunk: u64,
-        at: usize,
-        bytes: Option<&[u8]>,
-    ) -> Result<()> {
+    /// Put `bytes` at `at` inside `chunk`, without waiting for the store:
+    /// a dirty chunk is patched; a whole chunk replaced; a chunk that reads
+    /// as zeros, or whose stored version is cached, becomes whole; any
+    /// other becomes partial — the sectors written, the rest read later
+    /// (in the background from now on: volume::partial).
+    fn write_chunk(self: &Arc<Self>, chunk: u64, at: usize, bytes: &[u8]) -> Result<()> {
         let cs = self.chunk_size;
-        let n = bytes.map_or(cs - at, |b| b.len());
-        let offset = chunk * cs as u64 + at as u64;
-        let record = || match bytes {
-            Some(b) => journal::Record::Data {
-                offset,
-                data: std::borrow::Cow::Borrowed(b),
-            },
-            None => journal::Record::Zeroes {
-                offset,
-                len: n as u64,
-            },
+        let record = || journal::Record::Data {
+            offset: chunk * cs as u64 + at as u64,
+            data: std::borrow::Cow::Borrowed(bytes),
         };
-        if at == 0 && n == cs {
-            let data = bytes.map(|b| Arc::new(b.to_vec()));
-            let mut st = self.state.lock();
+        let mut st = self.state.lock();
+        if bytes.len() == cs {
             st.journal(record)?;
-            st.set_dirty(chunk, data);
+            st.set_dirty(chunk, Content::Whole(Arc::new(bytes.to_vec())));
             return Ok(());
         }
-        loop {
-            let loc = {
-                let mut st = self.state.lock();
-                if st.dirty.get(chunk).is_some() {
-                    st.journal(record)?;
-                    st.patch_dirty(chunk, at, bytes, cs);
-                    return Ok(());
+        if st.dirty.get(chunk).is_some() {
+            st.journal(record)?;
+            st.patch_dirty(chunk, at, bytes, cs);
+            return Ok(());
+        }
+        let content = {
+            let base = match st.index.get(chunk) {
+                None => Some(None),
+                Some(loc) => self.cache.get(&loc).map(Some),
+            };
+            match base {
+                Some(base) => {
+                    let mut data = base.map_or_else(|| vec![0u8; cs], |b| b.as_ref().clone());
+                    data[at..at + bytes.len()].copy_from_slice(bytes);
+                    Content::Whole(Arc::new(data))
                 }
-                st.index.get(chunk)
-            };
-            let mut base = match loc {
-                None => vec![0u8; cs],
-                Some(loc) => self.load(chunk, loc).await?.as_ref().clone(),
-            };
-            let mut st = self.state.lock();
-            if st.dirty.get(chunk).is_some() || st.index.get(chunk) != loc {
-                continue;
+                None => Content::Partial(Arc::new(Partial::new(cs, at, bytes))),
             }
-            match bytes {
-                Some(b) => base[at..at + n].copy_from_slice(b),
-                None => base[at..at + n].fill(0),
-            }
-            st.journal(record)?;
-            st.set_dirty(chunk, Some(Arc::new(base)));
-            return Ok(());
+        };
+        let partial = matches!(content, Content::Partial(_));
+        st.journal(record)?;
+        st.set_dirty(chunk, content);
+        drop(st);
+        if partial {
+            self.partial_writes.fetch_add(1, Ordering::Relaxed);
+            let this = Arc::clone(self);
+            self.runtime.spawn(async move {
+                if let Err(e) = this.fold(chunk).await {
+                    tracing::debug!("reading partial chunk {chunk}'s stored version failed: {e}");
+                }
+            });
         }
+        Ok(())
     }
 
     fn wake_flusher_if_due(&self) {
