@@ -1,4 +1,5 @@
 //! `bench`: the engine benchmarks P1–P5 (issue 5), P8–P10 and P12 (issue 11),
+//! P11 (issue 12),
 //! each a ratio against a baseline measured in the same run. Prints a
 //! markdown table; nothing here asserts a time (the test suite runs it with `--quick` as a smoke).
 
@@ -25,7 +26,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only these benchmarks (comma-separated, e.g. `p1,p4`).
-    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5", "p8", "p9", "p10", "p12"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["p1", "p2", "p3", "p4", "p5", "p8", "p9", "p10", "p11", "p12"])]
     pub only: Vec<String>,
 }
 
@@ -401,6 +402,81 @@ async fn p8(flushes: usize) -> Result<Vec<String>> {
         percentile(&lat, 0.5).as_secs_f64() / rtt,
         percentile(&lat, 0.99).as_secs_f64() / rtt,
     )])
+}
+
+/// P11: a database page write (8 KiB) into a chunk that is stored but
+/// neither dirty nor cached, behind 25 ms per request. Baselines in the
+/// same run: an 8 KiB read of such a chunk (one GET: what the write used
+/// to wait for, read-modify-write), and the same write into a cached
+/// chunk. Also the FLUSH after the cold writes (their chunks' stored
+/// versions are read in the background meanwhile) against one PUT.
+async fn p11(chunks: u64) -> Result<Vec<String>> {
+    let store = behind_25ms(Arc::new(MemoryStore::new()), None);
+    let size = 2 * chunks * CHUNK as u64;
+    let vol = new_volume(&store, size, VolumeConfig::default()).await?;
+    let fill = data(CHUNK, true);
+    for c in 0..2 * chunks {
+        vol.write(c * CHUNK as u64, &fill).await?;
+    }
+    vol.close().await?;
+    // Reads in chunk order must not prefetch the next chunk.
+    let cfg = VolumeConfig {
+        readahead_chunks: 0,
+        ..VolumeConfig::default()
+    };
+    let vol = Volume::open(store.clone(), &secret(), writer(), cfg).await?;
+    let page = data(8192, true);
+    // The page's place inside its chunk varies (sector-aligned, 8 KiB).
+    let at = |c: u64| c * CHUNK as u64 + (c * 7919 % (CHUNK as u64 / 8192)) * 8192;
+    let timed = |lat: &mut Vec<Duration>, t: Instant| lat.push(t.elapsed());
+    let (mut cold, mut read, mut hot) = (Vec::new(), Vec::new(), Vec::new());
+    let before = vol.request_stats();
+    for c in 0..chunks {
+        let t = Instant::now();
+        vol.write(at(c), &page).await?;
+        timed(&mut cold, t);
+    }
+    let gets_waited = vol.request_stats().get - before.get;
+    let t = Instant::now();
+    vol.flush().await?;
+    let flush = t.elapsed();
+    for c in chunks..2 * chunks {
+        let t = Instant::now();
+        vol.read(at(c), 8192).await?;
+        timed(&mut read, t);
+    }
+    // Cached now (published by the flush): the same writes again.
+    for c in 0..chunks {
+        let t = Instant::now();
+        vol.write(at(c), &page).await?;
+        timed(&mut hot, t);
+    }
+    let t = Instant::now();
+    vol.flush().await?;
+    let hot_flush = t.elapsed();
+    let partial = vol.stats().partial_writes;
+    vol.close().await?;
+    for l in [&mut cold, &mut read, &mut hot] {
+        l.sort();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(vec![
+        format!(
+            "| P11 8 KiB write into an uncached stored chunk, 25 ms/request ({chunks} writes, {partial} answered without a read) | p50 {:.3} ms, p99 {:.3} ms | 8 KiB read of such a chunk p50 {:.1} ms; same write into a cached chunk p50 {:.3} ms | {:.4}× the read, {:.2}× the cached write | no store round trip; ≤ 1 ms |",
+            ms(percentile(&cold, 0.5)),
+            ms(percentile(&cold, 0.99)),
+            ms(percentile(&read, 0.5)),
+            ms(percentile(&hot, 0.5)),
+            percentile(&cold, 0.5).as_secs_f64() / percentile(&read, 0.5).as_secs_f64(),
+            percentile(&cold, 0.5).as_secs_f64() / percentile(&hot, 0.5).as_secs_f64(),
+        ),
+        format!(
+            "| P11 FLUSH after those writes ({gets_waited} GETs completed while they ran) | {:.1} ms | FLUSH after the cached writes {:.1} ms | {:.2}× | — |",
+            ms(flush),
+            ms(hot_flush),
+            flush.as_secs_f64() / hot_flush.as_secs_f64(),
+        ),
+    ])
 }
 
 /// P12: overlapping flushes (docs/rfcs/0005), behind 25 ms per request
@@ -941,6 +1017,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         if !a.quick {
             rows.extend(p9(size, 0.8).await?);
         }
+    }
+    if run("p11") {
+        rows.extend(p11(if a.quick { 16 } else { 200 }).await?);
     }
     if run("p12") {
         rows.extend(p12(if a.quick { 16 } else { 200 }).await?);
