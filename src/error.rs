@@ -29,6 +29,12 @@ pub enum Error {
     Unsupported(String),
     #[error("{0}")]
     Format(String),
+    /// A FLUSH made everything durable but these writes: each went into a
+    /// part of a chunk whose stored version cannot be read for good
+    /// (volume::partial), so the chunk cannot be completed; they are
+    /// dropped, as a disk drops writes it fails to store.
+    #[error("acknowledged writes were dropped, the rest is durable: {0}")]
+    WritesDropped(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

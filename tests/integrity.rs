@@ -287,3 +287,46 @@ fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
     let good = checkpoint::encode_root(&keys, pos, &checkpoint::Root::default());
     assert!(checkpoint::decode(&keys, pos, &good, 16).is_ok());
 }
+
+/// A partial write into a chunk whose stored frame is tampered is
+/// acknowledged (it does not read the chunk: volume::partial), but it can
+/// never be completed: the next FLUSH makes everything else durable and
+/// fails naming that chunk, the FLUSH after it succeeds, and a later
+/// partial write into the chunk fails at once. Reads of it stay errors,
+/// never data; a whole-chunk write heals it.
+#[tokio::test]
+async fn a_partial_write_over_a_tampered_chunk_is_dropped_and_reported_once() {
+    let (mem, store) = store_with_raw();
+    let (loc0, _) = two_chunks(&store).await;
+    flip(
+        &mem,
+        &paths::segment(loc0.segment),
+        loc0.offset as usize + 7,
+    );
+    let vol = open(&store).await.unwrap();
+    vol.write(512, &[5u8; 512]).await.expect("acknowledged");
+    vol.write(2 * CHUNK as u64, &pattern(3, CHUNK as usize))
+        .await
+        .unwrap();
+    match vol.flush().await {
+        Err(Error::WritesDropped(what)) => assert!(what.contains("chunk 0"), "{what}"),
+        other => panic!("expected the dropped write to fail the FLUSH, got {other:?}"),
+    }
+    vol.flush().await.expect("reported once");
+    assert_integrity(vol.write(1024, &[6u8; 512]).await, "chunk 0");
+    assert_integrity(vol.read(0, 512).await, "chunk 0");
+    drop(vol);
+    // Everything else was durable.
+    let vol = open(&store).await.unwrap();
+    assert_eq!(
+        vol.read(2 * CHUNK as u64, CHUNK as usize).await.unwrap(),
+        pattern(3, CHUNK as usize)
+    );
+    assert_integrity(vol.read(0, 512).await, "chunk 0");
+    vol.write(0, &pattern(4, CHUNK as usize)).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(
+        vol.read(0, CHUNK as usize).await.unwrap(),
+        pattern(4, CHUNK as usize)
+    );
+}

@@ -414,3 +414,54 @@ async fn two_copies_of_a_volume_on_one_host_keep_their_journals_apart() {
     );
     drop((va, vb));
 }
+
+/// A journaled partial write into a chunk whose stored frame is tampered
+/// cannot be completed by any server: the replay drops it (a loud log
+/// line), makes the rest durable and serves, rather than refusing to
+/// start over it.
+#[tokio::test]
+async fn a_replayed_write_that_cannot_be_completed_does_not_stop_the_server() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::MemoryStore;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemoryStore::new();
+    let store: DynStore = Arc::new(mem.clone());
+    let a = first_server(&store, dir.path()).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap();
+    let loc = a.index_snapshot().get(0).unwrap();
+    a.close().await.unwrap();
+    {
+        let objects = mem.raw_objects();
+        let mut objects = objects.lock();
+        let object = objects
+            .get_mut(&zerofs_ublk::store::paths::segment(loc.segment))
+            .unwrap();
+        let mut bytes = object.to_vec();
+        bytes[loc.offset as usize + 9] ^= 1;
+        *object = bytes::Bytes::from(bytes);
+    }
+    let b = open_journaled(&store, dir.path()).await;
+    b.attach_journal(dir.path()).await.unwrap();
+    b.write(512, &[5u8; 512])
+        .await
+        .expect("acknowledged, unread");
+    b.write(3 * 4096, &pattern(3, 4096)).await.unwrap();
+    drop(b); // killed
+    let c = open_journaled(&store, dir.path()).await;
+    assert_eq!(c.attach_journal(dir.path()).await.unwrap(), 2);
+    assert_eq!(c.read(3 * 4096, 4096).await.unwrap(), pattern(3, 4096));
+    assert!(matches!(
+        c.read(0, 512).await,
+        Err(zerofs_ublk::Error::Integrity(_))
+    ));
+    drop(c);
+    let d = Volume::open(store.clone(), &secret(), writer(true), test_config())
+        .await
+        .unwrap();
+    assert_eq!(
+        d.read(3 * 4096, 4096).await.unwrap(),
+        pattern(3, 4096),
+        "durable"
+    );
+}

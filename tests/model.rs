@@ -1021,10 +1021,15 @@ impl Case {
         }
         self.model.apply((s * 512) as usize, &data);
         self.acked();
-        let idle = tokio::spawn(async {});
-        if reached(&self.proc_, &idle, None).await? {
-            stats.reached(Gate::FrameGet, "partial write's read");
+        // Its background read must start (and is held).
+        let start = std::time::Instant::now();
+        while !self.proc_.held() {
+            if start.elapsed() > Duration::from_secs(5) {
+                return Err("a partial write's background read never started".into());
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
         }
+        stats.reached(Gate::FrameGet, "partial write's read");
         match then {
             0 => {
                 let (s, k, seed) = whole;
@@ -1036,11 +1041,23 @@ impl Case {
                 let (s, k, seed) = p2;
                 self.write(&vol, s, k, seed).await?;
                 self.read_check(&vol, s, k).await?;
+                // A read of the whole chunk and a flush both need the
+                // held read; they wait for it.
                 let marks = self.model.capture();
+                let v = Arc::clone(&vol);
+                let read =
+                    tokio::spawn(async move { v.read(c * SECTORS_PER_CHUNK * 512, CS).await });
                 let v = Arc::clone(&vol);
                 let task = tokio::spawn(async move { v.flush().await });
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 self.proc_.open_gate();
+                let got = within("read", read)
+                    .await?
+                    .unwrap()
+                    .map_err(|e| format!("read of a partial chunk failed: {e}"))?;
+                check(got == self.model.chunk(c as usize), || {
+                    format!("a read of partial chunk {c} differs from the model")
+                })?;
                 let r = within("flush", task).await?.unwrap();
                 self.flushed(&marks, r, stats)?;
             }

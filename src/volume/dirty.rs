@@ -123,7 +123,15 @@ pub struct State {
     pub oldest_dirty: Option<Instant>,
     /// Where acknowledged writes outlive this process (daemon only).
     pub journal: Option<Journal>,
+    /// Stored versions found unreadable for good (failed authentication,
+    /// or gone): a partial write into a chunk stored there fails at once,
+    /// as it did when every such write read its chunk first.
+    unreadable: std::collections::HashSet<Loc>,
 }
+
+/// Unreadable locations remembered at most (each is a corrupt or lost
+/// frame: a bucket with more has bigger problems than this list).
+const UNREADABLE_KEPT: usize = 4096;
 
 impl State {
     pub fn new(index: Index) -> Self {
@@ -133,6 +141,7 @@ impl State {
             next_generation: 1,
             oldest_dirty: None,
             journal: None,
+            unreadable: Default::default(),
         }
     }
 
@@ -220,6 +229,31 @@ impl State {
         matches!(self.dirty.get(chunk), Some(Content::Partial(_))).then(|| self.index.get(chunk))
     }
 
+    /// Whether `loc` was found unreadable for good.
+    pub fn is_unreadable(&self, loc: Loc) -> bool {
+        self.unreadable.contains(&loc)
+    }
+
+    /// A partial chunk's stored version at `base` cannot be read for good:
+    /// drop the entry (the writes in it are lost; the FLUSH says so), and
+    /// remember `base`. False when the chunk is no longer partial there.
+    pub fn drop_unreadable(&mut self, chunk: u64, base: Option<Loc>) -> bool {
+        if self.partial_base(chunk) != Some(base) {
+            return false;
+        }
+        if let Some(loc) = base
+            && self.unreadable.len() < UNREADABLE_KEPT
+        {
+            self.unreadable.insert(loc);
+        }
+        let gone = self.dirty.map.remove(&chunk).expect("partial");
+        self.dirty.bytes -= gone.data.cost();
+        if self.dirty.is_empty() {
+            self.oldest_dirty = None;
+        }
+        true
+    }
+
     /// Every partial chunk, in chunk order.
     pub fn partial_chunks(&self) -> Vec<u64> {
         let mut out: Vec<u64> = (self.dirty.map.iter())
@@ -250,7 +284,9 @@ impl State {
         if now != base {
             return Err(now);
         }
-        entry.data = Content::Whole(Arc::new(p.over(data)));
+        let whole = Content::Whole(Arc::new(p.over(data)));
+        debug_assert_eq!(whole.cost(), entry.data.cost(), "dirty bytes unchanged");
+        entry.data = whole;
         Ok(())
     }
 

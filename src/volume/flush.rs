@@ -14,7 +14,6 @@ use super::pipeline::Turn;
 use crate::cache::ChunkData;
 use crate::codec::Plain;
 use crate::error::{Error, Result};
-use crate::store::backend::StoreError;
 use crate::store::segment::SegmentLayout;
 use crate::store::{Loc, SegmentId};
 
@@ -403,16 +402,16 @@ impl Inner {
         ))
     }
 
-    /// One flush: capture, encode and upload, then publish in turn.
+    /// One flush: capture, encode and upload, then publish in turn. The
+    /// partial chunks it dropped, unreadable (`fold_all`), wait in
+    /// `dropped` for the next FLUSH to report them.
     async fn flush_round(self: &Arc<Self>) -> Result<Round> {
         let pipeline = &self.pipeline;
         let slot = pipeline.slot().await;
         // Partial chunks are read before the capture, not under the
         // allocation lock (volume::partial); one written since is read
         // below, under it.
-        if let Err(e) = self.fold_all().await {
-            return Err(self.base_unreadable(e).await);
-        }
+        let dropped = self.fold_all().await?;
         let (in_flight, upload) = {
             let allocating = pipeline.allocating().await;
             self.check_writable()?;
@@ -446,9 +445,11 @@ impl Inner {
                     .settle_segments()
                     .await
                     .map_err(|e| self.fenced_by(e))?;
+                // Failing here gives everything back; if it failed for
+                // good, the next flush's fold drops that chunk.
                 let captured = match self.resolve_all(captured).await {
                     Ok(captured) => captured,
-                    Err(e) => return Err(self.base_unreadable(e).await),
+                    Err(e) => return Err(self.failed_for_good(e).await.unwrap_or_else(|e| e)),
                 };
                 let (captured, plains) = self.compress_off_workers(captured).await;
                 Some(self.layout(captured, plains)?)
@@ -494,19 +495,10 @@ impl Inner {
         }
         drop(fs);
         drop(turn);
-        Ok(round)
-    }
-
-    /// A partial chunk's stored version could not be read for this flush:
-    /// if it is gone, a newer owner may have collected it — then say this
-    /// writer is fenced, which is what the flush would have found.
-    async fn base_unreadable(&self, e: Error) -> Error {
-        if matches!(e, Error::Store(StoreError::NotFound(_)))
-            && let Err(fenced @ Error::Fenced(_)) = self.log.fence().check_owner().await
-        {
-            return self.fenced_by(fenced);
+        if !dropped.is_empty() {
+            self.dropped.lock().extend(dropped);
         }
-        e
+        Ok(round)
     }
 
     /// Note a fencing error: this writer stops acknowledging anything.

@@ -139,6 +139,10 @@ pub(crate) struct Inner {
     last_flush_unix: AtomicU64,
     flushes: AtomicU64,
     partial_writes: AtomicU64,
+    /// Background reads of partial chunks' stored versions (`partial`).
+    fold_permits: tokio::sync::Semaphore,
+    /// Partial chunks dropped, unreadable, not yet reported by a FLUSH.
+    dropped: Mutex<Vec<String>>,
     fetch: fetch::Fetcher,
     /// The SSD tier, if configured.
     disk: Option<crate::cache::DiskCache>,
@@ -273,6 +277,8 @@ impl Volume {
             last_flush_unix: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             partial_writes: AtomicU64::new(0),
+            fold_permits: tokio::sync::Semaphore::new(partial::READS_AT_ONCE),
+            dropped: Mutex::new(Vec::new()),
             fetch: fetch::Fetcher::default(),
             disk,
             runtime: tokio::runtime::Handle::current(),
@@ -384,20 +390,23 @@ impl Volume {
         // fetch are fetched concurrently (a 1 MiB read of cold 128 KiB
         // chunks is 8 GETs at once, not one after another).
         let mut fetch = Vec::new();
-        for span in spans(offset, buf.len(), self.inner.chunk_size) {
-            let out = &mut buf[span.buf.clone()];
-            loop {
-                match self.inner.copy_from_memory(&span, out) {
+        let mut pending: Vec<Span> = spans(offset, buf.len(), self.inner.chunk_size).collect();
+        while !pending.is_empty() {
+            let mut partial = Vec::new();
+            for span in pending {
+                match self
+                    .inner
+                    .copy_from_memory(&span, &mut buf[span.buf.clone()])
+                {
                     Missing::None => {}
                     Missing::Stored(loc) => fetch.push((span, loc)),
-                    // Read the rest of a partial chunk (it stays whole).
-                    Missing::Partial => {
-                        self.inner.fold(span.chunk).await?;
-                        continue;
-                    }
+                    Missing::Partial => partial.push(span),
                 }
-                break;
             }
+            // Read the rest of the partial chunks, concurrently (they
+            // stay whole), and look again.
+            futures::future::try_join_all(partial.iter().map(|s| self.inner.fold(s.chunk))).await?;
+            pending = partial;
         }
         if fetch.is_empty() {
             return Ok(());
@@ -481,8 +490,14 @@ impl Volume {
     }
 
     /// Make every write completed before this call durable; see module docs.
+    ///
+    /// Writes dropped since the last FLUSH (into chunks whose stored
+    /// version cannot be read: `partial`) fail it with `WritesDropped`
+    /// once everything else is durable; the next FLUSH succeeds, as a
+    /// disk reports a failed write once.
     pub async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
+        self.inner.flush().await?;
+        self.inner.take_dropped()
     }
 
     /// Keep acknowledged writes in a journal under `dir` (tmpfs) so they
@@ -581,7 +596,15 @@ impl Volume {
             done_with.push((r.epoch, r.tag, r.paths.clone()));
         }
         if replayed > 0 {
-            self.flush().await?;
+            match self.flush().await {
+                // The rest is durable; those writes cannot be completed
+                // by any server (their chunks' stored versions are gone):
+                // serving beats refusing to start over them.
+                Err(Error::WritesDropped(what)) => tracing::error!(
+                    "replaying the journal: acknowledged writes dropped, the rest is durable: {what}"
+                ),
+                r => r?,
+            }
             let epochs: Vec<u64> = replay.iter().map(|r| r.epoch).collect();
             tracing::warn!(
                 "replayed {replayed} acknowledged writes from the journal of epochs {epochs:?} (servers that died)"
@@ -726,6 +749,7 @@ impl Volume {
             return Ok(());
         }
         self.inner.flush().await?;
+        self.inner.take_dropped()?;
         if let Some(j) = self.inner.state.lock().journal.take() {
             j.remove();
         }
@@ -789,6 +813,15 @@ enum Missing {
 }
 
 impl Inner {
+    /// Fail with the writes dropped since the last report, if any.
+    fn take_dropped(&self) -> Result<()> {
+        let dropped = std::mem::take(&mut *self.dropped.lock());
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        Err(Error::WritesDropped(dropped.join(", ")))
+    }
+
     fn check_writable(&self) -> Result<()> {
         match self.log.epoch() {
             None => Err(Error::InvalidArgument("volume is open read-only".into())),
@@ -874,6 +907,11 @@ impl Inner {
         let content = {
             let base = match st.index.get(chunk) {
                 None => Some(None),
+                Some(loc) if st.is_unreadable(loc) => {
+                    return Err(Error::Integrity(format!(
+                        "chunk {chunk}: a partial write needs its stored version, which cannot be read"
+                    )));
+                }
                 Some(loc) => self.cache.get(&loc).map(Some),
             };
             match base {
@@ -891,12 +929,7 @@ impl Inner {
         drop(st);
         if partial {
             self.partial_writes.fetch_add(1, Ordering::Relaxed);
-            let this = Arc::clone(self);
-            self.runtime.spawn(async move {
-                if let Err(e) = this.fold(chunk).await {
-                    tracing::debug!("reading partial chunk {chunk}'s stored version failed: {e}");
-                }
-            });
+            self.fold_later(chunk);
         }
         Ok(())
     }
@@ -909,8 +942,8 @@ impl Inner {
 
     /// Back-pressure: room for one chunk under the dirty limit, reserved
     /// in the same critical section as the check — writers that checked
-    /// and then waited for a read (a partial chunk) could otherwise all
-    /// land at once, far past the limit. Without room the writer flushes
+    /// and then waited (for a read, when partial writes read first) could
+    /// otherwise all land at once, far past the limit. Without room the writer flushes
     /// first, or, when the room is promised to writers still under way,
     /// waits for them. Also bounds the journal: rewriting the same chunks
     /// keeps the dirty table small but appends to the journal (memory, on

@@ -26,11 +26,14 @@ use super::SECTOR;
 use super::dirty::{Captured, Content};
 use super::flush::Ready;
 use crate::error::{Error, Result};
+use crate::store::Loc;
+use crate::store::backend::StoreError;
 
 const S: usize = SECTOR as usize;
 
-/// Stored versions read at once by one fold or resolution pass.
-const READS_AT_ONCE: usize = 64;
+/// Stored versions read at once by one fold or resolution pass, and by
+/// background folds in all.
+pub(super) const READS_AT_ONCE: usize = 64;
 
 /// Sectors written into a chunk whose stored version is not in memory.
 /// Sectors not written hold zeros here.
@@ -92,12 +95,17 @@ impl Inner {
     /// do when the chunk is no longer partial. Shares the GET with any
     /// reader of that frame.
     pub(super) async fn fold(&self, chunk: u64) -> Result<()> {
+        self.fold_from(chunk).await.map_err(|(_, e)| e)
+    }
+
+    /// `fold`; a failure says which location failed to read.
+    async fn fold_from(&self, chunk: u64) -> std::result::Result<(), (Option<Loc>, Error)> {
         let Some(mut base) = self.state.lock().partial_base(chunk) else {
             return Ok(());
         };
         loop {
             let data = match base {
-                Some(loc) => Some(self.load(chunk, loc).await?),
+                Some(loc) => Some(self.load(chunk, loc).await.map_err(|e| (base, e))?),
                 None => None,
             };
             match self
@@ -113,16 +121,69 @@ impl Inner {
         }
     }
 
+    /// Fold a partial chunk in the background (right after its write), at
+    /// most `READS_AT_ONCE` at a time.
+    pub(super) fn fold_later(self: &Arc<Self>, chunk: u64) {
+        let this = Arc::clone(self);
+        self.runtime.spawn(async move {
+            let Ok(_permit) = this.fold_permits.acquire().await else {
+                return;
+            };
+            match this.fold(chunk).await {
+                Ok(()) => {}
+                Err(e @ Error::Integrity(_)) => tracing::error!(
+                    "chunk {chunk}: its stored version cannot be read ({e}); the writes into it \
+                     since the last FLUSH will be dropped by the next FLUSH, which fails"
+                ),
+                Err(e) => tracing::debug!("reading chunk {chunk}'s stored version failed: {e}"),
+            }
+        });
+    }
+
     /// Fold every partial chunk, `READS_AT_ONCE` at a time (a flush does
     /// this before it captures, so that it does not read while holding
-    /// off other flushes).
-    pub(super) async fn fold_all(&self) -> Result<()> {
+    /// off other flushes). A chunk whose stored version cannot be read for
+    /// good is dropped from the dirty table: returns what was dropped
+    /// and why. Any other failure fails the whole fold.
+    pub(super) async fn fold_all(&self) -> Result<Vec<String>> {
         let partial = self.state.lock().partial_chunks();
-        futures::stream::iter(partial)
-            .map(|chunk| self.fold(chunk))
+        let failed: Vec<(u64, Option<Loc>, Error)> = futures::stream::iter(partial)
+            .map(|chunk| async move {
+                self.fold_from(chunk)
+                    .await
+                    .err()
+                    .map(|(b, e)| (chunk, b, e))
+            })
             .buffer_unordered(READS_AT_ONCE)
-            .try_collect()
-            .await
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        let mut dropped = Vec::new();
+        for (chunk, base, e) in failed {
+            let e = self.failed_for_good(e).await?;
+            if self.state.lock().drop_unreadable(chunk, base) {
+                tracing::error!("chunk {chunk}: writes into it since the last FLUSH dropped: {e}");
+                dropped.push(format!("chunk {chunk} ({e})"));
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Whether reading a stored version failed for good: it failed
+    /// authentication, or it is gone while this writer still owns the
+    /// volume. `Err` with the error to fail with instead: the store's
+    /// (it may pass), or fenced — a newer owner may have collected it,
+    /// and being fenced is what the flush would have found anyway.
+    pub(super) async fn failed_for_good(&self, e: Error) -> Result<Error> {
+        match e {
+            Error::Integrity(_) => Ok(e),
+            Error::Store(StoreError::NotFound(_)) => match self.log.fence().check_owner().await {
+                Ok(()) => Ok(e),
+                Err(fenced @ Error::Fenced(_)) => Err(self.fenced_by(fenced)),
+                Err(_) => Err(e),
+            },
+            e => Err(e),
+        }
     }
 
     /// What a flush captured, as whole chunks: a partial one (written
@@ -189,5 +250,61 @@ mod tests {
         assert!(p.covers(2 * S + 100, 10), "inside one written sector");
         assert!(!p.covers(2 * S, 3 * S));
         assert!(!p.covers(S, S + 1));
+    }
+
+    /// A partial chunk captured by a flush is uploaded whole: its sectors
+    /// over the stored version (read now), or over zeros when there is
+    /// none; other contents pass as they are.
+    #[tokio::test]
+    async fn a_captured_partial_chunk_resolves_over_its_stored_version() {
+        use crate::store::backend::{DynStore, MemoryStore};
+        use crate::store::keys::Secret;
+        use crate::store::{CreateParams, OpenMode, WriterOptions};
+        use crate::volume::{OpenOptions, Volume, VolumeConfig};
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let mut params = CreateParams::new(1 << 20);
+        params.chunk_size = 4096;
+        let secret = Secret::key_file(vec![7u8; 32]).expect("32 bytes");
+        Volume::create(&store, &params, &secret, false)
+            .await
+            .unwrap();
+        let open = || {
+            let opts = OpenOptions {
+                mode: OpenMode::Writer(WriterOptions::default()),
+            };
+            Volume::open(store.clone(), &secret, opts, VolumeConfig::default())
+        };
+        let vol = open().await.unwrap();
+        vol.write(0, &[1u8; 4096]).await.unwrap();
+        vol.close().await.unwrap();
+        let vol = open().await.unwrap();
+        let partial = || Content::Partial(Arc::new(Partial::new(4096, 512, &[2u8; 512])));
+        let captured = vec![
+            Captured {
+                chunk: 0,
+                generation: 5,
+                content: partial(),
+            },
+            Captured {
+                chunk: 1,
+                generation: 6,
+                content: partial(),
+            },
+            Captured {
+                chunk: 2,
+                generation: 7,
+                content: Content::Zeros,
+            },
+        ];
+        let ready = vol.inner.resolve_all(captured).await.unwrap();
+        let mut stored = vec![1u8; 4096];
+        stored[512..1024].fill(2);
+        let mut unmapped = vec![0u8; 4096];
+        unmapped[512..1024].fill(2);
+        assert_eq!(ready[0].data.as_deref(), Some(&stored));
+        assert_eq!((ready[0].chunk, ready[0].generation), (0, 5));
+        assert_eq!(ready[1].data.as_deref(), Some(&unmapped));
+        assert!(ready[2].data.is_none());
+        vol.close().await.unwrap();
     }
 }
