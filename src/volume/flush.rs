@@ -402,16 +402,14 @@ impl Inner {
         ))
     }
 
-    /// One flush: capture, encode and upload, then publish in turn. The
-    /// partial chunks it dropped, unreadable (`fold_all`), wait in
-    /// `dropped` for the next FLUSH to report them.
+    /// One flush: capture, encode and upload, then publish in turn.
     async fn flush_round(self: &Arc<Self>) -> Result<Round> {
         let pipeline = &self.pipeline;
         let slot = pipeline.slot().await;
         // Partial chunks are read before the capture, not under the
         // allocation lock (volume::partial); one written since is read
         // below, under it.
-        let dropped = self.fold_all().await?;
+        self.fold_all().await?;
         let (in_flight, upload) = {
             let allocating = pipeline.allocating().await;
             self.check_writable()?;
@@ -495,9 +493,6 @@ impl Inner {
         }
         drop(fs);
         drop(turn);
-        if !dropped.is_empty() {
-            self.dropped.lock().extend(dropped);
-        }
         Ok(round)
     }
 

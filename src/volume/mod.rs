@@ -749,12 +749,15 @@ impl Volume {
             return Ok(());
         }
         self.inner.flush().await?;
-        self.inner.take_dropped()?;
+        // Writes dropped (volume::partial) are reported, after the close:
+        // everything else is durable, and nothing can complete them.
+        let dropped = self.inner.take_dropped();
         if let Some(j) = self.inner.state.lock().journal.take() {
             j.remove();
         }
         self.inner.write_checkpoint(false).await?;
-        self.inner.log.fence().release().await
+        self.inner.log.fence().release().await?;
+        dropped
     }
 }
 

@@ -143,9 +143,9 @@ impl Inner {
     /// Fold every partial chunk, `READS_AT_ONCE` at a time (a flush does
     /// this before it captures, so that it does not read while holding
     /// off other flushes). A chunk whose stored version cannot be read for
-    /// good is dropped from the dirty table: returns what was dropped
-    /// and why. Any other failure fails the whole fold.
-    pub(super) async fn fold_all(&self) -> Result<Vec<String>> {
+    /// good is dropped from the dirty table, and noted in `dropped` for
+    /// the next FLUSH to report. Any other failure fails the whole fold.
+    pub(super) async fn fold_all(&self) -> Result<()> {
         let partial = self.state.lock().partial_chunks();
         let failed: Vec<(u64, Option<Loc>, Error)> = futures::stream::iter(partial)
             .map(|chunk| async move {
@@ -158,15 +158,17 @@ impl Inner {
             .filter_map(std::future::ready)
             .collect()
             .await;
-        let mut dropped = Vec::new();
         for (chunk, base, e) in failed {
             let e = self.failed_for_good(e).await?;
-            if self.state.lock().drop_unreadable(chunk, base) {
+            // Noted for the next FLUSH in the same critical section: a
+            // FLUSH that no longer finds the entry finds the note.
+            let mut st = self.state.lock();
+            if st.drop_unreadable(chunk, base) {
                 tracing::error!("chunk {chunk}: writes into it since the last FLUSH dropped: {e}");
-                dropped.push(format!("chunk {chunk} ({e})"));
+                self.dropped.lock().push(format!("chunk {chunk} ({e})"));
             }
         }
-        Ok(dropped)
+        Ok(())
     }
 
     /// Whether reading a stored version failed for good: it failed
