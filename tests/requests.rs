@@ -351,3 +351,59 @@ async fn a_flush_fills_its_segments_evenly_instead_of_leaving_a_tiny_tail() {
         pattern(5, 4 * CHUNK as usize)[..]
     );
 }
+
+/// The frontend's write fast path: a write with room under the dirty
+/// limit is applied on the caller's thread with no request (a partial
+/// one into a stored, uncached chunk too — its read starts behind it);
+/// a write that would pass the limit is refused untouched, for `write`
+/// (which flushes first) to take.
+#[tokio::test]
+async fn try_write_applies_only_with_room_and_makes_no_request() {
+    let store = memory();
+    let cfg = VolumeConfig {
+        dirty_limit: 2 * CHUNK as usize,
+        flush_bytes: 2 * CHUNK as usize,
+        ..test_config()
+    };
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg.clone())
+        .await
+        .unwrap();
+    vol.write(0, &pattern(1, CHUNK as usize)).await.unwrap();
+    vol.close().await.unwrap();
+    let vol = Volume::open(store.clone(), &secret(), writer(false), cfg)
+        .await
+        .unwrap();
+    let before = vol.request_stats();
+    // A partial write into chunk 0 (stored, not cached) and a whole one.
+    assert!(vol.try_write(512, &pattern(2, 1024)).unwrap());
+    let requests = vol.request_stats().total() - before.total();
+    assert!(
+        vol.try_write(CHUNK as u64, &pattern(3, CHUNK as usize))
+            .unwrap()
+    );
+    assert_eq!(requests, 0, "the write itself asked the store nothing");
+    // Two chunks dirty: the limit. A third chunk is refused, untouched.
+    assert!(!vol.try_write(2 * CHUNK as u64, &pattern(4, 512)).unwrap());
+    assert_eq!(vol.stats().dirty_chunks, 2);
+    // Rewriting a dirty chunk still needs room for it (one chunk).
+    assert!(!vol.try_write(CHUNK as u64, &pattern(5, 512)).unwrap());
+    // `write` makes room by flushing.
+    vol.write(2 * CHUNK as u64, &pattern(4, 512)).await.unwrap();
+    let mut expect = pattern(1, CHUNK as usize);
+    expect[512..1536].copy_from_slice(&pattern(2, 1024));
+    assert_eq!(vol.read(0, CHUNK as usize).await.unwrap(), expect);
+    assert_eq!(
+        vol.read(CHUNK as u64, CHUNK as usize).await.unwrap(),
+        pattern(3, CHUNK as usize)
+    );
+    assert_eq!(
+        vol.read(2 * CHUNK as u64, 512).await.unwrap(),
+        pattern(4, 512)
+    );
+    // Bad input is an error, not a refusal.
+    assert!(vol.try_write(100, &[0u8; 512]).is_err());
+    vol.close().await.unwrap();
+}

@@ -82,15 +82,24 @@ async fn serve(
                 return -libc::EINVAL;
             }
             c.writes.fetch_add(1, Ordering::Relaxed);
-            let data = buf[..len].to_vec();
-            let r = offload(shared, wake, async move {
-                vol.write(offset, &data).await?;
-                if fua {
-                    vol.flush().await?;
+            // Fast path: room under the dirty limit now, applied on this
+            // thread (no write waits for the store).
+            let r = match vol.try_write(offset, &buf[..len]) {
+                Ok(true) if !fua => Ok(()),
+                Ok(true) => offload(shared, wake, async move { vol.flush().await }).await,
+                Ok(false) => {
+                    let data = buf[..len].to_vec();
+                    offload(shared, wake, async move {
+                        vol.write(offset, &data).await?;
+                        if fua {
+                            vol.flush().await?;
+                        }
+                        Ok(())
+                    })
+                    .await
                 }
-                Ok(())
-            })
-            .await;
+                Err(e) => Err(e),
+            };
             match r {
                 Ok(()) => {
                     c.bytes_written.fetch_add(len as u64, Ordering::Relaxed);

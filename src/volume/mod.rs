@@ -457,6 +457,30 @@ impl Volume {
         Ok(())
     }
 
+    /// Apply a write at once when nothing has to be waited for — room
+    /// under the dirty limit (and the journal's) for all its chunks now
+    /// — on the caller's thread. `Ok(false)`: nothing was written; use
+    /// `write`. Lets the frontend answer writes on its own thread, as it
+    /// does hot reads (no write waits for the store: `partial`).
+    pub fn try_write(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        self.check_writable(offset, data.len() as u64)?;
+        let cs = self.inner.chunk_size;
+        let need = spans(offset, data.len(), cs).count() * cs;
+        let room = {
+            let st = self.inner.state.lock();
+            self.inner.room_now(&st, need)
+        };
+        let Ok(_room) = room else {
+            return Ok(false);
+        };
+        for span in spans(offset, data.len(), cs) {
+            self.inner
+                .write_chunk(span.chunk, span.at, &data[span.buf])?;
+        }
+        self.inner.wake_flusher_if_due();
+        Ok(true)
+    }
+
     /// Make a range read as zeros. Whole chunks become zero records (no
     /// frame, no data); partial chunks are rewritten.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -951,6 +975,23 @@ impl Inner {
     /// waits for them. Also bounds the journal: rewriting the same chunks
     /// keeps the dirty table small but appends to the journal (memory, on
     /// tmpfs) each time.
+    /// Room for `need` bytes now, reserved (the caller holds the state
+    /// lock: the check and the reservation are one critical section).
+    /// `Err(flush_first)`: none; whether a flush would make some, rather
+    /// than writers still under way giving theirs back.
+    fn room_now(&self, st: &State, need: usize) -> std::result::Result<Room<'_>, bool> {
+        let used = st.dirty.bytes() + self.reserved.load(Ordering::Acquire);
+        let journal_full = st.journal.as_ref().is_some_and(|j| j.is_full()) && !st.dirty.is_empty();
+        if !journal_full && (used == 0 || used + need <= self.cfg.dirty_limit) {
+            self.reserved.fetch_add(need, Ordering::AcqRel);
+            return Ok(Room {
+                inner: self,
+                bytes: need,
+            });
+        }
+        Err(journal_full || !st.dirty.is_empty())
+    }
+
     async fn wait_for_space(self: &Arc<Self>) -> Result<Room<'_>> {
         self.check_writable()?;
         let need = self.chunk_size;
@@ -960,17 +1001,10 @@ impl Inner {
             released.as_mut().enable();
             let flush_first = {
                 let st = self.state.lock();
-                let used = st.dirty.bytes() + self.reserved.load(Ordering::Acquire);
-                let journal_full =
-                    st.journal.as_ref().is_some_and(|j| j.is_full()) && !st.dirty.is_empty();
-                if !journal_full && (used == 0 || used + need <= self.cfg.dirty_limit) {
-                    self.reserved.fetch_add(need, Ordering::AcqRel);
-                    return Ok(Room {
-                        inner: self,
-                        bytes: need,
-                    });
+                match self.room_now(&st, need) {
+                    Ok(room) => return Ok(room),
+                    Err(flush_first) => flush_first,
                 }
-                journal_full || !st.dirty.is_empty()
             };
             if flush_first {
                 self.flush().await?;
