@@ -8,16 +8,25 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
+use zerofs_ublk::cache::DiskCache;
 use zerofs_ublk::store::backend::{DynStore, MemoryStore};
-use zerofs_ublk::volume::{Volume, VolumeConfig};
+use zerofs_ublk::volume::{OpenOptions, Volume, VolumeConfig};
 
-fn cfg(dir: &Path) -> VolumeConfig {
-    VolumeConfig {
-        disk_cache_dir: Some(dir.to_path_buf()),
-        disk_cache_bytes: 64 << 20,
+/// Open with an SSD tier in `dir` (64 MiB), passed in as a component.
+async fn open(store: DynStore, opts: OpenOptions, dir: &Path) -> Volume {
+    let disk = DiskCache::open(dir, 64 << 20).await.unwrap();
+    let cfg = VolumeConfig {
         readahead_chunks: 0,
         ..test_config()
-    }
+    };
+    let secret = secret();
+    Volume::builder(store, &secret)
+        .options(opts)
+        .config(cfg)
+        .disk_cache(disk)
+        .open()
+        .await
+        .unwrap()
 }
 
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -37,9 +46,7 @@ async fn volume_with_data(mem: &MemoryStore, cache: &Path) -> Vec<u8> {
     Volume::create(&store, &params(16), &secret(), false)
         .await
         .unwrap();
-    let vol = Volume::open(store, &secret(), writer(false), cfg(cache))
-        .await
-        .unwrap();
+    let vol = open(store, writer(false), cache).await;
     let data = pattern(4, 8 * CHUNK as usize);
     vol.write(0, &data).await.unwrap();
     vol.close().await.unwrap(); // flush fills the SSD tier
@@ -52,9 +59,7 @@ async fn warm_restart_reads_from_the_ssd_tier() {
     let mem = MemoryStore::new();
     let data = volume_with_data(&mem, cache.path()).await;
     let store: DynStore = Arc::new(mem.clone());
-    let vol = Volume::open(store, &secret(), read_only(), cfg(cache.path()))
-        .await
-        .unwrap();
+    let vol = open(store, read_only(), cache.path()).await;
     let before = vol.request_stats();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
     let after = vol.request_stats();
@@ -100,9 +105,7 @@ async fn corrupted_cache_entry_falls_back_to_the_store() {
     }
     assert!(flipped > 0, "cache files hold the frames");
     let store: DynStore = Arc::new(mem.clone());
-    let vol = Volume::open(store, &secret(), read_only(), cfg(cache.path()))
-        .await
-        .unwrap();
+    let vol = open(store, read_only(), cache.path()).await;
     // Whatever the cache returns or fails to, the data is right, and it
     // came from the store (the corrupted entries were not used).
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);

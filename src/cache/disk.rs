@@ -19,8 +19,10 @@ use crate::store::Loc;
 /// chunks already have the volume's memory cache.
 const FOYER_MEMORY: usize = 16 << 20;
 
+#[derive(Clone)]
 pub struct DiskCache {
     cache: HybridCache<String, Vec<u8>>,
+    /// The volume whose frames this handle reads and writes (hex id).
     volume: String,
 }
 
@@ -29,7 +31,9 @@ fn failed(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl DiskCache {
-    pub async fn open(dir: &Path, capacity: u64, volume_id: &[u8; 16]) -> Result<Self> {
+    /// Open (or recover) the tier in `dir`; `for_volume` gives the handle
+    /// a volume uses.
+    pub async fn open(dir: &Path, capacity: u64) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| failed(&format!("cannot create {}", dir.display()), e))?;
         let device = FsDeviceBuilder::new(dir)
@@ -51,8 +55,16 @@ impl DiskCache {
             .map_err(|e| failed("open", e))?;
         Ok(DiskCache {
             cache,
-            volume: hex::encode(volume_id),
+            volume: String::new(),
         })
+    }
+
+    /// The same tier, for the frames of volume `volume_id`.
+    pub fn for_volume(&self, volume_id: &[u8; 16]) -> DiskCache {
+        DiskCache {
+            cache: self.cache.clone(),
+            volume: hex::encode(volume_id),
+        }
     }
 
     fn key(&self, loc: &Loc) -> String {

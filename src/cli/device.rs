@@ -288,22 +288,21 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
     }
     let cfg = VolumeConfig {
         cache_bytes: parse_size(&a.cache_memory)? as usize,
-        disk_cache_dir: a.cache_dir.clone(),
-        disk_cache_bytes: parse_size(&a.cache_disk)?,
         gc: a.gc.config(!a.no_gc)?,
         ..VolumeConfig::default()
     };
     // The claim names the journal directory (see attach_journal in serve).
     let journal = crate::volume::journal::dir_identity(&journal_dir())?;
-    Ok(Volume::open(
-        store,
-        &secret,
-        OpenOptions {
+    let mut volume = Volume::builder(store, &secret)
+        .options(OpenOptions {
             mode: a.writer.mode(Some(journal)),
-        },
-        cfg,
-    )
-    .await?)
+        })
+        .config(cfg);
+    if let Some(dir) = &a.cache_dir {
+        volume = volume
+            .disk_cache(crate::cache::DiskCache::open(dir, parse_size(&a.cache_disk)?).await?);
+    }
+    Ok(volume.open().await?)
 }
 
 fn journal_dir() -> PathBuf {

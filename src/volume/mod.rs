@@ -30,7 +30,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::cache::{CacheStats, ChunkCache, ChunkData};
+use crate::cache::{CacheStats, ChunkCache, ChunkData, DiskCache};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::store::backend::DynStore;
@@ -71,10 +71,6 @@ pub struct VolumeConfig {
     pub background_flush: bool,
     /// Most chunks read ahead of a sequential reader (0: no readahead).
     pub readahead_chunks: u64,
-    /// SSD cache tier (ciphertext frames): directory, or None for none.
-    pub disk_cache_dir: Option<std::path::PathBuf>,
-    /// SSD cache tier capacity in bytes.
-    pub disk_cache_bytes: u64,
     /// Garbage collection (writers only).
     pub gc: gc::GcConfig,
 }
@@ -91,8 +87,6 @@ impl Default for VolumeConfig {
             cache_bytes: 256 << 20,
             background_flush: true,
             readahead_chunks: 32,
-            disk_cache_dir: None,
-            disk_cache_bytes: 10 << 30,
             gc: gc::GcConfig::default(),
         }
     }
@@ -101,6 +95,38 @@ impl Default for VolumeConfig {
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     pub mode: OpenMode,
+}
+
+/// `Volume::builder`: read-only and `VolumeConfig::default()` unless told.
+pub struct VolumeBuilder<'a> {
+    store: DynStore,
+    secret: &'a Secret,
+    opts: OpenOptions,
+    cfg: VolumeConfig,
+    disk: Option<DiskCache>,
+}
+
+impl VolumeBuilder<'_> {
+    pub fn options(mut self, opts: OpenOptions) -> Self {
+        self.opts = opts;
+        self
+    }
+
+    pub fn config(mut self, cfg: VolumeConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// An SSD tier (ciphertext frames), shared by the volumes it serves:
+    /// entries are keyed by volume id.
+    pub fn disk_cache(mut self, disk: DiskCache) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    pub async fn open(self) -> Result<Volume> {
+        Volume::open_with(self).await
+    }
 }
 
 /// Counters for `inspect` / `status`.
@@ -243,13 +269,43 @@ impl Volume {
         LogStore::create(store, params, secret, allow_unconditional).await
     }
 
-    /// Open a volume: writer (claims and fences) or read-only.
+    /// Open a volume: writer (claims and fences) or read-only, with
+    /// these settings and no SSD tier (`builder` for one).
     pub async fn open(
         store: DynStore,
         secret: &Secret,
         opts: OpenOptions,
         cfg: VolumeConfig,
     ) -> Result<Volume> {
+        Self::builder(store, secret)
+            .options(opts)
+            .config(cfg)
+            .open()
+            .await
+    }
+
+    /// Open a volume step by step: the components (the store, an SSD
+    /// tier) go in as they are; the settings are plain data.
+    pub fn builder(store: DynStore, secret: &Secret) -> VolumeBuilder<'_> {
+        VolumeBuilder {
+            store,
+            secret,
+            opts: OpenOptions {
+                mode: OpenMode::ReadOnly,
+            },
+            cfg: VolumeConfig::default(),
+            disk: None,
+        }
+    }
+
+    async fn open_with(b: VolumeBuilder<'_>) -> Result<Volume> {
+        let VolumeBuilder {
+            store,
+            secret,
+            opts,
+            cfg,
+            disk,
+        } = b;
         if cfg.dirty_limit < cfg.flush_bytes.min(cfg.segment_target) {
             return Err(Error::InvalidArgument(
                 "dirty limit must be at least the flush threshold".into(),
@@ -259,13 +315,7 @@ impl Volume {
         let sb = log.superblock().params.clone();
         let codec = Codec::new(log.keys().clone(), sb.codec.zstd_level, sb.chunk_size);
         let replayed = summary.replayed_segments as u64;
-        let disk = match &cfg.disk_cache_dir {
-            Some(dir) => Some(
-                crate::cache::DiskCache::open(dir, cfg.disk_cache_bytes, &log.keys().volume_id)
-                    .await?,
-            ),
-            None => None,
-        };
+        let disk = disk.map(|d| d.for_volume(&log.keys().volume_id));
         let inner = Arc::new(Inner {
             codec,
             cache: ChunkCache::new(cfg.cache_bytes),
