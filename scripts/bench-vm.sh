@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# ublk frontend benchmark: fio 4k random read/write and 1M sequential
-# read/write, in one QEMU TCG guest run, against zerofs-ublk (file:// bucket
+# ublk frontend benchmark: fio 4k random read/write, 1M sequential
+# read/write, 4k random writes one at a time, and 4k/8k writes each
+# followed by fsync, in one QEMU TCG guest run, against zerofs-ublk (file:// bucket
 # on tmpfs, warm cache) and `rublk add loop` on a tmpfs file of the same
 # size. TCG numbers only mean something as ratios within one run.
 # Usage: scripts/bench-vm.sh   (BENCH_SIZE_MB, BENCH_RUNTIME, BENCH_QUEUES)
@@ -42,11 +43,12 @@ if not rows:
     sys.exit("no benchmark results in the console log " + sys.argv[1])
 print("| job | zerofs-ublk | rublk loop | ratio |")
 print("|---|---|---|---|")
-for job in ["fill", "randread-4k", "randwrite-4k", "write-1M", "read-1M"]:
+for job in ["fill", "randread-4k", "randwrite-4k", "write-1M", "read-1M", "randwrite-4k-qd1", "fsync-4k", "fsync-8k"]:
     r = rows.get(job, {})
     z, l = r.get("zerofs-ublk"), r.get("rublk-loop")
-    unit = (lambda v: f"{v[0]:,.0f} IOPS") if "4k" in job else (lambda v: f"{v[1]:,.1f} MiB/s")
-    key = 0 if "4k" in job else 1
+    per_io = "4k" in job or "8k" in job
+    unit = (lambda v: f"{v[0]:,.0f} IOPS") if per_io else (lambda v: f"{v[1]:,.1f} MiB/s")
+    key = 0 if per_io else 1
     ratio = f"{z[key] / l[key]:.2f}" if z and l and l[key] else "n/a"
     print(f"| {job} | {unit(z) if z else 'n/a'} | {unit(l) if l else 'n/a'} | {ratio} |")
 if mem:

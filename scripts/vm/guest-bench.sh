@@ -20,6 +20,13 @@ jobs() {
     set -- $job
     echo "BENCH $target $1-$2 $($T/fio --name=$1 $common --rw=$1 --bs=$2 --size=${SIZE_MB}M --time_based --runtime=$RUNTIME)"
   done
+  # One writer at a time: the write path's own latency (8 MiB of 4 KiB
+  # writes stays under the flush threshold), then a database's pattern,
+  # every write followed by fsync (a FLUSH), at 4 KiB and 8 KiB.
+  echo "BENCH $target randwrite-4k-qd1 $($T/fio --name=qd1 $common --iodepth=1 --rw=randwrite --bs=4k --size=${SIZE_MB}M --io_size=8M)"
+  for bs in 4k 8k; do
+    echo "BENCH $target fsync-$bs $($T/fio --name=fsync $common --iodepth=1 --rw=randwrite --bs=$bs --fsync=1 --size=${SIZE_MB}M --time_based --runtime=$RUNTIME)"
+  done
 }
 
 echo "---- engine alone (import of 128 MiB random data, no ublk)"

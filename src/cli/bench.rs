@@ -699,25 +699,33 @@ async fn p10(chunks: u64, changed: u64) -> Result<Vec<String>> {
     ])
 }
 
-/// Writes per fsync in the P4 workloads: random 4 KiB writes with an fsync
-/// every 1,000 writes (a busy database) or every 4,096 (16 MiB, the rate
-/// at which ≤ 64 PUTs per GiB is possible at one PUT per fsync), and 1 MiB
-/// sequential writes with an fsync every 64 MiB.
-const P4_WORKLOADS: [(bool, u64); 3] = [(true, 1000), (true, 4096), (false, 64)];
+/// The P4 workloads, (write size, random, writes per fsync): random 4 KiB
+/// writes with an fsync every 1,000 writes (a busy database) or every
+/// 4,096 (16 MiB, the rate at which ≤ 64 PUTs per GiB is possible at one
+/// PUT per fsync); random 8 KiB writes (PostgreSQL's page) with an fsync
+/// every 1,000 or every 2,048 (16 MiB); 1 MiB sequential writes with an
+/// fsync every 64 MiB.
+const P4_WORKLOADS: [(usize, bool, u64); 5] = [
+    (4096, true, 1000),
+    (4096, true, 4096),
+    (8192, true, 1000),
+    (8192, true, 2048),
+    (1 << 20, false, 64),
+];
 
 async fn p4(size: u64) -> Result<Vec<String>> {
     let mut rows = Vec::new();
-    for (random, per_fsync) in P4_WORKLOADS {
+    for (bs, random, per_fsync) in P4_WORKLOADS {
         let store: DynStore = Arc::new(MemoryStore::new());
         let vol = new_volume(&store, size, VolumeConfig::default()).await?;
         let base = vol.request_stats();
-        let block = data(if random { 4096 } else { 1 << 20 }, false);
+        let block = data(bs, false);
         let writes = size / block.len() as u64;
         let mut x = 777u64;
         for i in 0..writes {
             let off = if random {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                (x >> 33) % (size / 4096) * 4096
+                (x >> 33) % (size / bs as u64) * bs as u64
             } else {
                 i * block.len() as u64
             };
@@ -733,9 +741,9 @@ async fn p4(size: u64) -> Result<Vec<String>> {
         let fsyncs = writes.div_ceil(per_fsync);
         let uploaded = (s.bytes_out - base.bytes_out) as f64 / (1u64 << 30) as f64;
         let kind = if random {
-            format!("4 KiB random + fsync/{per_fsync}")
+            format!("{} KiB random + fsync/{per_fsync}", bs >> 10)
         } else {
-            format!("1 MiB sequential + fsync/{per_fsync}")
+            format!("{} MiB sequential + fsync/{per_fsync}", bs >> 20)
         };
         rows.push(format!(
             "| P4 PUTs per GiB written, {kind} | {:.1} ({:.2} per fsync; {:.1} GiB uploaded per GiB written) | floor: {:.0} fsyncs per GiB | — | ≤ 64 |",
