@@ -20,7 +20,7 @@ guest=$(mktemp)
 { echo "BENCH_SIZE_MB=${BENCH_SIZE_MB:-512} BENCH_RUNTIME=${BENCH_RUNTIME:-10} BENCH_QUEUES=${BENCH_QUEUES:-1}"
   echo "export BENCH_SIZE_MB BENCH_RUNTIME BENCH_QUEUES"
   cat scripts/vm/guest-bench.sh; } > "$guest"
-VM_MEM=4G vm_run "$guest" target/release/zerofs-ublk "$RUBLK" > /dev/null || true
+VM_MEM=6G vm_run "$guest" target/release/zerofs-ublk "$RUBLK" > /dev/null || true
 python3 - "$VM_LOG" <<'PY'
 import sys
 rows = {}

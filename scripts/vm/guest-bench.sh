@@ -20,11 +20,15 @@ jobs() {
     set -- $job
     echo "BENCH $target $1-$2 $($T/fio --name=$1 $common --rw=$1 --bs=$2 --size=${SIZE_MB}M --time_based --runtime=$RUNTIME)"
   done
-  # One writer at a time: the write path's own latency (8 MiB of 4 KiB
-  # writes stays under the flush threshold), then a database's pattern,
-  # every write followed by fsync (a FLUSH), at 4 KiB and 8 KiB.
-  echo "BENCH $target randwrite-4k-qd1 $($T/fio --name=qd1 $common --iodepth=1 --rw=randwrite --bs=4k --size=${SIZE_MB}M --io_size=8M)"
+  # One writer at a time: the write path's own latency (512 writes of
+  # 4 KiB dirty 64 MiB of chunks, under the flush threshold), then a
+  # database's pattern, every write followed by fsync (a FLUSH), at 4 KiB
+  # and 8 KiB. Each starts with nothing dirty (one write + fsync).
+  settle() { $T/fio --name=settle --filename=$dev --direct=1 --rw=write --bs=4k --io_size=4k --fsync=1 --output-format=terse > /dev/null; }
+  settle
+  echo "BENCH $target randwrite-4k-qd1 $($T/fio --name=qd1 $common --iodepth=1 --rw=randwrite --bs=4k --size=${SIZE_MB}M --io_size=2M)"
   for bs in 4k 8k; do
+    settle
     echo "BENCH $target fsync-$bs $($T/fio --name=fsync $common --iodepth=1 --rw=randwrite --bs=$bs --fsync=1 --size=${SIZE_MB}M --time_based --runtime=$RUNTIME)"
   done
 }
@@ -49,6 +53,8 @@ $T/zerofs-ublk status -n "${DEV#/dev/ublkb}"
 MEM=$(grep VmHWM /proc/$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' $ZEROFS_UBLK_RUN_DIR/*.json)/status)
 echo "BENCH-MEM zerofs-ublk $MEM"
 $T/zerofs-ublk del --all
+df -k /tmp | tail -n1 | awk '{print "BENCH-DF after zerofs-ublk: " $3 " KiB used of " $2}'
+rm -rf /tmp/bucket
 echo "---- rublk loop"
 truncate -s ${SIZE_MB}M /tmp/loop.img
 $T/rublk add loop -f /tmp/loop.img -q $QUEUES --quiet
