@@ -742,9 +742,17 @@ impl Case {
 
     async fn write(&mut self, vol: &Volume, sector: u64, sectors: u64, seed: u64) -> Step {
         let data = pattern(seed, (sectors * 512) as usize);
-        within("write", vol.write(sector * 512, &data))
-            .await?
-            .map_err(|e| format!("write failed: {e}"))?;
+        // Half the time as the frontend writes: at once when there is
+        // room, else the waiting path.
+        let at_once = self.rng.chance(50)
+            && vol
+                .try_write(sector * 512, &data)
+                .map_err(|e| format!("write failed: {e}"))?;
+        if !at_once {
+            within("write", vol.write(sector * 512, &data))
+                .await?
+                .map_err(|e| format!("write failed: {e}"))?;
+        }
         self.model.apply((sector * 512) as usize, &data);
         self.acked();
         Ok(())
