@@ -451,6 +451,13 @@ async fn a_replayed_write_that_cannot_be_completed_does_not_stop_the_server() {
     let c = open_journaled(&store, dir.path()).await;
     assert_eq!(c.attach_journal(dir.path()).await.unwrap(), 2);
     assert_eq!(c.read(3 * 4096, 4096).await.unwrap(), pattern(3, 4096));
+    // The device's first FLUSH covers the dropped write (the kernel saw
+    // it complete before the old server died): it reports it, once.
+    assert!(matches!(
+        c.flush().await,
+        Err(zerofs_ublk::Error::WritesDropped(_))
+    ));
+    c.flush().await.expect("reported once");
     assert!(matches!(
         c.read(0, 512).await,
         Err(zerofs_ublk::Error::Integrity(_))
@@ -464,4 +471,64 @@ async fn a_replayed_write_that_cannot_be_completed_does_not_stop_the_server() {
         pattern(3, 4096),
         "durable"
     );
+}
+
+/// The review's case: a flush during the replay (the dirty limit) drops
+/// a chunk whose stored version is unreadable; a later record into the
+/// same chunk then meets the remembered location. The replay counts it as
+/// dropped too, serves, and the device's first FLUSH reports both.
+#[tokio::test]
+async fn a_replay_that_drops_a_chunk_midway_still_serves() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::MemoryStore;
+    use zerofs_ublk::volume::VolumeConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemoryStore::new();
+    let store: DynStore = Arc::new(mem.clone());
+    let a = first_server(&store, dir.path()).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap();
+    let loc = a.index_snapshot().get(0).unwrap();
+    a.close().await.unwrap();
+    {
+        let objects = mem.raw_objects();
+        let mut objects = objects.lock();
+        let object = objects
+            .get_mut(&zerofs_ublk::store::paths::segment(loc.segment))
+            .unwrap();
+        let mut bytes = object.to_vec();
+        bytes[loc.offset as usize + 9] ^= 1;
+        *object = bytes::Bytes::from(bytes);
+    }
+    let b = open_journaled(&store, dir.path()).await;
+    b.attach_journal(dir.path()).await.unwrap();
+    b.write(512, &[5u8; 512]).await.unwrap();
+    for c in 1..6u64 {
+        b.write(c * 4096, &pattern(c, 4096)).await.unwrap();
+    }
+    b.write(1024, &[6u8; 512]).await.unwrap();
+    drop(b); // killed
+    // The next server flushes every 4 chunks: midway through the replay.
+    let small = VolumeConfig {
+        dirty_limit: 4 * 4096,
+        flush_bytes: 4 * 4096,
+        ..test_config()
+    };
+    let c = Volume::open(
+        store.clone(),
+        &secret(),
+        journaled_writer(true, dir.path()),
+        small,
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.attach_journal(dir.path()).await.unwrap(), 7);
+    for n in 1..6u64 {
+        assert_eq!(c.read(n * 4096, 4096).await.unwrap(), pattern(n, 4096));
+    }
+    assert!(matches!(
+        c.flush().await,
+        Err(zerofs_ublk::Error::WritesDropped(_))
+    ));
+    c.flush().await.expect("reported once");
 }

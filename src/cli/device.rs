@@ -430,8 +430,11 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     // and the record says why; `del` reports the failure, `recover` (once
     // the bucket is reachable) finishes the job. Never remove a device
     // whose writes exist only on this host.
-    if let Err(e) = volume.flush().await {
-        keep_after_failed_stop(&record, &format!("{e:#}"));
+    match volume.flush().await {
+        Ok(()) => {}
+        // Everything else is durable; nothing can complete those writes.
+        Err(e @ crate::Error::WritesDropped(_)) => tracing::error!("{e}"),
+        Err(e) => keep_after_failed_stop(&record, &format!("{e:#}")),
     }
     let _ = frontend::stop(id);
     if !server.is_finished() {

@@ -234,12 +234,19 @@ impl State {
         self.unreadable.contains(&loc)
     }
 
+    /// The generation of the newest write applied so far: a FLUSH that
+    /// starts now covers every write up to it.
+    pub fn generation(&self) -> u64 {
+        self.next_generation
+    }
+
     /// A partial chunk's stored version at `base` cannot be read for good:
-    /// drop the entry (the writes in it are lost; the FLUSH says so), and
-    /// remember `base`. False when the chunk is no longer partial there.
-    pub fn drop_unreadable(&mut self, chunk: u64, base: Option<Loc>) -> bool {
+    /// drop the entry (the writes in it are lost; a FLUSH says so), and
+    /// remember `base`. Returns the dropped entry's generation (its newest
+    /// write), None when the chunk is no longer partial there.
+    pub fn drop_unreadable(&mut self, chunk: u64, base: Option<Loc>) -> Option<u64> {
         if self.partial_base(chunk) != Some(base) {
-            return false;
+            return None;
         }
         if let Some(loc) = base
             && self.unreadable.len() < UNREADABLE_KEPT
@@ -251,7 +258,7 @@ impl State {
         if self.dirty.is_empty() {
             self.oldest_dirty = None;
         }
-        true
+        Some(gone.generation)
     }
 
     /// Every partial chunk, in chunk order.

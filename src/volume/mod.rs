@@ -117,8 +117,9 @@ impl VolumeBuilder<'_> {
         self
     }
 
-    /// An SSD tier (ciphertext frames), shared by the volumes it serves:
-    /// entries are keyed by volume id.
+    /// An SSD tier (ciphertext frames). Entries are keyed by volume id,
+    /// but the volume closes the tier when it closes: one tier per volume
+    /// for now.
     pub fn disk_cache(mut self, disk: DiskCache) -> Self {
         self.disk = Some(disk);
         self
@@ -167,8 +168,9 @@ pub(crate) struct Inner {
     partial_writes: AtomicU64,
     /// Background reads of partial chunks' stored versions (`partial`).
     fold_permits: tokio::sync::Semaphore,
-    /// Partial chunks dropped, unreadable, not yet reported by a FLUSH.
-    dropped: Mutex<Vec<String>>,
+    /// Partial chunks dropped, unreadable, not yet reported by a FLUSH:
+    /// (generation of the newest write dropped, what and why).
+    dropped: Mutex<Vec<(u64, String)>>,
     fetch: fetch::Fetcher,
     /// The SSD tier, if configured.
     disk: Option<crate::cache::DiskCache>,
@@ -565,13 +567,15 @@ impl Volume {
 
     /// Make every write completed before this call durable; see module docs.
     ///
-    /// Writes dropped since the last FLUSH (into chunks whose stored
-    /// version cannot be read: `partial`) fail it with `WritesDropped`
-    /// once everything else is durable; the next FLUSH succeeds, as a
-    /// disk reports a failed write once.
+    /// Writes before this FLUSH that were dropped (into chunks whose
+    /// stored version cannot be read: `partial`) fail it with
+    /// `WritesDropped` once everything else is durable — reported once,
+    /// by the first FLUSH that covers them, as a disk reports a failed
+    /// write; a FLUSH that started before them does not take the report.
     pub async fn flush(&self) -> Result<()> {
+        let covers = self.inner.state.lock().generation();
         self.inner.flush().await?;
-        self.inner.take_dropped()
+        self.inner.take_dropped(covers)
     }
 
     /// Keep acknowledged writes in a journal under `dir` (tmpfs) so they
@@ -659,7 +663,24 @@ impl Volume {
             for (i, path) in r.paths.iter().enumerate() {
                 for record in journal::read_segment(path, &r.owner(&id), tail(i, r))? {
                     match record? {
-                        journal::Record::Data { offset, data } => self.write(offset, &data).await?,
+                        journal::Record::Data { offset, data } => {
+                            match self.write(offset, &data).await {
+                                // Into a chunk whose stored version a flush
+                                // during this replay found unreadable: as
+                                // dropped as the records before it.
+                                Err(e @ Error::Integrity(_)) => {
+                                    tracing::error!(
+                                        "replaying the journal: a write at {offset} dropped: {e}"
+                                    );
+                                    let generation = self.inner.state.lock().generation();
+                                    self.inner
+                                        .dropped
+                                        .lock()
+                                        .push((generation, format!("the write at {offset} ({e})")));
+                                }
+                                r => r?,
+                            }
+                        }
                         journal::Record::Zeroes { offset, len } => {
                             self.write_zeroes(offset, len).await?
                         }
@@ -670,15 +691,12 @@ impl Volume {
             done_with.push((r.epoch, r.tag, r.paths.clone()));
         }
         if replayed > 0 {
-            match self.flush().await {
-                // The rest is durable; those writes cannot be completed
-                // by any server (their chunks' stored versions are gone):
-                // serving beats refusing to start over them.
-                Err(Error::WritesDropped(what)) => tracing::error!(
-                    "replaying the journal: acknowledged writes dropped, the rest is durable: {what}"
-                ),
-                r => r?,
-            }
+            // The engine's flush: writes it drops (their chunks' stored
+            // versions cannot be read, so no server can complete them)
+            // stay noted for the first FLUSH the device sends — it covers
+            // them (the kernel saw them complete before the old server
+            // died) — rather than failing the start over them.
+            self.inner.flush().await?;
             let epochs: Vec<u64> = replay.iter().map(|r| r.epoch).collect();
             tracing::warn!(
                 "replayed {replayed} acknowledged writes from the journal of epochs {epochs:?} (servers that died)"
@@ -825,7 +843,7 @@ impl Volume {
         self.inner.flush().await?;
         // Writes dropped (volume::partial) are reported, after the close:
         // everything else is durable, and nothing can complete them.
-        let dropped = self.inner.take_dropped();
+        let dropped = self.inner.take_dropped(u64::MAX);
         if let Some(j) = self.inner.state.lock().journal.take() {
             j.remove();
         }
@@ -890,13 +908,17 @@ enum Missing {
 }
 
 impl Inner {
-    /// Fail with the writes dropped since the last report, if any.
-    fn take_dropped(&self) -> Result<()> {
-        let dropped = std::mem::take(&mut *self.dropped.lock());
-        if dropped.is_empty() {
+    /// Fail with the dropped writes up to generation `covers` not yet
+    /// reported, if any (they are then reported).
+    fn take_dropped(&self, covers: u64) -> Result<()> {
+        let mut dropped = self.dropped.lock();
+        let (report, keep): (Vec<_>, Vec<_>) = dropped.drain(..).partition(|(g, _)| *g <= covers);
+        *dropped = keep;
+        if report.is_empty() {
             return Ok(());
         }
-        Err(Error::WritesDropped(dropped.join(", ")))
+        let what: Vec<String> = report.into_iter().map(|(_, what)| what).collect();
+        Err(Error::WritesDropped(what.join(", ")))
     }
 
     fn check_writable(&self) -> Result<()> {

@@ -163,9 +163,11 @@ impl Inner {
             // Noted for the next FLUSH in the same critical section: a
             // FLUSH that no longer finds the entry finds the note.
             let mut st = self.state.lock();
-            if st.drop_unreadable(chunk, base) {
+            if let Some(generation) = st.drop_unreadable(chunk, base) {
                 tracing::error!("chunk {chunk}: writes into it since the last FLUSH dropped: {e}");
-                self.dropped.lock().push(format!("chunk {chunk} ({e})"));
+                self.dropped
+                    .lock()
+                    .push((generation, format!("chunk {chunk} ({e})")));
             }
         }
         Ok(())
@@ -308,5 +310,54 @@ mod tests {
         assert_eq!(ready[1].data.as_deref(), Some(&unmapped));
         assert!(ready[2].data.is_none());
         vol.close().await.unwrap();
+    }
+
+    /// A dropped write is reported by a FLUSH that covers it — one that
+    /// started after it — not by one that started before it and happened
+    /// to finish after the drop (the review's interleaving: a FUA's flush
+    /// in flight, then the write, then another flush drops it).
+    #[tokio::test]
+    async fn a_dropped_write_is_reported_by_a_flush_that_covers_it() {
+        use crate::store::backend::{DynStore, MemoryStore};
+        use crate::store::keys::Secret;
+        use crate::store::{CreateParams, OpenMode, WriterOptions, paths};
+        use crate::volume::{OpenOptions, Volume, VolumeConfig};
+        let mem = MemoryStore::new();
+        let store: DynStore = Arc::new(mem.clone());
+        let mut params = CreateParams::new(1 << 20);
+        params.chunk_size = 4096;
+        let secret = Secret::key_file(vec![7u8; 32]).expect("32 bytes");
+        Volume::create(&store, &params, &secret, false)
+            .await
+            .unwrap();
+        let open = || {
+            let opts = OpenOptions {
+                mode: OpenMode::Writer(WriterOptions::default()),
+            };
+            Volume::open(store.clone(), &secret, opts, VolumeConfig::default())
+        };
+        let vol = open().await.unwrap();
+        vol.write(0, &[1u8; 4096]).await.unwrap();
+        vol.flush().await.unwrap();
+        let loc = vol.index_snapshot().get(0).unwrap();
+        vol.close().await.unwrap();
+        {
+            let objects = mem.raw_objects();
+            let mut objects = objects.lock();
+            let object = objects.get_mut(&paths::segment(loc.segment)).unwrap();
+            let mut bytes = object.to_vec();
+            bytes[loc.offset as usize + 3] ^= 1;
+            *object = bytes::Bytes::from(bytes);
+        }
+        let vol = open().await.unwrap();
+        let earlier_flush_covers = vol.inner.state.lock().generation();
+        vol.write(512, &[2u8; 512]).await.unwrap();
+        vol.inner.flush().await.unwrap(); // drops it, notes it
+        assert!(
+            vol.inner.take_dropped(earlier_flush_covers).is_ok(),
+            "a FLUSH that started before the write does not take its report"
+        );
+        assert!(matches!(vol.flush().await, Err(Error::WritesDropped(_))));
+        vol.flush().await.expect("reported once");
     }
 }
