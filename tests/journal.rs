@@ -415,32 +415,36 @@ async fn two_copies_of_a_volume_on_one_host_keep_their_journals_apart() {
     drop((va, vb));
 }
 
+/// A volume whose chunk 0 is stored (by a journaled server in `dir`,
+/// closed cleanly) and then tampered in the bucket.
+async fn chunk_zero_tampered(dir: &Path) -> DynStore {
+    let mem = zerofs_ublk::store::backend::MemoryStore::new();
+    let store: DynStore = std::sync::Arc::new(mem.clone());
+    let a = first_server(&store, dir).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap();
+    let loc = a.index_snapshot().get(0).unwrap();
+    a.close().await.unwrap();
+    let objects = mem.raw_objects();
+    let mut objects = objects.lock();
+    let object = objects
+        .get_mut(&zerofs_ublk::store::paths::segment(loc.segment))
+        .unwrap();
+    let mut bytes = object.to_vec();
+    bytes[loc.offset as usize + 9] ^= 1;
+    *object = bytes::Bytes::from(bytes);
+    drop(objects);
+    store
+}
+
 /// A journaled partial write into a chunk whose stored frame is tampered
 /// cannot be completed by any server: the replay drops it (a loud log
 /// line), makes the rest durable and serves, rather than refusing to
 /// start over it.
 #[tokio::test]
 async fn a_replayed_write_that_cannot_be_completed_does_not_stop_the_server() {
-    use std::sync::Arc;
-    use zerofs_ublk::store::backend::MemoryStore;
     let dir = tempfile::tempdir().unwrap();
-    let mem = MemoryStore::new();
-    let store: DynStore = Arc::new(mem.clone());
-    let a = first_server(&store, dir.path()).await;
-    a.write(0, &pattern(1, 4096)).await.unwrap();
-    a.flush().await.unwrap();
-    let loc = a.index_snapshot().get(0).unwrap();
-    a.close().await.unwrap();
-    {
-        let objects = mem.raw_objects();
-        let mut objects = objects.lock();
-        let object = objects
-            .get_mut(&zerofs_ublk::store::paths::segment(loc.segment))
-            .unwrap();
-        let mut bytes = object.to_vec();
-        bytes[loc.offset as usize + 9] ^= 1;
-        *object = bytes::Bytes::from(bytes);
-    }
+    let store = chunk_zero_tampered(dir.path()).await;
     let b = open_journaled(&store, dir.path()).await;
     b.attach_journal(dir.path()).await.unwrap();
     b.write(512, &[5u8; 512])
@@ -479,27 +483,9 @@ async fn a_replayed_write_that_cannot_be_completed_does_not_stop_the_server() {
 /// dropped too, serves, and the device's first FLUSH reports both.
 #[tokio::test]
 async fn a_replay_that_drops_a_chunk_midway_still_serves() {
-    use std::sync::Arc;
-    use zerofs_ublk::store::backend::MemoryStore;
     use zerofs_ublk::volume::VolumeConfig;
     let dir = tempfile::tempdir().unwrap();
-    let mem = MemoryStore::new();
-    let store: DynStore = Arc::new(mem.clone());
-    let a = first_server(&store, dir.path()).await;
-    a.write(0, &pattern(1, 4096)).await.unwrap();
-    a.flush().await.unwrap();
-    let loc = a.index_snapshot().get(0).unwrap();
-    a.close().await.unwrap();
-    {
-        let objects = mem.raw_objects();
-        let mut objects = objects.lock();
-        let object = objects
-            .get_mut(&zerofs_ublk::store::paths::segment(loc.segment))
-            .unwrap();
-        let mut bytes = object.to_vec();
-        bytes[loc.offset as usize + 9] ^= 1;
-        *object = bytes::Bytes::from(bytes);
-    }
+    let store = chunk_zero_tampered(dir.path()).await;
     let b = open_journaled(&store, dir.path()).await;
     b.attach_journal(dir.path()).await.unwrap();
     b.write(512, &[5u8; 512]).await.unwrap();

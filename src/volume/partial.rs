@@ -256,32 +256,47 @@ mod tests {
         assert!(!p.covers(S, S + 1));
     }
 
+    use crate::store::backend::{DynStore, MemoryStore};
+    use crate::store::{Loc, paths};
+    use crate::volume::Volume;
+
+    /// Open the 4 KiB-chunk volume in `store` as its writer (cold caches).
+    async fn reopen(store: &DynStore) -> Volume {
+        use crate::store::{OpenMode, WriterOptions};
+        use crate::volume::{OpenOptions, VolumeConfig};
+        let opts = OpenOptions {
+            mode: OpenMode::Writer(WriterOptions::default()),
+        };
+        let secret = crate::store::keys::Secret::key_file(vec![7u8; 32]).expect("32 bytes");
+        Volume::open(store.clone(), &secret, opts, VolumeConfig::default())
+            .await
+            .unwrap()
+    }
+
+    /// A new volume in `store` whose chunk 0 holds ones, closed; where.
+    async fn chunk_zero_stored(store: &DynStore) -> Loc {
+        let mut params = crate::store::CreateParams::new(1 << 20);
+        params.chunk_size = 4096;
+        let secret = crate::store::keys::Secret::key_file(vec![7u8; 32]).expect("32 bytes");
+        Volume::create(store, &params, &secret, false)
+            .await
+            .unwrap();
+        let vol = reopen(store).await;
+        vol.write(0, &[1u8; 4096]).await.unwrap();
+        vol.flush().await.unwrap();
+        let loc = vol.index_snapshot().get(0).unwrap();
+        vol.close().await.unwrap();
+        loc
+    }
+
     /// A partial chunk captured by a flush is uploaded whole: its sectors
     /// over the stored version (read now), or over zeros when there is
     /// none; other contents pass as they are.
     #[tokio::test]
     async fn a_captured_partial_chunk_resolves_over_its_stored_version() {
-        use crate::store::backend::{DynStore, MemoryStore};
-        use crate::store::keys::Secret;
-        use crate::store::{CreateParams, OpenMode, WriterOptions};
-        use crate::volume::{OpenOptions, Volume, VolumeConfig};
         let store: DynStore = Arc::new(MemoryStore::new());
-        let mut params = CreateParams::new(1 << 20);
-        params.chunk_size = 4096;
-        let secret = Secret::key_file(vec![7u8; 32]).expect("32 bytes");
-        Volume::create(&store, &params, &secret, false)
-            .await
-            .unwrap();
-        let open = || {
-            let opts = OpenOptions {
-                mode: OpenMode::Writer(WriterOptions::default()),
-            };
-            Volume::open(store.clone(), &secret, opts, VolumeConfig::default())
-        };
-        let vol = open().await.unwrap();
-        vol.write(0, &[1u8; 4096]).await.unwrap();
-        vol.close().await.unwrap();
-        let vol = open().await.unwrap();
+        chunk_zero_stored(&store).await;
+        let vol = reopen(&store).await;
         let partial = || Content::Partial(Arc::new(Partial::new(4096, 512, &[2u8; 512])));
         let captured = vec![
             Captured {
@@ -318,29 +333,9 @@ mod tests {
     /// in flight, then the write, then another flush drops it).
     #[tokio::test]
     async fn a_dropped_write_is_reported_by_a_flush_that_covers_it() {
-        use crate::store::backend::{DynStore, MemoryStore};
-        use crate::store::keys::Secret;
-        use crate::store::{CreateParams, OpenMode, WriterOptions, paths};
-        use crate::volume::{OpenOptions, Volume, VolumeConfig};
         let mem = MemoryStore::new();
         let store: DynStore = Arc::new(mem.clone());
-        let mut params = CreateParams::new(1 << 20);
-        params.chunk_size = 4096;
-        let secret = Secret::key_file(vec![7u8; 32]).expect("32 bytes");
-        Volume::create(&store, &params, &secret, false)
-            .await
-            .unwrap();
-        let open = || {
-            let opts = OpenOptions {
-                mode: OpenMode::Writer(WriterOptions::default()),
-            };
-            Volume::open(store.clone(), &secret, opts, VolumeConfig::default())
-        };
-        let vol = open().await.unwrap();
-        vol.write(0, &[1u8; 4096]).await.unwrap();
-        vol.flush().await.unwrap();
-        let loc = vol.index_snapshot().get(0).unwrap();
-        vol.close().await.unwrap();
+        let loc = chunk_zero_stored(&store).await;
         {
             let objects = mem.raw_objects();
             let mut objects = objects.lock();
@@ -349,7 +344,7 @@ mod tests {
             bytes[loc.offset as usize + 3] ^= 1;
             *object = bytes::Bytes::from(bytes);
         }
-        let vol = open().await.unwrap();
+        let vol = reopen(&store).await;
         let earlier_flush_covers = vol.inner.state.lock().generation();
         vol.write(512, &[2u8; 512]).await.unwrap();
         vol.inner.flush().await.unwrap(); // drops it, notes it
