@@ -669,14 +669,11 @@ impl Volume {
                                 // during this replay found unreadable: as
                                 // dropped as the records before it.
                                 Err(e @ Error::Integrity(_)) => {
-                                    tracing::error!(
-                                        "replaying the journal: a write at {offset} dropped: {e}"
-                                    );
                                     let generation = self.inner.state.lock().generation();
-                                    self.inner
-                                        .dropped
-                                        .lock()
-                                        .push((generation, format!("the write at {offset} ({e})")));
+                                    self.inner.note_dropped(
+                                        generation,
+                                        format!("the replayed write at {offset} ({e})"),
+                                    );
                                 }
                                 r => r?,
                             }

@@ -25,6 +25,7 @@ use super::Inner;
 use super::SECTOR;
 use super::dirty::{Captured, Content};
 use super::flush::Ready;
+use crate::cache::ChunkData;
 use crate::error::{Error, Result};
 use crate::store::Loc;
 use crate::store::backend::StoreError;
@@ -98,16 +99,31 @@ impl Inner {
         self.fold_from(chunk).await.map_err(|(_, e)| e)
     }
 
+    /// A chunk's stored version at `base` (None: it reads as zeros).
+    async fn stored_version(&self, chunk: u64, base: Option<Loc>) -> Result<Option<ChunkData>> {
+        match base {
+            Some(loc) => Ok(Some(self.load(chunk, loc).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Note writes up to `generation` as dropped, for the first FLUSH
+    /// that covers them to report (`Volume::flush`).
+    pub(super) fn note_dropped(&self, generation: u64, what: String) {
+        tracing::error!("acknowledged writes dropped: {what}");
+        self.dropped.lock().push((generation, what));
+    }
+
     /// `fold`; a failure says which location failed to read.
     async fn fold_from(&self, chunk: u64) -> std::result::Result<(), (Option<Loc>, Error)> {
         let Some(mut base) = self.state.lock().partial_base(chunk) else {
             return Ok(());
         };
         loop {
-            let data = match base {
-                Some(loc) => Some(self.load(chunk, loc).await.map_err(|e| (base, e))?),
-                None => None,
-            };
+            let data = self
+                .stored_version(chunk, base)
+                .await
+                .map_err(|e| (base, e))?;
             match self
                 .state
                 .lock()
@@ -133,7 +149,7 @@ impl Inner {
                 Ok(()) => {}
                 Err(e @ Error::Integrity(_)) => tracing::error!(
                     "chunk {chunk}: its stored version cannot be read ({e}); the writes into it \
-                     since the last FLUSH will be dropped by the next FLUSH, which fails"
+                     since the last FLUSH will be dropped, and the FLUSH that covers them fails"
                 ),
                 Err(e) => tracing::debug!("reading chunk {chunk}'s stored version failed: {e}"),
             }
@@ -164,10 +180,7 @@ impl Inner {
             // FLUSH that no longer finds the entry finds the note.
             let mut st = self.state.lock();
             if let Some(generation) = st.drop_unreadable(chunk, base) {
-                tracing::error!("chunk {chunk}: writes into it since the last FLUSH dropped: {e}");
-                self.dropped
-                    .lock()
-                    .push((generation, format!("chunk {chunk} ({e})")));
+                self.note_dropped(generation, format!("chunk {chunk} ({e})"));
             }
         }
         Ok(())
@@ -201,10 +214,7 @@ impl Inner {
                     Content::Whole(data) => Some(data),
                     Content::Partial(p) => {
                         let base = self.state.lock().index.get(c.chunk);
-                        let data = match base {
-                            Some(loc) => Some(self.load(c.chunk, loc).await?),
-                            None => None,
-                        };
+                        let data = self.stored_version(c.chunk, base).await?;
                         Some(Arc::new(p.over(data.as_deref().map(|d| d.as_slice()))))
                     }
                 };
