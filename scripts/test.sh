@@ -8,6 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A full run builds debug, release and fuzz targets (~15 GiB on a fresh
+# machine, less over a warm target/) and stages a guest (~0.5 GiB): below
+# the floor, stop at once, saying so, rather than half an hour later with
+# ENOSPC.
+need_gib=${ZEROFS_UBLK_TEST_DISK_GIB:-4}
+avail_gib=$(( $(df --output=avail -k . | tail -1) / 1048576 ))
+if [ "$avail_gib" -lt "$need_gib" ]; then
+  echo "error: $avail_gib GiB free on $(df --output=target . | tail -1); the test suite needs ~$need_gib GiB (builds and guest images; override: ZEROFS_UBLK_TEST_DISK_GIB)" >&2
+  exit 1
+fi
+
 . scripts/deps.sh
 deps_ensure test
 

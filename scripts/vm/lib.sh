@@ -7,6 +7,14 @@ VM_CACHE="${ZEROFS_UBLK_VM_CACHE:-$HOME/.cache/zerofs-ublk-vm}"
 VM_TIMEOUT="${ZEROFS_UBLK_VM_TIMEOUT:-1500}"
 mkdir -p "$VM_CACHE"
 
+# Staging trees of runs that were killed before cleaning up (older than any
+# run can last), and those of older versions of these scripts (mktemp's
+# default name, recognised by their contents).
+find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'zerofs-ublk-vm.*' -mmin +120 -exec rm -rf {} + 2>/dev/null || true
+for d in "${TMPDIR:-/tmp}"/tmp.*; do
+  [ -f "$d/initrd" ] && [ -f "$d/tests/main.sh" ] && [ -f "$d/init" ] && rm -rf "$d"
+done
+
 # Fetch the kernel package the meta package points at (security updates
 # rename the versioned package) and unpack it; never installed on the host.
 vm_kernel() {
@@ -56,7 +64,9 @@ vm_base_initramfs() {
   # TLS clients want the system's CA store even for plain-http endpoints.
   mkdir -p "$root/etc/ssl/certs"
   cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/" 2>/dev/null || true
-  (cd "$root" && find . | cpio -o -H newc --quiet) > "$BASE_CPIO.tmp"
+  (cd "$root" && find . | cpio -o -H newc --quiet) > "$BASE_CPIO.tmp" || {
+    echo "error: cannot write $BASE_CPIO.tmp (disk full? $(df -h --output=avail "$VM_CACHE" | tail -1) free)" >&2
+    rm -rf "$root" "$BASE_CPIO.tmp"; return 1; }
   mv "$BASE_CPIO.tmp" "$BASE_CPIO"
   rm -rf "$root"
 }
@@ -66,17 +76,24 @@ vm_base_initramfs() {
 # the guest printed its success marker.
 vm_run() {
   local guest_script=$1 binary=$2; shift 2
-  local run; run=$(mktemp -d)
+  # Each run stages ~400 MB (binaries, the initrd); only its console log
+  # is kept, under $VM_CACHE/logs (the 20 newest), so repeated runs do not
+  # fill the disk (they did: CI failed with ENOSPC writing the initrd).
+  local run; run=$(mktemp -d "${TMPDIR:-/tmp}/zerofs-ublk-vm.XXXXXX")
   mkdir -p "$run/usr/local/bin" "$run/tests"
   add_bin "$run" "$binary"
   for f in "$@"; do add_bin "$run" "$f"; done
   cp "$(dirname "${BASH_SOURCE[0]}")/guest-init.sh" "$run/init"
   cp "$guest_script" "$run/tests/main.sh"
   chmod +x "$run/init"
-  (cd "$run" && find . | cpio -o -H newc --quiet) > "$run.cpio"
-  cat "$BASE_CPIO" "$run.cpio" > "$run/initrd"
+  if ! { (cd "$run" && find . | cpio -o -H newc --quiet) > "$run.cpio" &&
+          cat "$BASE_CPIO" "$run.cpio" > "$run/initrd"; }; then
+    echo "error: cannot write the guest's initrd under $run (disk full? $(df -h --output=avail "$run" | tail -1) free)" >&2
+    rm -rf "$run" "$run.cpio"; return 1
+  fi
   rm -f "$run.cpio"
-  local log="$run/console.log"
+  mkdir -p "$VM_CACHE/logs"
+  local log; log="$VM_CACHE/logs/$(date +%Y%m%d-%H%M%S)-$(basename "$run").log"
   set +e
   timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -m "${VM_MEM:-2G}" -smp 2 \
@@ -85,7 +102,9 @@ vm_run() {
     -append "console=ttyS0 panic=-1 quiet loglevel=3" < /dev/null 2>&1 | tee "$log"
   local qrc=${PIPESTATUS[0]}
   set -e
-  VM_LOG="$run/console.log"
+  rm -rf "$run"
+  ls -1t "$VM_CACHE/logs"/*.log 2>/dev/null | tail -n +21 | xargs -r rm -f
+  VM_LOG="$log"
   if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
     echo "VM timed out after $VM_TIMEOUT s" >&2; return 1
   fi
