@@ -518,3 +518,188 @@ async fn a_replay_that_drops_a_chunk_midway_still_serves() {
     ));
     c.flush().await.expect("reported once");
 }
+
+// ---- A journal on a local disk (`--journal-dir`, docs/rfcs/0006) ----------
+
+use zerofs_ublk::volume::VolumeConfig;
+use zerofs_ublk::volume::journal::{Durability, UploadLag};
+
+const HOST: Durability = Durability::Host(UploadLag {
+    bytes: 64 << 20,
+    age: std::time::Duration::from_secs(3600),
+});
+
+/// The server of a volume in `store`, journaling in the Host directory
+/// `dir` with `lag` (replaying what is there).
+async fn host_server(store: &DynStore, dir: &Path, lag: Durability, cfg: VolumeConfig) -> Volume {
+    let v = Volume::open(store.clone(), &secret(), host_journaled_writer(true, dir), cfg)
+        .await
+        .unwrap();
+    v.attach_journal_as(dir, lag).await.unwrap();
+    v
+}
+
+/// What the bucket alone holds (the host lost for good).
+async fn bucket_image(store: &DynStore) -> Vec<u8> {
+    let v = Volume::open(store.clone(), &secret(), read_only(), test_config())
+        .await
+        .unwrap();
+    v.read(0, 16 * 4096).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_flush_from_a_host_journal_waits_for_its_disk_and_survives_a_power_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let a = host_server(&store, dir.path(), HOST, test_config()).await;
+    a.write(0, &pattern(1, 3 * 4096)).await.unwrap();
+    a.write(4096 + 512, &pattern(2, 1024)).await.unwrap();
+    a.write_zeroes(2 * 4096, 4096).await.unwrap();
+    let before = a.request_stats();
+    a.flush().await.unwrap();
+    assert_eq!(a.request_stats(), before, "the FLUSH made no store request");
+    assert_eq!(a.stats().local_flushes, 1);
+    let expect = a.read(0, 16 * 4096).await.unwrap();
+    a.write(9 * 4096, &pattern(3, 4096)).await.unwrap(); // never FLUSHed
+    let empty = bucket_image(&store).await;
+    assert_ne!(empty, expect, "the bucket does not have it yet");
+
+    power_cut(a, 7);
+    let b = host_server(&store, dir.path(), HOST, test_config()).await;
+    assert_eq!(b.read(0, 16 * 4096).await.unwrap(), expect);
+    b.close().await.unwrap();
+    assert_eq!(bucket_image(&store).await, expect, "and the replay is durable");
+}
+
+#[tokio::test]
+async fn past_the_upload_lag_a_flush_waits_for_the_bucket() {
+    for lag in [
+        UploadLag {
+            bytes: 4096, // less than one record
+            age: std::time::Duration::from_secs(3600),
+        },
+        UploadLag {
+            bytes: 64 << 20,
+            age: std::time::Duration::from_millis(20),
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = memory();
+        Volume::create(&store, &params(16), &secret(), false)
+            .await
+            .unwrap();
+        let a = host_server(&store, dir.path(), Durability::Host(lag), test_config()).await;
+        a.write(0, &pattern(1, 2 * 4096)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+        let before = a.request_stats();
+        a.flush().await.unwrap();
+        assert!(
+            a.request_stats().conditional_put > before.conditional_put,
+            "{lag:?}: the FLUSH stored a segment"
+        );
+        assert_eq!(a.stats().local_flushes, 0, "{lag:?}");
+        let expect = a.read(0, 16 * 4096).await.unwrap();
+        drop(a);
+        assert_eq!(bucket_image(&store).await, expect, "{lag:?}");
+    }
+}
+
+/// A power cut can leave any pattern past the last sync: replay of a Host
+/// journal stops at the first torn record, in whichever segment, and skips
+/// the segments after it (in a Process directory, tmpfs, a torn record
+/// before the newest segment stays an error: `Tail::Whole`).
+#[tokio::test]
+async fn a_host_replay_ends_at_the_first_torn_record_in_any_segment() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let faulty = FaultyStore::new(store.clone());
+    let faulty_dyn: DynStore = Arc::new(faulty.clone());
+    let lag = Durability::Host(UploadLag {
+        bytes: 64 << 20,
+        age: std::time::Duration::from_millis(30),
+    });
+    let a = host_server(&faulty_dyn, dir.path(), lag, test_config()).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap(); // local: segment 0 synced through A
+    let after_a = a.journal_durable_state();
+    a.write(4096, &pattern(2, 4096)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    faulty.set_plan(FaultPlan {
+        writes_before_failure: Some(0),
+        ..FaultPlan::default()
+    });
+    // Past the lag: a bucket flush, which rotates the journal and fails.
+    assert!(a.flush().await.is_err());
+    faulty.set_plan(FaultPlan::default());
+    a.write(2 * 4096, &pattern(3, 4096)).await.unwrap();
+    let state = a.journal_durable_state();
+    assert_eq!(state.len(), 2, "two live segments: {state:?}");
+    drop(a);
+    // Segment 0 torn right after A; segment 1 intact.
+    let (path0, synced0, _) = &after_a[0];
+    let mut bytes = std::fs::read(path0).unwrap();
+    bytes.truncate(*synced0 as usize);
+    bytes.extend_from_slice(&pattern(9, 300));
+    std::fs::write(path0, bytes).unwrap();
+
+    let b = host_server(&store, dir.path(), lag, test_config()).await;
+    let mut expect = vec![0u8; 16 * 4096];
+    expect[..4096].copy_from_slice(&pattern(1, 4096));
+    assert_eq!(b.read(0, 16 * 4096).await.unwrap(), expect, "A, and nothing after the tear");
+    drop(b);
+}
+
+/// RFC 0006, point 4: a bucket flush syncs the records it captured before
+/// its PUTs. Here every upload lands and then fails (so nothing is ever
+/// released); the background flusher captures a rewrite of a chunk the
+/// last FLUSH covered. After a power cut the bucket may hold that capture
+/// while the journal, had the flush not synced first, would end at the
+/// FLUSH: replaying the older record over the newer chunk would make a
+/// version the chunk never held.
+#[tokio::test]
+async fn a_bucket_flush_never_gets_ahead_of_the_durable_journal() {
+    use std::sync::Arc;
+    use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let faulty = FaultyStore::new(store.clone());
+    let faulty_dyn: DynStore = Arc::new(faulty.clone());
+    let cfg = VolumeConfig {
+        background_flush: true,
+        flush_age: std::time::Duration::from_millis(20),
+        ..test_config()
+    };
+    let a = host_server(&faulty_dyn, dir.path(), HOST, cfg).await;
+    faulty.set_plan(FaultPlan {
+        writes_before_failure: Some(0),
+        land_then_fail: true,
+        ..FaultPlan::default()
+    });
+    a.write(0, &pattern(1, 4096)).await.unwrap(); // sector 0..8: A
+    a.flush().await.unwrap(); // local
+    a.write(0, &pattern(2, 512)).await.unwrap(); // sector 0: B
+    a.write(3 * 512, &pattern(3, 512)).await.unwrap(); // sector 3: C
+    let expect = a.read(0, 16 * 4096).await.unwrap();
+    // Wait for a background flush that captured B and C to land.
+    let landed = a.request_stats().conditional_put;
+    let start = std::time::Instant::now();
+    while a.request_stats().conditional_put < landed + 2 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "no upload");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    power_cut(a, 3);
+    let b = host_server(&store, dir.path(), HOST, test_config()).await;
+    let got = b.read(0, 16 * 4096).await.unwrap();
+    assert_eq!(got, expect, "chunk 0 is as of one point in time, not a mix");
+}

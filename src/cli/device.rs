@@ -23,6 +23,7 @@ use crate::clock::unix_now;
 use crate::frontend::{self, Counters, DeviceInfo, DeviceOptions, Shared};
 use crate::store::LogStore;
 use crate::store::superblock::CreateParams;
+use crate::volume::journal::{Durability, UploadLag};
 use crate::volume::{OpenOptions, Volume, VolumeConfig};
 
 const READY: &str = "ZEROFS_UBLK_READY";
@@ -82,6 +83,18 @@ pub struct AddArgs {
     /// `zerofs-ublk gc` collects while no server runs).
     #[arg(long)]
     pub no_gc: bool,
+    /// Keep the write journal in DIR on a local disk (not tmpfs): a FLUSH
+    /// then returns once the journal is synced there (fdatasync), and the
+    /// bucket follows within --max-upload-lag. After a crash of the host,
+    /// `add` on this host with the same DIR replays it. Without it, the
+    /// journal is in /run and every FLUSH waits for the bucket.
+    #[arg(long, value_name = "DIR")]
+    pub journal_dir: Option<PathBuf>,
+    /// With --journal-dir: how far the bucket may fall behind acknowledged
+    /// FLUSHes, as SIZE,DURATION [default: 64M,10s]; past it a FLUSH waits
+    /// for the bucket. What losing the host for good loses at most.
+    #[arg(long, value_name = "SIZE,DURATION", requires = "journal_dir")]
+    pub max_upload_lag: Option<String>,
     /// Run the server in this process instead of in the background.
     #[arg(long)]
     pub foreground: bool,
@@ -292,7 +305,12 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
         ..VolumeConfig::default()
     };
     // The claim names the journal directory (see attach_journal in serve).
-    let journal = crate::volume::journal::dir_identity(&journal_dir())?;
+    let (dir, durability) = a.journal()?;
+    let journal = if durability.is_host() {
+        crate::volume::journal::host_dir_identity(&dir)?
+    } else {
+        crate::volume::journal::dir_identity(&dir)?
+    };
     let mut volume = Volume::builder(store, &secret)
         .options(OpenOptions {
             mode: a.writer.mode(Some(journal)),
@@ -307,6 +325,37 @@ async fn open_volume(a: &AddArgs) -> Result<Volume> {
 
 fn journal_dir() -> PathBuf {
     run_dir().join("journal")
+}
+
+impl AddArgs {
+    /// Where the journal is kept, and what it survives.
+    fn journal(&self) -> Result<(PathBuf, Durability)> {
+        let Some(dir) = &self.journal_dir else {
+            return Ok((journal_dir(), Durability::Process));
+        };
+        let lag = match &self.max_upload_lag {
+            Some(text) => parse_upload_lag(text)?,
+            None => UploadLag::default(),
+        };
+        Ok((dir.clone(), Durability::Host(lag)))
+    }
+}
+
+/// `SIZE,DURATION`, e.g. `64M,10s`.
+fn parse_upload_lag(text: &str) -> Result<UploadLag> {
+    let Some((size, age)) = text.split_once(',') else {
+        bail!("--max-upload-lag {text:?}: expected SIZE,DURATION, e.g. 64M,10s");
+    };
+    let lag = UploadLag {
+        bytes: parse_size(size.trim()).with_context(|| format!("--max-upload-lag {text:?}"))?,
+        age: super::parse_duration(age).with_context(|| format!("--max-upload-lag {text:?}"))?,
+    };
+    if lag.bytes == 0 || lag.age.is_zero() {
+        bail!(
+            "--max-upload-lag {text:?}: both bounds must be more than 0 (without --journal-dir every FLUSH waits for the bucket)"
+        );
+    }
+    Ok(lag)
 }
 
 /// Answer `status` requests on the device's socket.
@@ -330,6 +379,7 @@ fn spawn_status_server(
                 "dirty_chunks": stats.dirty_chunks,
                 "mapped_chunks": stats.mapped_chunks,
                 "flushes": stats.flushes,
+                "local_flushes": stats.local_flushes,
                 "last_flush_unix": stats.last_flush_unix,
                 "cache_bytes": stats.cache.bytes,
                 "cache_hits": stats.cache.hits,
@@ -346,10 +396,12 @@ fn spawn_status_server(
 
 /// The server itself.
 async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
+    let (journal, durability) = a.journal()?;
     let volume = open_volume(&a).await?;
-    // Acknowledged writes must outlive this process (kill -9 + recover).
+    // Acknowledged writes must outlive this process (kill -9 + recover),
+    // and with --journal-dir the host (docs/rfcs/0006).
     volume
-        .attach_journal(&journal_dir())
+        .attach_journal_as(&journal, durability)
         .await
         .context("cannot set up the write journal")?;
     let volume = Arc::new(volume);

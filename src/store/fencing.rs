@@ -77,6 +77,11 @@ pub fn decrypt_record<T: for<'de> Deserialize<'de>>(
         .map_err(|e| Error::Integrity(format!("{kind} record {epoch}: malformed ({e})")))
 }
 
+/// How a claim's `journal` begins when it names a directory on a local
+/// disk whose identity (a random id kept in it) outlives reboots
+/// (`volume::journal::host_dir_identity`).
+pub const DURABLE_JOURNAL: &str = "host-durable ";
+
 /// Who holds an epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
@@ -159,6 +164,22 @@ impl Claim {
             "host {} pid {}{ns} (since unix time {}, {} s ago)",
             self.host, self.pid, self.started_unix, age
         )
+    }
+
+    /// True when the claimant ran on this host in an earlier boot — so it
+    /// no longer runs — as proved by the journal directory on a local
+    /// disk it named, which is ours (`ours`: our claim's journal; only a
+    /// directory whose identity outlives reboots proves it:
+    /// `DURABLE_JOURNAL`). What `add` after a power cut relies on to take
+    /// over without `--force` (docs/rfcs/0006, 9).
+    pub fn ran_here_before_reboot(&self, ours: Option<&str>) -> bool {
+        let mine = boot_id();
+        !self.boot_id.is_empty()
+            && !mine.is_empty()
+            && self.boot_id != mine
+            && self.host == hostname()
+            && self.journal.starts_with(DURABLE_JOURNAL)
+            && ours == Some(self.journal.as_str())
     }
 
     /// True only when the claimant certainly no longer runs: same host,
@@ -531,7 +552,8 @@ impl Fence {
         let mut taken = Taken::Released;
         if current > 0 && !self.is_released(current).await? {
             let owner = self.read_claim(current).await?;
-            taken = if owner.is_provably_dead() {
+            taken = if owner.is_provably_dead() || owner.ran_here_before_reboot(journal.as_deref())
+            {
                 Taken::Dead
             } else {
                 Taken::Live
@@ -813,6 +835,38 @@ mod tests {
         };
         assert!(!older_build.is_provably_dead());
         assert!(!Claim::mine(None).is_provably_dead(), "ourselves");
+    }
+
+    #[test]
+    fn a_claim_of_this_hosts_earlier_boot_in_our_durable_journal_is_dead() {
+        let ours = format!("{DURABLE_JOURNAL}0123 at /var/lib/j");
+        let before_reboot = Claim {
+            boot_id: "an earlier boot".into(),
+            ..Claim::mine(Some(ours.clone()))
+        };
+        assert!(before_reboot.ran_here_before_reboot(Some(&ours)));
+        assert!(!before_reboot.is_provably_dead(), "no other rule proves it");
+        let this_boot = Claim::mine(Some(ours.clone()));
+        assert!(
+            !this_boot.ran_here_before_reboot(Some(&ours)),
+            "a live pid, maybe"
+        );
+        let elsewhere = Claim {
+            host: "another-host".into(),
+            ..before_reboot.clone()
+        };
+        assert!(!elsewhere.ran_here_before_reboot(Some(&ours)));
+        let other_dir = format!("{DURABLE_JOURNAL}4567 at /var/lib/j");
+        assert!(!before_reboot.ran_here_before_reboot(Some(&other_dir)));
+        assert!(!before_reboot.ran_here_before_reboot(None));
+        // A tmpfs directory's identity (path, device, inode) can repeat
+        // after a reboot on another machine with the same hostname.
+        let tmpfs = "/run/zerofs-ublk/journal (device 25, inode 7)".to_string();
+        let tmpfs_claim = Claim {
+            journal: tmpfs.clone(),
+            ..before_reboot.clone()
+        };
+        assert!(!tmpfs_claim.ran_here_before_reboot(Some(&tmpfs)));
     }
 
     #[test]

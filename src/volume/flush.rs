@@ -137,10 +137,22 @@ impl Flight<'_> {
         if st.landed(self.number) {
             return Round::Overtaken;
         }
-        match (&mut st.journal, self.journal_mark.take()) {
-            (Some(j), Some(Ok(mark))) => j.release_before(mark),
-            (Some(_), Some(Err(e))) => tracing::warn!("journal rotation failed: {e}"),
-            _ => {}
+        let release = match (&mut st.journal, self.journal_mark.take()) {
+            (Some(j), Some(Ok(mark))) => Some(j.release_before(mark)),
+            (Some(_), Some(Err(e))) => {
+                tracing::warn!("journal rotation failed: {e}");
+                None
+            }
+            _ => None,
+        };
+        drop(st);
+        // Deleted in this flush's turn, so in segment order; in a Host
+        // directory each deletion is synced before the next (RFC 0006, 5).
+        if let Some(release) = release {
+            let rest = release.run();
+            if let Some(j) = inner.state.lock().journal.as_mut() {
+                j.deleted(rest);
+            }
         }
         Round::Covered
     }
@@ -461,6 +473,17 @@ impl Inner {
             let turn = pipeline.take(&allocating, slot, lowest);
             (InFlight { flight, turn }, upload)
         };
+        // In a Host journal directory, the captured writes' records are
+        // made durable before any of them can reach the bucket: a power
+        // cut then never leaves the bucket ahead of what replay restores
+        // (docs/rfcs/0006, point 4).
+        if upload.is_some() {
+            let before = match &in_flight.flight.journal_mark {
+                Some(Ok(mark)) => Some(*mark),
+                _ => None,
+            };
+            self.sync_journal(before).await?;
+        }
         // Encryption overlaps the uploads; stored by conditional create at
         // names a newer owner fences: when every PUT succeeded, no newer
         // owner can miss them, and no owner check is needed before the
@@ -519,7 +542,11 @@ pub async fn background(inner: Weak<Inner>, wanted: Arc<tokio::sync::Notify>) {
         let Some(inner) = inner.upgrade() else { return };
         let due = {
             let st = inner.state.lock();
-            st.dirty.bytes() >= inner.cfg.flush_bytes
+            // A FLUSH acknowledged from a Host journal: upload now.
+            inner
+                .upload_wanted
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+                || st.dirty.bytes() >= inner.cfg.flush_bytes
                 || st
                     .oldest_dirty
                     .is_some_and(|t| t.elapsed() >= inner.cfg.flush_age)

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use crate::cache::{CacheStats, ChunkCache, ChunkData, DiskCache};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
-use crate::store::backend::DynStore;
+use crate::store::backend::{DynStore, StoreError};
 use crate::store::keys::Secret;
 use crate::store::{CreateParams, Index, Loc, LogStore, LogSummary, OpenMode, Superblock};
 use dirty::{Content, State};
@@ -150,6 +150,9 @@ pub struct VolumeStats {
     /// Writes into a chunk neither dirty nor cached that completed
     /// without reading it (volume::partial).
     pub partial_writes: u64,
+    /// FLUSHes acknowledged once a Host journal was synced, the bucket
+    /// following behind (docs/rfcs/0006).
+    pub local_flushes: u64,
 }
 
 pub(crate) struct Inner {
@@ -180,6 +183,15 @@ pub(crate) struct Inner {
     /// so encoding and uploading overlap with the writes that follow
     /// instead of waiting for the writer to hit the dirty limit.
     flush_wanted: Arc<tokio::sync::Notify>,
+    /// A FLUSH was acknowledged from a Host journal: the background
+    /// flusher uploads at once (docs/rfcs/0006).
+    upload_wanted: AtomicBool,
+    /// FLUSHes acknowledged from a Host journal (not waiting for the
+    /// bucket).
+    local_flushes: AtomicU64,
+    /// One journal sync at a time: a FLUSH that finds one running waits,
+    /// then syncs what was appended since.
+    journal_sync: tokio::sync::Mutex<()>,
     /// Room promised to writers between their dirty-limit check and their
     /// chunk landing in the dirty table: added under the state lock with
     /// the check, given back without it (see `wait_for_space`).
@@ -209,6 +221,8 @@ struct Replay {
     key: crate::store::keys::SubKey,
     plaintext_allowed: bool,
     paths: Vec<std::path::PathBuf>,
+    /// Segments after a Host journal's torn end: deleted, not replayed.
+    skipped: Vec<std::path::PathBuf>,
 }
 
 impl Replay {
@@ -335,6 +349,9 @@ impl Volume {
             disk,
             runtime: tokio::runtime::Handle::current(),
             flush_wanted: Arc::new(tokio::sync::Notify::new()),
+            upload_wanted: AtomicBool::new(false),
+            local_flushes: AtomicU64::new(0),
+            journal_sync: tokio::sync::Mutex::new(()),
             reserved: AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
             gc: Mutex::new(gc::Collector::new(
@@ -396,6 +413,7 @@ impl Volume {
             last_flush_unix: self.inner.last_flush_unix.load(Ordering::Relaxed),
             flushes: self.inner.flushes.load(Ordering::Relaxed),
             partial_writes: self.inner.partial_writes.load(Ordering::Relaxed),
+            local_flushes: self.inner.local_flushes.load(Ordering::Relaxed),
         }
     }
 
@@ -572,8 +590,25 @@ impl Volume {
     /// `WritesDropped` once everything else is durable — reported once,
     /// by the first FLUSH that covers them, as a disk reports a failed
     /// write; a FLUSH that started before them does not take the report.
+    ///
+    /// With a Host journal (`attach_journal_as`, `Durability::Host`): once
+    /// the journal is synced to its disk, and the bucket within the lag
+    /// bound, the bucket follows in the background (docs/rfcs/0006).
     pub async fn flush(&self) -> Result<()> {
         let covers = self.inner.state.lock().generation();
+        if let Some(lag) = self.inner.host_lag() {
+            self.inner.sync_journal(None).await?;
+            let within = {
+                let st = self.inner.state.lock();
+                st.journal.as_ref().is_some_and(|j| j.within(&lag))
+            };
+            if within {
+                self.inner.upload_wanted.store(true, Ordering::SeqCst);
+                self.inner.flush_wanted.notify_one();
+                self.inner.local_flushes.fetch_add(1, Ordering::Relaxed);
+                return self.inner.take_dropped(covers);
+            }
+        }
         self.inner.flush().await?;
         self.inner.take_dropped(covers)
     }
@@ -595,11 +630,30 @@ impl Volume {
     /// with this directory's `journal::dir_identity`. See ARCHITECTURE.md,
     /// "Which journals a new server replays".
     pub async fn attach_journal(&self, dir: &std::path::Path) -> Result<usize> {
+        self.attach_journal_as(dir, journal::Durability::Process)
+            .await
+    }
+
+    /// `attach_journal`, in a directory of the given durability: a Host
+    /// directory (`--journal-dir`, on a local disk) makes FLUSH wait for
+    /// the journal's disk and the bucket follow behind (see `flush`;
+    /// docs/rfcs/0006 for what changes in replay). The volume must have
+    /// been opened with `journal::host_dir_identity` for a Host directory.
+    pub async fn attach_journal_as(
+        &self,
+        dir: &std::path::Path,
+        durability: journal::Durability,
+    ) -> Result<usize> {
         let log = &self.inner.log;
         let (Some(epoch), Some(claim)) = (log.epoch(), log.claim()) else {
             return Err(Error::InvalidArgument("volume is open read-only".into()));
         };
-        let here = journal::dir_identity(dir)?;
+        let host = durability.is_host();
+        let here = if host {
+            journal::host_dir_identity(dir)?
+        } else {
+            journal::dir_identity(dir)?
+        };
         if claim.journal != here {
             return Err(Error::InvalidArgument(format!(
                 "the volume was opened for the journal directory {:?}, not {here}",
@@ -640,9 +694,11 @@ impl Volume {
                 }
             }
         }
-        // Only an epoch's newest segment may end in a torn record.
+        // In a Process directory only an epoch's newest segment may end in
+        // a torn record; in a Host one, after a power cut, the first torn
+        // record or segment header ends the epoch (docs/rfcs/0006, 7).
         let tail = |i: usize, r: &Replay| {
-            if i + 1 == r.paths.len() {
+            if host || i + 1 == r.paths.len() {
                 journal::Tail::MayBeTorn
             } else {
                 journal::Tail::Whole
@@ -651,11 +707,39 @@ impl Volume {
         // Check every segment before applying any (a corrupt one must not
         // leave half a replay behind), then apply record by record: replay
         // holds one record in memory, not the journal.
-        for r in &replay {
+        for r in &mut replay {
+            let mut cut = None;
             for (i, path) in r.paths.iter().enumerate() {
-                for record in journal::read_segment(path, &r.owner(&id), tail(i, r))? {
+                let mut records = match journal::read_segment(path, &r.owner(&id), tail(i, r)) {
+                    Err(Error::Integrity(why)) if host => {
+                        cut = Some((i, i, format!("its header, torn ({why})")));
+                        break;
+                    }
+                    records => records?,
+                };
+                for record in &mut records {
                     record?;
                 }
+                if records.ended_torn() && host {
+                    cut = Some((i + 1, i, "a torn record".to_string()));
+                    break;
+                }
+            }
+            if let Some((keep, at, why)) = cut {
+                let skipped: u64 = r.paths[keep..]
+                    .iter()
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum();
+                tracing::warn!(
+                    "the journal of epoch {} ends at {why} in segment {} of {} (a power cut \
+                     before a sync: nothing a FLUSH acknowledged is after it); {skipped} bytes \
+                     of later segments skipped",
+                    r.epoch,
+                    at,
+                    r.paths.len()
+                );
+                r.skipped = r.paths.split_off(keep);
             }
         }
         let mut replayed = 0;
@@ -685,7 +769,9 @@ impl Volume {
                     replayed += 1;
                 }
             }
-            done_with.push((r.epoch, r.tag, r.paths.clone()));
+            let mut paths = r.paths.clone();
+            paths.extend(r.skipped.iter().cloned());
+            done_with.push((r.epoch, r.tag, paths));
         }
         if replayed > 0 {
             // The engine's flush: writes it drops (their chunks' stored
@@ -704,8 +790,15 @@ impl Volume {
         // (a later writer would replay it over our newer writes). First the
         // mark: whatever the old server may still write under its epoch
         // (it runs on, fenced) is never replayed over ours.
+        // In a Host directory the marks are durable before any deletion,
+        // and the deletions before we serve (docs/rfcs/0006, 8): a power
+        // cut in between leaves marked, stale journals, never a part of
+        // one to replay over what this replay made durable.
         for (e, tag, _) in &done_with {
             journal::mark_consumed(dir, &id, *e, tag)?;
+        }
+        if host && !done_with.is_empty() {
+            journal::sync_dir(dir)?;
         }
         for path in done_with.iter().flat_map(|(_, _, paths)| paths) {
             match std::fs::remove_file(path) {
@@ -717,6 +810,9 @@ impl Volume {
                     )));
                 }
             }
+        }
+        if host && !done_with.is_empty() {
+            journal::sync_dir(dir)?;
         }
         journal::prepare_dir(dir)?;
         let limit = journal::budget(
@@ -731,6 +827,7 @@ impl Volume {
             epoch,
             journal::claim_tag(&claim.token),
             journal::journal_key(log.keys(), epoch, &claim.token),
+            durability,
         )?;
         j.set_limit(limit);
         tracing::info!(
@@ -740,6 +837,18 @@ impl Volume {
         );
         self.inner.state.lock().journal = Some(j);
         Ok(replayed)
+    }
+
+    /// What a power cut now would leave of a Host journal: each live
+    /// segment file, how much of it is synced, and whether its directory
+    /// entry is. For tests that simulate one (tests/journal.rs, the model).
+    #[doc(hidden)]
+    pub fn journal_durable_state(&self) -> Vec<(std::path::PathBuf, u64, bool)> {
+        let st = self.inner.state.lock();
+        st.journal
+            .as_ref()
+            .map(|j| j.durable_state())
+            .unwrap_or_default()
     }
 
     /// Whether the journal of epoch `e` (first segment at `first`) is ours
@@ -781,7 +890,11 @@ impl Volume {
                     tag,
                 ));
             };
-            if !(between.journal == here && between.is_this_boot()) {
+            // A Host directory's identity outlives reboots, and its
+            // writers' takeovers are durable (docs/rfcs/0006, 8).
+            let same_dir = between.journal == here
+                && (between.is_this_boot() || journal::is_host_identity(here));
+            if !same_dir {
                 return Ok(JournalFate::Stale(
                     format!(
                         "epoch {k} ({}) did not replay it and may have written newer data",
@@ -797,6 +910,7 @@ impl Volume {
             key: journal::journal_key(log.keys(), e, &owner.token),
             plaintext_allowed: !owner.keys_bound,
             paths: Vec::new(),
+            skipped: Vec::new(),
         })))
     }
 
@@ -916,6 +1030,41 @@ impl Inner {
         }
         let what: Vec<String> = report.into_iter().map(|(_, what)| what).collect();
         Err(Error::WritesDropped(what.join(", ")))
+    }
+
+    /// The lag bound, when the journal is in a Host directory.
+    fn host_lag(&self) -> Option<journal::UploadLag> {
+        match self.state.lock().journal.as_ref().map(|j| j.durability()) {
+            Some(journal::Durability::Host(lag)) => Some(lag),
+            _ => None,
+        }
+    }
+
+    /// Make the journal's records in segments below `before` (all: None)
+    /// durable on its disk — a Host directory's only; nothing otherwise.
+    /// The files are synced without the state lock; one sync at a time.
+    pub(super) async fn sync_journal(&self, before: Option<u64>) -> Result<()> {
+        let _one = self.journal_sync.lock().await;
+        let plan = match self.state.lock().journal.as_ref() {
+            Some(j) => j.sync_plan(before),
+            None => return Ok(()),
+        };
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let (plan, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = plan.run();
+            (plan, outcome)
+        })
+        .await
+        .map_err(|e| Error::Store(StoreError::Backend(format!("journal sync: {e}"))))?;
+        if let Some(j) = self.state.lock().journal.as_mut() {
+            j.synced(&plan, &outcome);
+        }
+        outcome.map_err(|why| {
+            tracing::error!("journal sync failed: {why}");
+            Error::Store(StoreError::Backend(format!("journal: {why}")))
+        })
     }
 
     fn check_writable(&self) -> Result<()> {

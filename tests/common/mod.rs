@@ -442,3 +442,33 @@ impl ObjectStore for Pausing {
         self.inner.describe()
     }
 }
+
+/// A writer journaling in the Host directory `dir` (`--journal-dir`).
+pub fn host_journaled_writer(force: bool, dir: &std::path::Path) -> OpenOptions {
+    OpenOptions {
+        mode: OpenMode::Writer(WriterOptions {
+            force,
+            allow_unconditional: false,
+            journal: Some(zerofs_ublk::volume::journal::host_dir_identity(dir).unwrap()),
+        }),
+    }
+}
+
+/// The host loses power: `vol` stops where it is, and of its Host
+/// journal only what was synced survives — each segment cut back to its
+/// synced length with garbage after it (a page written back without the
+/// one before it), a segment whose directory entry was never synced gone.
+pub fn power_cut(vol: zerofs_ublk::volume::Volume, seed: u64) {
+    let state = vol.journal_durable_state();
+    drop(vol);
+    for (path, synced, entry) in state {
+        if !entry {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(synced as usize);
+        bytes.extend_from_slice(&pattern(seed, 700));
+        std::fs::write(&path, bytes).unwrap();
+    }
+}

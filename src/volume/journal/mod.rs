@@ -46,8 +46,47 @@ mod recovery;
 mod writer;
 
 pub use reader::{Records, Tail, parse_segment, read_segment, read_tag};
-pub use recovery::{Found, dir_identity, find, is_consumed, mark_consumed, remove_unfinished};
-pub use writer::{Journal, budget, free_bytes};
+pub use recovery::{
+    Found, dir_identity, find, host_dir_identity, is_consumed, is_host_identity, mark_consumed,
+    remove_unfinished,
+};
+pub use writer::{Journal, SyncPlan, budget, free_bytes};
+
+/// What a journal survives, and so what a FLUSH waits for
+/// (docs/rfcs/0006-host-durable-journal.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On tmpfs (`/run`): survives the server process, not the host.
+    /// FLUSH waits for the bucket.
+    Process,
+    /// On a local disk (`--journal-dir`): survives the host. FLUSH waits
+    /// for `fdatasync`, and for the bucket only past the lag bound.
+    Host(UploadLag),
+}
+
+impl Durability {
+    pub fn is_host(&self) -> bool {
+        matches!(self, Durability::Host(_))
+    }
+}
+
+/// How far the bucket may fall behind FLUSHes acknowledged from a Host
+/// journal: bytes of records not yet in the bucket, and the age of the
+/// oldest of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLag {
+    pub bytes: u64,
+    pub age: std::time::Duration,
+}
+
+impl Default for UploadLag {
+    fn default() -> Self {
+        UploadLag {
+            bytes: 64 << 20,
+            age: std::time::Duration::from_secs(10),
+        }
+    }
+}
 
 use crate::error::{Error, Result};
 use crate::store::keys::{SubKey, TAG_LEN, VolumeKeys, counter_nonce, domain};
@@ -230,6 +269,13 @@ fn record_crc(kind: u8, offset: u64, len: u64, data: &[u8]) -> u32 {
     let mut h = Encoder::with_capacity(17);
     h.u8(kind).u64(offset).u64(len);
     crc32c::crc32c_append(crc32c::crc32c(&h.0), data)
+}
+
+/// Make the entries of `dir` (files created, renamed or removed) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
 }
 
 /// The journal directory, private to root: created 0700, and narrowed to

@@ -45,6 +45,8 @@ pub struct Records<R> {
     counter: Option<u64>,
     tail: Tail,
     done: bool,
+    /// The records ended at a torn one (tolerated: `Tail::MayBeTorn`).
+    torn: bool,
 }
 
 /// Open one segment file and check its header.
@@ -99,6 +101,7 @@ impl<R: Read> Records<R> {
             counter: None,
             tail,
             done: false,
+            torn: false,
         };
         if header.volume_id != *owner.volume_id {
             return Err(records.bad("volume mismatch"));
@@ -127,6 +130,12 @@ impl<R: Read> Records<R> {
         Ok(records)
     }
 
+    /// Whether the records ended at a torn record rather than at the end
+    /// of the file.
+    pub fn ended_torn(&self) -> bool {
+        self.torn
+    }
+
     fn bad(&self, why: &str) -> Error {
         Error::Integrity(format!("journal {}: {why}", self.path.display()))
     }
@@ -134,6 +143,7 @@ impl<R: Read> Records<R> {
     /// A torn record: the end of the newest segment, an error elsewhere.
     fn torn(&mut self) -> Option<Result<Record<'static>>> {
         self.done = true;
+        self.torn = true;
         if self.tail == Tail::MayBeTorn {
             None
         } else {

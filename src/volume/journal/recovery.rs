@@ -59,6 +59,84 @@ pub fn dir_identity(dir: &Path) -> Result<String> {
     ))
 }
 
+/// The file in a Host journal directory holding its identity.
+pub(super) const ID_FILE: &str = "zerofs-ublk-journal.id";
+use crate::store::fencing::DURABLE_JOURNAL as HOST_PREFIX;
+
+/// The identity of a journal directory on a local disk (`--journal-dir`,
+/// `Durability::Host`), as claims record it: a random id kept in the
+/// directory, which outlives reboots (device numbers need not), and the
+/// path. Creates the directory and the id (durably) if needed; refuses a
+/// directory on tmpfs or ramfs, which would not outlive the host.
+pub fn host_dir_identity(dir: &Path) -> Result<String> {
+    // Checked before anything is created: the directory, or the nearest
+    // ancestor that exists.
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("."));
+    if let Some(kind) = memory_filesystem(existing)? {
+        return Err(Error::InvalidArgument(format!(
+            "the journal directory {} is on {kind}, which does not survive the host;              give a directory on a local disk (or leave --journal-dir out)",
+            dir.display()
+        )));
+    }
+    prepare_dir(dir)?;
+    let real = std::fs::canonicalize(dir).map_err(|e| io(dir, e))?;
+    let path = real.join(ID_FILE);
+    let id = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = hex::encode(rand::random::<[u8; 16]>());
+            let tmp = real.join(format!("{ID_FILE}{UNFINISHED}"));
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| io(&tmp, e))?;
+            use std::io::Write;
+            f.write_all(format!("{id}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| io(&path, e))?;
+            sync_dir(&real)?;
+            id
+        }
+        Err(e) => return Err(io(&path, e)),
+    };
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Integrity(format!(
+            "{} does not hold a journal directory id",
+            path.display()
+        )));
+    }
+    Ok(format!("{HOST_PREFIX}{id} at {}", real.display()))
+}
+
+/// Whether a claim's journal identity names a Host directory.
+pub fn is_host_identity(identity: &str) -> bool {
+    identity.starts_with(HOST_PREFIX)
+}
+
+/// "tmpfs" or "ramfs" when `dir` is on one.
+fn memory_filesystem(dir: &Path) -> Result<Option<&'static str>> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("bad path {}", dir.display())))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io(dir, std::io::Error::last_os_error()));
+    }
+    Ok(match st.f_type as i64 {
+        0x0102_1994 => Some("tmpfs"),
+        0x8584_58f6 => Some("ramfs"),
+        _ => None,
+    })
+}
+
 /// Mark the journal of `epoch` as taken over: its pending records were
 /// replayed (or judged stale) by a later writer. A file of that epoch that
 /// appears afterwards was written by its server after the takeover (a

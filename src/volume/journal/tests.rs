@@ -47,7 +47,8 @@ fn read_all(
 fn records_are_encrypted_and_bound_to_the_claims_key() {
     let dir = tempfile::tempdir().unwrap();
     let id = [3u8; 16];
-    let mut j = Journal::create(dir.path(), &id, 4, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 4, TAG, key().clone(), Durability::Process).unwrap();
     let secret = b"plaintext that must not reach tmpfs or swap".repeat(40);
     let rec = Record::Data {
         offset: 8192,
@@ -78,7 +79,8 @@ fn records_are_encrypted_and_bound_to_the_claims_key() {
 fn a_failed_append_never_gives_its_nonce_to_the_next_record() {
     let dir = tempfile::tempdir().unwrap();
     let id = [3u8; 16];
-    let mut j = Journal::create(dir.path(), &id, 4, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 4, TAG, key().clone(), Durability::Process).unwrap();
     j.short_write = Some(30);
     let a = Record::Data {
         offset: 0,
@@ -188,7 +190,8 @@ fn free_bytes_reads_the_filesystem() {
 fn a_corrupt_length_is_a_torn_record_not_an_allocation() {
     let dir = tempfile::tempdir().unwrap();
     let id = [3u8; 16];
-    let mut j = Journal::create(dir.path(), &id, 2, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 2, TAG, key().clone(), Durability::Process).unwrap();
     let a = Record::Zeroes {
         offset: 0,
         len: 4096,
@@ -220,7 +223,8 @@ fn a_corrupt_length_is_a_torn_record_not_an_allocation() {
 fn records_roundtrip_and_torn_tail_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let id = [3u8; 16];
-    let mut j = Journal::create(dir.path(), &id, 7, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 7, TAG, key().clone(), Durability::Process).unwrap();
     let a = Record::Data {
         offset: 4096,
         data: vec![9; 1000].into(),
@@ -264,7 +268,8 @@ fn records_roundtrip_and_torn_tail_is_dropped() {
 fn rotation_and_release() {
     let dir = tempfile::tempdir().unwrap();
     let id = [5u8; 16];
-    let mut j = Journal::create(dir.path(), &id, 1, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 1, TAG, key().clone(), Durability::Process).unwrap();
     j.append(&Record::Zeroes {
         offset: 0,
         len: 512,
@@ -277,7 +282,7 @@ fn rotation_and_release() {
     })
     .unwrap();
     assert_eq!(find(dir.path(), &id).len(), 2);
-    j.release_before(covered);
+    j.release_now(covered);
     let left = find(dir.path(), &id);
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].segment, 1);
@@ -292,7 +297,7 @@ fn journal_is_private_to_its_owner() {
     std::fs::create_dir(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let id = [6u8; 16];
-    let mut j = Journal::create(&dir, &id, 1, TAG, key().clone()).unwrap();
+    let mut j = Journal::create(&dir, &id, 1, TAG, key().clone(), Durability::Process).unwrap();
     j.rotate().unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700, "an existing 0755 directory is narrowed");
@@ -309,7 +314,8 @@ fn a_torn_record_that_could_not_be_cut_back_blocks_appends_until_released() {
         offset: seed as u64 * 4096,
         data: vec![seed; 4096].into(),
     };
-    let mut j = Journal::create(dir.path(), &id, 3, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 3, TAG, key().clone(), Durability::Process).unwrap();
     j.append(&rec(1)).unwrap();
     j.short_write = Some(100);
     j.fail_undo = true;
@@ -320,7 +326,7 @@ fn a_torn_record_that_could_not_be_cut_back_blocks_appends_until_released() {
     let next = j.rotate().unwrap();
     assert!(j.append(&rec(4)).is_err(), "segment 0 is still torn");
     // The flush made segment 0 durable and obsolete: appends resume.
-    j.release_before(next);
+    j.release_now(next);
     j.append(&rec(5)).unwrap();
     let found = find(dir.path(), &id);
     assert_eq!(found.len(), 1);
@@ -338,7 +344,8 @@ fn a_crash_while_rotating_leaves_a_readable_journal() {
         offset: 4096,
         data: vec![1; 4096].into(),
     };
-    let mut j = Journal::create(dir.path(), &id, 3, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 3, TAG, key().clone(), Durability::Process).unwrap();
     j.append(&rec).unwrap();
     CRASH_AFTER_CREATE.with(|c| c.set(true));
     assert!(j.rotate().is_err());
@@ -373,7 +380,8 @@ fn a_crash_while_rotating_leaves_a_readable_journal() {
 fn a_failed_append_leaves_no_torn_record_before_later_ones() {
     let dir = tempfile::tempdir().unwrap();
     let id = [9u8; 16];
-    let mut j = Journal::create(dir.path(), &id, 3, TAG, key().clone()).unwrap();
+    let mut j =
+        Journal::create(dir.path(), &id, 3, TAG, key().clone(), Durability::Process).unwrap();
     let rec = |seed: u8, len: usize| Record::Data {
         offset: seed as u64 * 65536,
         data: vec![seed; len].into(),

@@ -1,10 +1,14 @@
 //! Appending: one segment file at a time, rotated at each flush capture,
-//! released once a flush made it durable; the footprint it may take.
+//! released once a flush made it durable; the footprint it may take; in
+//! a Host directory, the syncs that make it outlive the host
+//! (docs/rfcs/0006-host-durable-journal.md).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::*;
 use crate::error::{Error, Result};
@@ -21,7 +25,8 @@ pub struct Journal {
     /// Nonce of the next append; never reused, even after a failed one.
     counter: u64,
     segment: u64,
-    file: File,
+    file: Arc<File>,
+    durability: Durability,
     /// Length of the current segment file (an append that fails is cut
     /// back to it).
     len: u64,
@@ -37,22 +42,110 @@ pub struct Journal {
     /// (a short write, as on ENOSPC).
     #[cfg(test)]
     pub(super) short_write: Option<usize>,
-    /// Bytes in each segment not yet released (the journal's footprint in
-    /// tmpfs, which is memory).
-    sizes: std::collections::BTreeMap<u64, u64>,
+    /// The segments not yet released (the journal's footprint).
+    segments: std::collections::BTreeMap<u64, Segment>,
+    /// Host: the newest segment whose directory entry is durable.
+    entries_synced: u64,
+    /// Host: a sync failed. The kernel may have dropped those pages, and a
+    /// later sync that succeeds would not bring them back: every later
+    /// sync fails too (the server must be restarted, which replays what
+    /// the disk really holds).
+    poisoned: Option<String>,
+    /// Released segments whose files could not be deleted yet, in order:
+    /// no later segment is deleted before them (the survivors of an epoch
+    /// are a suffix of its segments).
+    undeleted: Vec<(u64, PathBuf)>,
     /// Footprint past which writers flush before appending more.
     limit: u64,
 }
 
+/// One live segment.
+struct Segment {
+    /// Its file's length (header and records).
+    bytes: u64,
+    /// Host: how much of it a sync has made durable.
+    synced: u64,
+    /// Host: the file, kept open while it holds unsynced bytes.
+    file: Option<Arc<File>>,
+    /// When its first record was appended (the upload lag's age).
+    first_record: Option<Instant>,
+}
+
+/// The segments a sync must make durable, taken under the state lock and
+/// run without it (`run`), then recorded (`Journal::synced`).
+pub struct SyncPlan {
+    files: Vec<(u64, Arc<File>, u64)>,
+    dir: Option<PathBuf>,
+    /// The newest segment whose entry the directory sync covers.
+    entries: u64,
+    poisoned: Option<String>,
+}
+
+impl SyncPlan {
+    /// Nothing to sync.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.dir.is_none() && self.poisoned.is_none()
+    }
+
+    /// `fdatasync` each segment, then the directory (blocking).
+    pub fn run(&self) -> std::result::Result<(), String> {
+        if let Some(why) = &self.poisoned {
+            return Err(why.clone());
+        }
+        for (segment, file, _) in &self.files {
+            file.sync_data()
+                .map_err(|e| format!("fdatasync of journal segment {segment}: {e}"))?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Released segments to delete, lowest first, without the state lock
+/// (`run`); what could not be deleted goes back (`Journal::deleted`).
+pub struct Release {
+    paths: Vec<(u64, PathBuf)>,
+    /// Host: sync the directory after each deletion.
+    dir: Option<PathBuf>,
+}
+
+impl Release {
+    /// Delete in order; stop at the first that fails and return it and
+    /// the rest (blocking in a Host directory: a directory sync each).
+    #[must_use]
+    pub fn run(mut self) -> Vec<(u64, PathBuf)> {
+        for i in 0..self.paths.len() {
+            let path = &self.paths[i].1;
+            let gone = match std::fs::remove_file(path) {
+                Ok(()) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            };
+            let durable = gone && self.dir.as_ref().is_none_or(|d| sync_dir(d).is_ok());
+            if !durable {
+                tracing::warn!(
+                    "cannot delete the released journal segment {} (kept; retried at the next release)",
+                    path.display()
+                );
+                return self.paths.split_off(i);
+            }
+        }
+        Vec::new()
+    }
+}
+
 impl Journal {
     /// Start this writer's journal (segment 0) for the claim `tag` of
-    /// `epoch`.
+    /// `epoch`. In a Host directory segment 0 and its directory entry are
+    /// synced before this returns (replay reads the claim from it).
     pub fn create(
         dir: &Path,
         volume_id: &[u8; 16],
         epoch: u64,
         tag: ClaimTag,
         key: SubKey,
+        durability: Durability,
     ) -> Result<Self> {
         prepare_dir(dir)?;
         let volume = hex::encode(volume_id);
@@ -64,6 +157,11 @@ impl Journal {
             plaintext_allowed: false,
         };
         let (file, len) = Self::open_segment(dir, &volume, &owner, 0)?;
+        if durability.is_host() {
+            file.sync_data().map_err(|e| io(dir, e))?;
+            sync_dir(dir)?;
+        }
+        let file = Arc::new(file);
         Ok(Journal {
             dir: dir.to_path_buf(),
             volume,
@@ -73,14 +171,27 @@ impl Journal {
             key,
             counter: 0,
             segment: 0,
-            file,
+            file: file.clone(),
+            durability,
             len,
             torn: None,
             #[cfg(test)]
             fail_undo: false,
             #[cfg(test)]
             short_write: None,
-            sizes: [(0, len)].into(),
+            segments: [(
+                0,
+                Segment {
+                    bytes: len,
+                    synced: len,
+                    file: Some(file),
+                    first_record: None,
+                },
+            )]
+            .into(),
+            entries_synced: 0,
+            poisoned: None,
+            undeleted: Vec::new(),
             limit: u64::MAX,
         })
     }
@@ -166,7 +277,7 @@ impl Journal {
             let undone = self
                 .file
                 .set_len(self.len)
-                .and_then(|()| self.file.seek(std::io::SeekFrom::Start(self.len)));
+                .and_then(|()| (&*self.file).seek(std::io::SeekFrom::Start(self.len)));
             #[cfg(test)]
             let undone = if std::mem::take(&mut self.fail_undo) {
                 Err(std::io::Error::other("simulated"))
@@ -179,22 +290,80 @@ impl Journal {
             return Err(io(&self.path(), e));
         }
         self.len += buf.len() as u64;
-        *self.sizes.entry(self.segment).or_default() += buf.len() as u64;
+        let seg = self.segments.get_mut(&self.segment).expect("current");
+        seg.bytes = self.len;
+        seg.first_record.get_or_insert_with(Instant::now);
         Ok(())
     }
 
     fn write_record(&mut self, buf: &[u8]) -> std::io::Result<()> {
         #[cfg(test)]
         if let Some(n) = self.short_write.take() {
-            self.file.write_all(&buf[..n.min(buf.len())])?;
+            (&*self.file).write_all(&buf[..n.min(buf.len())])?;
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        self.file.write_all(buf)
+        (&*self.file).write_all(buf)
     }
 
     /// Bytes the journal holds now (segments not yet released).
     pub fn live_bytes(&self) -> u64 {
-        self.sizes.values().sum()
+        self.segments.values().map(|s| s.bytes).sum()
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Whether the records not yet in the bucket are within `lag`.
+    pub fn within(&self, lag: &UploadLag) -> bool {
+        let oldest = self.segments.values().filter_map(|s| s.first_record).min();
+        self.live_bytes() <= lag.bytes && oldest.is_none_or(|t| t.elapsed() <= lag.age)
+    }
+
+    /// What a sync must do for the records appended so far in the
+    /// segments below `before` (all segments: None). Empty outside a Host
+    /// directory.
+    pub fn sync_plan(&self, before: Option<u64>) -> SyncPlan {
+        let mut plan = SyncPlan {
+            files: Vec::new(),
+            dir: None,
+            entries: 0,
+            poisoned: self.poisoned.clone(),
+        };
+        if !self.durability.is_host() {
+            return plan;
+        }
+        for (n, seg) in self.segments.range(..before.unwrap_or(u64::MAX)) {
+            if let (true, Some(file)) = (seg.synced < seg.bytes, &seg.file) {
+                plan.files.push((*n, file.clone(), seg.bytes));
+            }
+        }
+        // Segments created since the last directory sync: their entries.
+        if self.segment > self.entries_synced {
+            plan.dir = Some(self.dir.clone());
+            plan.entries = self.segment;
+        }
+        plan
+    }
+
+    /// A sync of `plan` ended: on success what it covered is durable; on
+    /// failure every later sync fails too (see `poisoned`).
+    pub fn synced(&mut self, plan: &SyncPlan, outcome: &std::result::Result<(), String>) {
+        if let Err(why) = outcome {
+            self.poisoned.get_or_insert_with(|| {
+                format!("an earlier journal sync failed ({why}); restart the server")
+            });
+            return;
+        }
+        for (n, _, len) in &plan.files {
+            if let Some(seg) = self.segments.get_mut(n) {
+                seg.synced = seg.synced.max(*len);
+                if seg.synced >= seg.bytes && *n != self.segment {
+                    seg.file = None;
+                }
+            }
+        }
+        self.entries_synced = self.entries_synced.max(plan.entries);
     }
 
     /// Cap the footprint (see [`budget`]); writers flush past it.
@@ -219,34 +388,86 @@ impl Journal {
             plaintext_allowed: false,
         };
         let (file, len) = Self::open_segment(&self.dir, &self.volume, &owner, next)?;
-        self.file = file;
+        let file = Arc::new(file);
+        let host = self.durability.is_host();
+        if let Some(old) = self.segments.get_mut(&self.segment)
+            && (!host || old.synced >= old.bytes)
+        {
+            old.file = None;
+        }
+        self.file = file.clone();
         self.len = len;
         self.segment = next;
-        self.sizes.insert(next, len);
+        self.segments.insert(
+            next,
+            Segment {
+                bytes: len,
+                synced: 0,
+                file: Some(file),
+                first_record: None,
+            },
+        );
         Ok(next)
     }
 
-    /// A flush made everything in segments below `segment` durable.
-    pub fn release_before(&mut self, segment: u64) {
-        let released: Vec<u64> = self.sizes.range(..segment).map(|(s, _)| *s).collect();
+    /// A flush made everything in segments below `segment` durable: they
+    /// are forgotten now, and their files are deleted by the returned
+    /// `Release` (lowest first; after any left undeleted before).
+    pub fn release_before(&mut self, segment: u64) -> Release {
+        let released: Vec<u64> = self.segments.range(..segment).map(|(s, _)| *s).collect();
+        let mut paths = std::mem::take(&mut self.undeleted);
         for s in released {
-            let path = self
-                .dir
-                .join(file_name(&self.volume, self.epoch, &self.tag, s));
-            let gone = match std::fs::remove_file(&path) {
-                Ok(()) => true,
-                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-            };
-            if gone && self.torn == Some(s) {
-                self.torn = None;
-            }
-            self.sizes.remove(&s);
+            self.segments.remove(&s);
+            paths.push((
+                s,
+                self.dir
+                    .join(file_name(&self.volume, self.epoch, &self.tag, s)),
+            ));
         }
+        Release {
+            paths,
+            dir: self.durability.is_host().then(|| self.dir.clone()),
+        }
+    }
+
+    /// `Release::run` left `rest` undeleted (none: all gone). A torn
+    /// segment no longer blocks appends once its file is gone.
+    pub fn deleted(&mut self, rest: Vec<(u64, PathBuf)>) {
+        if self
+            .torn
+            .is_some_and(|t| !self.segments.contains_key(&t) && !rest.iter().any(|(s, _)| *s == t))
+        {
+            self.torn = None;
+        }
+        let mut rest = rest;
+        rest.append(&mut self.undeleted);
+        self.undeleted = rest;
+    }
+
+    /// What a power cut now would leave (Host): each live segment's file,
+    /// how much of it is durable, and whether its directory entry is.
+    /// For tests that simulate one.
+    pub fn durable_state(&self) -> Vec<(PathBuf, u64, bool)> {
+        self.segments
+            .iter()
+            .map(|(n, seg)| {
+                let path = self
+                    .dir
+                    .join(file_name(&self.volume, self.epoch, &self.tag, *n));
+                (path, seg.synced, *n <= self.entries_synced)
+            })
+            .collect()
+    }
+
+    /// Release and delete every segment below `segment` now (blocking).
+    pub fn release_now(&mut self, segment: u64) {
+        let rest = self.release_before(segment).run();
+        self.deleted(rest);
     }
 
     /// Clean shutdown: everything is durable.
     pub fn remove(mut self) {
-        self.release_before(self.segment + 1);
+        self.release_now(self.segment + 1);
     }
 }
 
