@@ -55,6 +55,7 @@ use zerofs_ublk::store::backend::{
 use zerofs_ublk::store::keys::key_use;
 use zerofs_ublk::store::paths::{self, CHECKPOINTS, CLAIMS, INDEX_RUNS, SEALS, SEGMENTS};
 use zerofs_ublk::volume::gc::{GcConfig, GcPolicy};
+use zerofs_ublk::volume::journal::{Durability, UploadLag};
 use zerofs_ublk::volume::{Volume, VolumeConfig};
 
 const CHUNKS: u64 = 12;
@@ -380,17 +381,20 @@ async fn reached<T>(
 async fn open_volume(
     proc_: Arc<ProcStore>,
     journal: Option<PathBuf>,
+    host: Option<UploadLag>,
     force: bool,
     cfg: VolumeConfig,
 ) -> Result<Arc<Volume>, Error> {
     let store: DynStore = proc_;
-    let opts = match &journal {
-        Some(dir) => journaled_writer(force, dir),
-        None => writer(force),
+    let opts = match (&journal, host) {
+        (Some(dir), Some(_)) => host_journaled_writer(force, dir),
+        (Some(dir), None) => journaled_writer(force, dir),
+        (None, _) => writer(force),
     };
     let vol = Volume::open(store, &secret(), opts, cfg).await?;
     if let Some(dir) = &journal {
-        vol.attach_journal(dir).await?;
+        let durability = host.map_or(Durability::Process, Durability::Host);
+        vol.attach_journal_as(dir, durability).await?;
     }
     Ok(Arc::new(vol))
 }
@@ -404,6 +408,18 @@ fn hash(data: &[u8]) -> u64 {
     h.finish()
 }
 
+/// What a recovery may fall back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Floor {
+    /// The last flush (no journal replayed).
+    Flushed,
+    /// Every acknowledged write (a journal replayed after the process
+    /// died).
+    Acked,
+    /// The last acknowledged FLUSH (a Host journal after a power cut).
+    Durable,
+}
+
 struct Model {
     current: Vec<u8>,
     /// Per chunk: the versions it held since the last recovery, in order.
@@ -413,6 +429,12 @@ struct Model {
     /// Per chunk: the newest acknowledged version a journal replay
     /// restores (= `flushed` without a journal).
     acked: Vec<usize>,
+    /// Per chunk: the newest version an acknowledged FLUSH covered — what
+    /// a power cut may fall back to with a Host journal (docs/rfcs/0006).
+    /// (In those lives a FLUSH may be acknowledged from the journal, so
+    /// `flushed` means acknowledged, not in the bucket: they never recover
+    /// without the journal.)
+    durable: Vec<usize>,
     /// Per chunk: versions some flush attempt captured (only those can be
     /// in the bucket, whether or not the flush succeeded).
     captured: Vec<HashSet<usize>>,
@@ -427,6 +449,7 @@ impl Model {
             history: vec![vec![zero]; CHUNKS as usize],
             flushed: vec![0; CHUNKS as usize],
             acked: vec![0; CHUNKS as usize],
+            durable: vec![0; CHUNKS as usize],
             captured: vec![HashSet::new(); CHUNKS as usize],
         }
     }
@@ -458,6 +481,7 @@ impl Model {
         for (c, &m) in marks.iter().enumerate() {
             self.flushed[c] = self.flushed[c].max(m);
             self.acked[c] = self.acked[c].max(m);
+            self.durable[c] = self.durable[c].max(m);
         }
     }
 
@@ -473,16 +497,21 @@ impl Model {
     /// one — or a later version some flush captured. Returns the newest
     /// matching version of each chunk, then starts a new life from the
     /// image.
-    fn recovered(&mut self, image: Vec<u8>, replayed: bool) -> Result<Vec<usize>, String> {
+    fn recovered(&mut self, image: Vec<u8>, floor: Floor) -> Result<Vec<usize>, String> {
         let mut matched = Vec::new();
+        let replayed = floor != Floor::Flushed;
         for c in 0..CHUNKS as usize {
             let got = hash(&image[c * CS..(c + 1) * CS]);
-            let floor = if replayed {
-                self.acked[c]
-            } else {
-                self.flushed[c]
+            let (floor, any_later) = match floor {
+                Floor::Acked => (self.acked[c], false),
+                Floor::Flushed => (self.flushed[c], false),
+                // A Host journal replayed up to where the power cut tore
+                // it: any version the chunk held after the floor.
+                Floor::Durable => (self.durable[c], true),
             };
-            let allowed = |i: usize| i == floor || (i > floor && self.captured[c].contains(&i));
+            let allowed = |i: usize| {
+                i == floor || (i > floor && (any_later || self.captured[c].contains(&i)))
+            };
             let holds: Vec<usize> = (0..self.history[c].len())
                 .filter(|i| self.history[c][*i] == got)
                 .collect();
@@ -585,6 +614,10 @@ struct Case {
     faulty: bool,
     /// The host-local journal directory of this life's servers.
     journal: Option<PathBuf>,
+    /// The journal is on a "local disk" (`--journal-dir`, a Host journal)
+    /// with this lag bound: FLUSH may be acknowledged from it, and the
+    /// life has power cuts.
+    host: Option<UploadLag>,
     /// Whether the current writer keeps the journal (a server without it
     /// may run in between).
     writer_journals: bool,
@@ -621,14 +654,38 @@ impl Case {
                 Arc::new(store)
             }
         };
-        let journal = if rng.chance(50) {
-            let d = scratch_dir();
+        let journaled = rng.chance(50);
+        // Half the journaled lives keep a Host journal (on a disk: tmpfs is
+        // refused): FLUSHes acknowledged from it (a large bound), from the
+        // bucket (a bound below one record), or either (a bound in time).
+        let on_disk = journaled && rng.chance(50);
+        let journal = journaled.then(|| {
+            let d = if on_disk {
+                tempfile::tempdir().unwrap()
+            } else {
+                scratch_dir()
+            };
             let p = d.path().join("journal");
             dirs.push(d);
-            Some(p)
-        } else {
-            None
-        };
+            p
+        });
+        let host = on_disk.then(|| {
+            let hour = Duration::from_secs(3600);
+            [
+                UploadLag {
+                    bytes: 64 << 20,
+                    age: hour,
+                },
+                UploadLag {
+                    bytes: 1024,
+                    age: hour,
+                },
+                UploadLag {
+                    bytes: 64 << 20,
+                    age: Duration::from_millis(2),
+                },
+            ][rng.below(3) as usize]
+        });
         let cfg = VolumeConfig {
             cache_bytes: 4 * CS,
             // Some lives checkpoint after every flush (then every flush
@@ -659,6 +716,7 @@ impl Case {
             faults,
             faulty: false,
             writer_journals: journal.is_some(),
+            host,
             journal,
             vol: None,
             zombie: None,
@@ -694,7 +752,14 @@ impl Case {
     }
 
     async fn open_as(&self, proc_: Arc<ProcStore>, force: bool) -> Result<Arc<Volume>, Error> {
-        open_volume(proc_, self.journal.clone(), force, self.cfg.clone()).await
+        open_volume(
+            proc_,
+            self.journal.clone(),
+            self.host,
+            force,
+            self.cfg.clone(),
+        )
+        .await
     }
 
     /// Whether a journaled opener now replays the last writer's journal.
@@ -720,12 +785,24 @@ impl Case {
         stats: &mut Stats,
         kind: &str,
     ) -> Result<Vec<usize>, String> {
+        let floor = if replayed { Floor::Acked } else { Floor::Flushed };
+        self.adopt_with(vol, floor, stats, kind).await
+    }
+
+    /// `adopt`, checking against `floor`.
+    async fn adopt_with(
+        &mut self,
+        vol: Arc<Volume>,
+        floor: Floor,
+        stats: &mut Stats,
+        kind: &str,
+    ) -> Result<Vec<usize>, String> {
         let image = within("read", vol.read(0, self.model.current.len()))
             .await?
             .map_err(|e| format!("read after recovery failed: {e}"))?;
         self.vol = Some(vol);
         stats.crash(kind);
-        self.model.recovered(image, replayed)
+        self.model.recovered(image, floor)
     }
 
     /// The current process dies: nothing more of it reaches the store.
@@ -793,13 +870,62 @@ impl Case {
 
     async fn flush(&mut self, stats: &mut Stats) -> Step {
         let marks = self.model.capture();
-        let r = within("flush", self.vol().flush()).await?;
+        let vol = self.vol();
+        let r = if self.to_bucket() {
+            within("flush to the bucket", vol.flush_to_bucket()).await?
+        } else {
+            within("flush", vol.flush()).await?
+        };
         self.flushed(&marks, r, stats)
+    }
+
+    /// In a Host journal's life, half the flushes go straight to the
+    /// bucket, as the background upload does (a FLUSH would mostly be
+    /// acknowledged from the journal and never reach the store's gates).
+    fn to_bucket(&mut self) -> bool {
+        self.host.is_some() && self.rng.chance(50)
+    }
+
+    /// A Host journal's host loses power (docs/rfcs/0006): between
+    /// operations, or while a bucket flush runs and the process dies right
+    /// after its k-th store write lands (or not). Of the journal only what
+    /// was synced survives; the next writer replays it, and every chunk
+    /// must be a version it held at or after the last acknowledged FLUSH.
+    async fn power_cut(&mut self, stats: &mut Stats) -> Step {
+        let during_flush = self.rng.chance(60);
+        let vol = self.vol();
+        let kind = if during_flush {
+            let (k, land) = (self.rng.below(4), self.rng.chance(70));
+            self.note(format!(
+                "power cut at store write {k} (lands {land}) of a bucket flush"
+            ));
+            self.proc_.kill_after(k, land);
+            let marks = self.model.capture();
+            if let Ok(()) = within("flush to the bucket", vol.flush_to_bucket()).await? {
+                self.model.flushed_at(&marks);
+            }
+            "power cut in a bucket flush"
+        } else {
+            self.note("power cut");
+            "power cut"
+        };
+        self.proc_.kill_now();
+        let state = vol.journal_durable_state();
+        drop(vol);
+        self.vol = None;
+        cut_power(state, self.rng.next());
+        self.clear_faults();
+        let vol = within("recovery", self.open_process(true))
+            .await?
+            .map_err(|e| format!("reopen after a power cut failed: {e}"))?;
+        self.adopt_with(vol, Floor::Durable, stats, kind)
+            .await
+            .map(drop)
     }
 
     async fn step(&mut self, stats: &mut Stats) -> Step {
         stats.ops += 1;
-        let r = self.rng.below(116);
+        let r = self.rng.below(120);
         match r {
             110..=115 => self.overlapping_flushes(stats).await,
             100..=104 => self.collect().await,
@@ -857,7 +983,12 @@ impl Case {
             60..=68 => self.crash_inside(stats).await,
             69..=72 if self.writer_journals => self.torn_append(stats).await,
             73..=74 if self.writer_journals => self.crash_in_rotation(stats).await,
-            75..=76 if self.journal.is_some() => self.server_without_journal(stats).await,
+            // (A Host journal's life never recovers without it: FLUSHes
+            // acknowledged from it are not in the bucket.)
+            75..=76 if self.journal.is_some() && self.host.is_none() => {
+                self.server_without_journal(stats).await
+            }
+            116..=119 if self.host.is_some() => self.power_cut(stats).await,
             77..=79 => self.clean_reopen(stats).await,
             80..=83 => self.takeover(stats, None).await,
             84..=86 => {
@@ -1087,12 +1218,21 @@ impl Case {
         let gate =
             [Gate::SegmentPut, Gate::CheckpointPut, Gate::IndexRunPut][self.rng.below(3) as usize];
         let crash = self.rng.chance(25);
-        self.note(format!("flush held at {gate:?}, crash in flight {crash}"));
+        let bucket = self.to_bucket();
+        self.note(format!(
+            "flush held at {gate:?}, crash in flight {crash}, to the bucket {bucket}"
+        ));
         let vol = self.vol();
         let marks = self.model.capture();
         self.proc_.arm(gate);
         let v = Arc::clone(&vol);
-        let task = tokio::spawn(async move { v.flush().await });
+        let task = tokio::spawn(async move {
+            if bucket {
+                v.flush_to_bucket().await
+            } else {
+                v.flush().await
+            }
+        });
         if reached(&self.proc_, &task, Some(&vol)).await? {
             stats.reached(gate, "owner's flush");
         }
@@ -1216,11 +1356,18 @@ impl Case {
 
     /// Start a flush in a task, capturing what it must make durable.
     fn spawn_flush(&mut self, vol: &Arc<Volume>, what: &str) -> FlushTask {
-        self.note(what);
+        let bucket = self.to_bucket();
+        self.note(format!("{what}{}", if bucket { " (to the bucket)" } else { "" }));
         let v = Arc::clone(vol);
         (
             self.model.capture(),
-            tokio::spawn(async move { v.flush().await }),
+            tokio::spawn(async move {
+                if bucket {
+                    v.flush_to_bucket().await
+                } else {
+                    v.flush().await
+                }
+            }),
         )
     }
 
@@ -1423,7 +1570,7 @@ impl Case {
         self.proc_ = self.new_proc();
         let vol = within(
             "open",
-            open_volume(Arc::clone(&self.proc_), None, true, self.cfg.clone()),
+            open_volume(Arc::clone(&self.proc_), None, None, true, self.cfg.clone()),
         )
         .await?
         .map_err(|e| format!("open without journal failed: {e}"))?;
@@ -1561,6 +1708,7 @@ impl Case {
         let opening = tokio::spawn(open_volume(
             Arc::clone(&p),
             self.journal.clone(),
+            self.host,
             true,
             self.cfg.clone(),
         ));
@@ -1593,12 +1741,14 @@ impl Case {
         let a = tokio::spawn(open_volume(
             Arc::clone(&p1),
             self.journal.clone(),
+            self.host,
             true,
             self.cfg.clone(),
         ));
         let b = tokio::spawn(open_volume(
             Arc::clone(&p2),
             self.journal.clone(),
+            self.host,
             true,
             self.cfg.clone(),
         ));

@@ -127,6 +127,17 @@ fn boot_id() -> String {
     read_trimmed("/proc/sys/kernel/random/boot_id")
 }
 
+/// When this host booted (unix seconds), from /proc/stat.
+fn boot_time() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn pid_namespace() -> String {
     std::fs::read_link("/proc/self/ns/pid")
         .map(|p| p.to_string_lossy().into_owned())
@@ -177,6 +188,7 @@ impl Claim {
         !self.boot_id.is_empty()
             && !mine.is_empty()
             && self.boot_id != mine
+            && boot_time().is_some_and(|boot| self.started_unix < boot)
             && self.host == hostname()
             && self.journal.starts_with(DURABLE_JOURNAL)
             && ours == Some(self.journal.as_str())
@@ -552,14 +564,32 @@ impl Fence {
         let mut taken = Taken::Released;
         if current > 0 && !self.is_released(current).await? {
             let owner = self.read_claim(current).await?;
-            taken = if owner.is_provably_dead() || owner.ran_here_before_reboot(journal.as_deref())
+            // Its acknowledged FLUSHes may be only in a journal on this
+            // host's disk (docs/rfcs/0006): a writer that would not replay
+            // it must not take over by default.
+            if !force
+                && owner.journal.starts_with(DURABLE_JOURNAL)
+                && journal.as_deref() != Some(owner.journal.as_str())
             {
-                Taken::Dead
-            } else {
-                Taken::Live
-            };
-            if taken == Taken::Dead {
+                return Err(Error::InUse(format!(
+                    "{}, whose acknowledged writes may be only in its journal ({}): add with \
+                     --journal-dir naming that directory to replay it, or --force to do without",
+                    owner.describe(),
+                    owner.journal
+                )));
+            }
+            let dead = owner.is_provably_dead();
+            // Certainly gone too, but fenced all the same (a wrong guess —
+            // a clone of this machine — must not leave two unfenced writers).
+            let rebooted = !dead && owner.ran_here_before_reboot(journal.as_deref());
+            taken = if dead { Taken::Dead } else { Taken::Live };
+            if dead {
                 tracing::warn!("previous writer {} is gone; taking over", owner.describe());
+            } else if rebooted {
+                tracing::warn!(
+                    "previous writer {} ran on this host before it rebooted; taking over",
+                    owner.describe()
+                );
             } else if force {
                 tracing::warn!("--force: fencing writer {}", owner.describe());
             } else {
@@ -842,8 +872,14 @@ mod tests {
         let ours = format!("{DURABLE_JOURNAL}0123 at /var/lib/j");
         let before_reboot = Claim {
             boot_id: "an earlier boot".into(),
+            started_unix: boot_time().unwrap() - 60,
             ..Claim::mine(Some(ours.clone()))
         };
+        let clock_says_this_boot = Claim {
+            started_unix: boot_time().unwrap() + 1,
+            ..before_reboot.clone()
+        };
+        assert!(!clock_says_this_boot.ran_here_before_reboot(Some(&ours)));
         assert!(before_reboot.ran_here_before_reboot(Some(&ours)));
         assert!(!before_reboot.is_provably_dead(), "no other rule proves it");
         let this_boot = Claim::mine(Some(ours.clone()));

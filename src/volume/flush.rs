@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use super::Inner;
+use super::journal::Release;
 use super::pipeline::Turn;
 use crate::cache::ChunkData;
 use crate::codec::Plain;
@@ -123,7 +124,9 @@ impl Flight<'_> {
     /// no flush gave anything back since this one captured: then every
     /// write before the capture is durable, and the journal segments
     /// before the mark can go.
-    fn publish(mut self, outcomes: Option<&[Vec<Outcome>]>) -> Round {
+    /// The journal segments to delete come back with it: the caller
+    /// deletes them off the runtime's threads, still in turn.
+    fn publish(mut self, outcomes: Option<&[Vec<Outcome>]>) -> (Round, Option<Release>) {
         let inner = self.inner;
         let mut st = inner.state.lock();
         for (chunk, generation, loc, data) in outcomes.into_iter().flatten().flatten() {
@@ -135,7 +138,7 @@ impl Flight<'_> {
         self.held.clear();
         self.open = false;
         if st.landed(self.number) {
-            return Round::Overtaken;
+            return (Round::Overtaken, None);
         }
         let release = match (&mut st.journal, self.journal_mark.take()) {
             (Some(j), Some(Ok(mark))) => Some(j.release_before(mark)),
@@ -145,16 +148,7 @@ impl Flight<'_> {
             }
             _ => None,
         };
-        drop(st);
-        // Deleted in this flush's turn, so in segment order; in a Host
-        // directory each deletion is synced before the next (RFC 0006, 5).
-        if let Some(release) = release {
-            let rest = release.run();
-            if let Some(j) = inner.state.lock().journal.as_mut() {
-                j.deleted(rest);
-            }
-        }
-        Round::Covered
+        (Round::Covered, release)
     }
 }
 
@@ -442,6 +436,18 @@ impl Inner {
                 };
                 (flight, captured)
             };
+            // In a Host journal directory, the captured writes' records
+            // are made durable before any of them can reach the bucket: a
+            // power cut then never leaves the bucket ahead of what replay
+            // restores (docs/rfcs/0006, point 4). Before any id is
+            // allocated: a failure gives the capture back and leaks none.
+            if !captured.is_empty() {
+                let before = match &flight.journal_mark {
+                    Some(Ok(mark)) => Some(*mark),
+                    _ => None,
+                };
+                self.sync_journal(before).await?;
+            }
             let upload = if captured.is_empty() {
                 // Nothing new: wait for the flushes before, no request.
                 None
@@ -473,17 +479,6 @@ impl Inner {
             let turn = pipeline.take(&allocating, slot, lowest);
             (InFlight { flight, turn }, upload)
         };
-        // In a Host journal directory, the captured writes' records are
-        // made durable before any of them can reach the bucket: a power
-        // cut then never leaves the bucket ahead of what replay restores
-        // (docs/rfcs/0006, point 4).
-        if upload.is_some() {
-            let before = match &in_flight.flight.journal_mark {
-                Some(Ok(mark)) => Some(*mark),
-                _ => None,
-            };
-            self.sync_journal(before).await?;
-        }
         // Encryption overlaps the uploads; stored by conditional create at
         // names a newer owner fences: when every PUT succeeded, no newer
         // owner can miss them, and no owner check is needed before the
@@ -502,7 +497,17 @@ impl Inner {
         // An earlier flush may have found this writer fenced meanwhile.
         self.check_writable()?;
         let InFlight { flight, turn } = in_flight;
-        let round = flight.publish(written.as_ref().map(|(_, o)| o.as_slice()));
+        let (round, release) = flight.publish(written.as_ref().map(|(_, o)| o.as_slice()));
+        // Deleted in this flush's turn, so in segment order; in a Host
+        // directory each deletion is synced before the next (RFC 0006, 5).
+        if let Some(release) = release {
+            let rest = tokio::task::spawn_blocking(move || release.run())
+                .await
+                .unwrap_or_default();
+            if let Some(j) = self.state.lock().journal.as_mut() {
+                j.deleted(rest);
+            }
+        }
         turn.published();
         if let Some((segments, _)) = &written {
             self.flushes.fetch_add(1, Ordering::Relaxed);

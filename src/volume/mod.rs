@@ -597,11 +597,24 @@ impl Volume {
     pub async fn flush(&self) -> Result<()> {
         let covers = self.inner.state.lock().generation();
         if let Some(lag) = self.inner.host_lag() {
+            // A fenced writer acknowledges nothing (its uploads found out).
+            self.inner.check_writable()?;
             self.inner.sync_journal(None).await?;
+            self.inner.check_writable()?;
             let within = {
                 let st = self.inner.state.lock();
                 st.journal.as_ref().is_some_and(|j| j.within(&lag))
             };
+            // A same-host takeover (`--force`) marks the journal before
+            // it reads it: past that mark nothing is acknowledged here.
+            let taken = {
+                let st = self.inner.state.lock();
+                st.journal.as_ref().map(|j| j.taken_over()).transpose()?
+            };
+            if taken == Some(true) {
+                let epoch = self.inner.log.epoch().unwrap_or(0);
+                return Err(self.inner.fenced_by(Error::Fenced(epoch)));
+            }
             if within {
                 self.inner.upload_wanted.store(true, Ordering::SeqCst);
                 self.inner.flush_wanted.notify_one();
@@ -609,6 +622,15 @@ impl Volume {
                 return self.inner.take_dropped(covers);
             }
         }
+        self.inner.flush().await?;
+        self.inner.take_dropped(covers)
+    }
+
+    /// Make every write that completed before this call durable in the
+    /// bucket: what `flush` does without a Host journal, and what the
+    /// background upload does with one.
+    pub async fn flush_to_bucket(&self) -> Result<()> {
+        let covers = self.inner.state.lock().generation();
         self.inner.flush().await?;
         self.inner.take_dropped(covers)
     }
@@ -679,8 +701,18 @@ impl Volume {
         }
         let mut replay = Vec::new();
         let mut done_with = Vec::new();
-        for ((e, _), paths) in by_claim {
-            match self.journal_fate(e, epoch, &paths[0], dir, &here).await? {
+        for ((e, named), paths) in by_claim {
+            let first = &paths[0];
+            let tag = match journal::read_tag(first) {
+                Ok(tag) => tag,
+                // After a power cut the lowest surviving segment's header
+                // may be torn (created after the last sync): its name
+                // carries the claim tag too, and the check pass below ends
+                // the replay there.
+                Err(e) if host => named.ok_or(e)?,
+                Err(e) => return Err(e),
+            };
+            match self.journal_fate(e, tag, epoch, dir, &here).await? {
                 JournalFate::Replay(mut r) => {
                     r.paths = paths;
                     replay.push(*r);
@@ -704,6 +736,37 @@ impl Volume {
                 journal::Tail::Whole
             }
         };
+        // Its writer may still run (a same-host --force): from this mark
+        // on it acknowledges no FLUSH from a Host journal, so none comes
+        // after what is read below (docs/rfcs/0006, 10).
+        for r in &replay {
+            journal::mark_taking(dir, &id, r.epoch, &r.tag)?;
+        }
+        // What is read below is replayed and then uploaded: in a Host
+        // directory it must be on the disk first, or a power cut during
+        // this replay could leave the bucket ahead of what the next
+        // replay reads (docs/rfcs/0006, point 4; the dead server's last
+        // records may be in the page cache only).
+        if host && !replay.is_empty() {
+            let paths: Vec<std::path::PathBuf> =
+                replay.iter().flat_map(|r| r.paths.iter().cloned()).collect();
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                for path in &paths {
+                    std::fs::File::open(path)
+                        .and_then(|f| f.sync_data())
+                        .map_err(|e| {
+                            Error::Store(StoreError::Backend(format!(
+                                "journal {}: {e}",
+                                path.display()
+                            )))
+                        })?;
+                }
+                journal::sync_dir(&dir)
+            })
+            .await
+            .map_err(|e| Error::Store(StoreError::Backend(format!("journal sync: {e}"))))??;
+        }
         // Check every segment before applying any (a corrupt one must not
         // leave half a replay behind), then apply record by record: replay
         // holds one record in memory, not the journal.
@@ -731,18 +794,24 @@ impl Volume {
                     .filter_map(|p| std::fs::metadata(p).ok())
                     .map(|m| m.len())
                     .sum();
-                tracing::warn!(
-                    "the journal of epoch {} ends at {why} in segment {} of {} (a power cut \
-                     before a sync: nothing a FLUSH acknowledged is after it); {skipped} bytes \
-                     of later segments skipped",
+                // A tear past the last sync (a power cut) and a corrupted
+                // or tampered record look alike here: say so loudly, and
+                // keep the files (`.skipped`) rather than delete them.
+                tracing::error!(
+                    "the journal of epoch {} ends at {why} in segment {} of {}: after a power \
+                     cut, nothing a FLUSH acknowledged is after it; otherwise the journal's disk \
+                     corrupted it. {skipped} bytes of later segments skipped; that segment and \
+                     those after it are kept as *.skipped",
                     r.epoch,
                     at,
                     r.paths.len()
                 );
-                r.skipped = r.paths.split_off(keep);
+                r.skipped = r.paths[at..].to_vec();
+                r.paths.truncate(keep);
             }
         }
         let mut replayed = 0;
+        let mut quarantine = Vec::new();
         for r in &replay {
             for (i, path) in r.paths.iter().enumerate() {
                 for record in journal::read_segment(path, &r.owner(&id), tail(i, r))? {
@@ -769,9 +838,9 @@ impl Volume {
                     replayed += 1;
                 }
             }
-            let mut paths = r.paths.clone();
-            paths.extend(r.skipped.iter().cloned());
-            done_with.push((r.epoch, r.tag, paths));
+            let paths = r.paths.iter().filter(|p| !r.skipped.contains(p)).cloned();
+            done_with.push((r.epoch, r.tag, paths.collect()));
+            quarantine.extend(r.skipped.iter().cloned());
         }
         if replayed > 0 {
             // The engine's flush: writes it drops (their chunks' stored
@@ -809,6 +878,13 @@ impl Volume {
                         format!("cannot remove replayed journal {}: {e}", path.display()),
                     )));
                 }
+            }
+        }
+        for path in quarantine {
+            let kept = path.with_extension("journal.skipped");
+            if let Err(e) = std::fs::rename(&path, &kept) {
+                // Marked consumed: never replayed, deleted by a later writer.
+                tracing::warn!("cannot keep {} as {}: {e}", path.display(), kept.display());
             }
         }
         if host && !done_with.is_empty() {
@@ -851,18 +927,17 @@ impl Volume {
             .unwrap_or_default()
     }
 
-    /// Whether the journal of epoch `e` (first segment at `first`) is ours
-    /// to replay; see `attach_journal`.
+    /// Whether the journal of epoch `e`, written under the claim `tag`, is
+    /// ours to replay; see `attach_journal`.
     async fn journal_fate(
         &self,
         e: u64,
+        tag: journal::ClaimTag,
         ours: u64,
-        first: &std::path::Path,
         dir: &std::path::Path,
         here: &str,
     ) -> Result<JournalFate> {
         let log = &self.inner.log;
-        let tag = journal::read_tag(first)?;
         if journal::is_consumed(dir, &log.keys().volume_id, e, &tag)? {
             return Ok(JournalFate::Stale(
                 format!(
@@ -955,7 +1030,8 @@ impl Volume {
         // Writes dropped (volume::partial) are reported, after the close:
         // everything else is durable, and nothing can complete them.
         let dropped = self.inner.take_dropped(u64::MAX);
-        if let Some(j) = self.inner.state.lock().journal.take() {
+        let journal = self.inner.state.lock().journal.take();
+        if let Some(j) = journal {
             j.remove();
         }
         self.inner.write_checkpoint(false).await?;

@@ -455,20 +455,31 @@ pub fn host_journaled_writer(force: bool, dir: &std::path::Path) -> OpenOptions 
 }
 
 /// The host loses power: `vol` stops where it is, and of its Host
-/// journal only what was synced survives — each segment cut back to its
-/// synced length with garbage after it (a page written back without the
-/// one before it), a segment whose directory entry was never synced gone.
+/// journal only what was synced survives — each segment with bytes
+/// appended since its last sync cut back to its synced length, with
+/// garbage after it (a page written back without the one before it; a
+/// synced file's length is durable, fdatasync saw to it), a segment whose
+/// directory entry was never synced gone.
 pub fn power_cut(vol: zerofs_ublk::volume::Volume, seed: u64) {
     let state = vol.journal_durable_state();
     drop(vol);
+    cut_power(state, seed);
+}
+
+/// `power_cut`'s work on the files, given `Volume::journal_durable_state`
+/// taken once the writer stopped.
+pub fn cut_power(state: Vec<(std::path::PathBuf, u64, bool)>, seed: u64) {
     for (path, synced, entry) in state {
         if !entry {
             let _ = std::fs::remove_file(&path);
             continue;
         }
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes.truncate(synced as usize);
-        bytes.extend_from_slice(&pattern(seed, 700));
-        std::fs::write(&path, bytes).unwrap();
+        if bytes.len() as u64 > synced {
+            // Appended since the last sync: lost, but for a torn piece.
+            bytes.truncate(synced as usize);
+            bytes.extend_from_slice(&pattern(seed, 700));
+            std::fs::write(&path, bytes).unwrap();
+        }
     }
 }

@@ -48,9 +48,9 @@ mod writer;
 pub use reader::{Records, Tail, parse_segment, read_segment, read_tag};
 pub use recovery::{
     Found, dir_identity, find, host_dir_identity, is_consumed, is_host_identity, mark_consumed,
-    remove_unfinished,
+    mark_taking, remove_unfinished, taken_over,
 };
-pub use writer::{Journal, SyncPlan, budget, free_bytes};
+pub use writer::{Journal, Release, SyncPlan, budget, free_bytes};
 
 /// What a journal survives, and so what a FLUSH waits for
 /// (docs/rfcs/0006-host-durable-journal.md).

@@ -77,7 +77,7 @@ pub fn host_dir_identity(dir: &Path) -> Result<String> {
         .unwrap_or_else(|| Path::new("."));
     if let Some(kind) = memory_filesystem(existing)? {
         return Err(Error::InvalidArgument(format!(
-            "the journal directory {} is on {kind}, which does not survive the host;              give a directory on a local disk (or leave --journal-dir out)",
+            "the journal directory {} is on {kind}, which does not survive the host; give a directory on a local disk (or leave --journal-dir out)",
             dir.display()
         )));
     }
@@ -102,6 +102,10 @@ pub fn host_dir_identity(dir: &Path) -> Result<String> {
                 .and_then(|()| std::fs::rename(&tmp, &path))
                 .map_err(|e| io(&path, e))?;
             sync_dir(&real)?;
+            // The directory itself may be new.
+            if let Some(parent) = real.parent() {
+                sync_dir(parent)?;
+            }
             id
         }
         Err(e) => return Err(io(&path, e)),
@@ -167,6 +171,35 @@ pub fn is_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag)
         }
     }
     Ok(false)
+}
+
+/// Mark the journal of `epoch` as being taken over, before the taker
+/// reads it: its writer, still running (a same-host `--force`), stops
+/// acknowledging FLUSHes from a Host journal once it sees the mark
+/// (`taken_over`), so none of its acknowledged records comes after what
+/// the taker reads. Unlike the consumed mark it does not make the journal
+/// stale: a taker that fails leaves it for the next.
+pub fn mark_taking(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag) -> Result<()> {
+    let path = dir.join(taking_name(&hex::encode(volume_id), epoch, tag));
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map(drop)
+        .map_err(|e| io(&path, e))
+}
+
+/// Whether a later writer is taking over, or took over, the journal of the
+/// claim `tag` of `epoch`.
+pub fn taken_over(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag) -> Result<bool> {
+    let path = dir.join(taking_name(&hex::encode(volume_id), epoch, tag));
+    Ok(path.try_exists().map_err(|e| io(&path, e))? || is_consumed(dir, volume_id, epoch, tag)?)
+}
+
+fn taking_name(volume: &str, epoch: u64, tag: &ClaimTag) -> String {
+    format!("{volume}-{epoch:016x}-{}.taking", hex::encode(tag))
 }
 
 fn consumed_name(volume: &str, epoch: u64, tag: Option<&ClaimTag>) -> String {

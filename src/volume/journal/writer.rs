@@ -50,7 +50,7 @@ pub struct Journal {
     /// later sync that succeeds would not bring them back: every later
     /// sync fails too (the server must be restarted, which replays what
     /// the disk really holds).
-    poisoned: Option<String>,
+    poisoned: Poison,
     /// Released segments whose files could not be deleted yet, in order:
     /// no later segment is deleted before them (the survivors of an epoch
     /// are a suffix of its segments).
@@ -78,20 +78,34 @@ pub struct SyncPlan {
     dir: Option<PathBuf>,
     /// The newest segment whose entry the directory sync covers.
     entries: u64,
-    poisoned: Option<String>,
+    poisoned: Poison,
 }
+
+/// A failed sync, shared by the journal and its plans: recorded by the
+/// sync that failed, even if whoever awaited it is gone.
+type Poison = Arc<parking_lot::Mutex<Option<String>>>;
 
 impl SyncPlan {
     /// Nothing to sync.
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.dir.is_none() && self.poisoned.is_none()
+        self.files.is_empty() && self.dir.is_none() && self.poisoned.lock().is_none()
     }
 
     /// `fdatasync` each segment, then the directory (blocking).
     pub fn run(&self) -> std::result::Result<(), String> {
-        if let Some(why) = &self.poisoned {
+        if let Some(why) = self.poisoned.lock().as_ref() {
             return Err(why.clone());
         }
+        let outcome = self.sync();
+        if let Err(why) = &outcome {
+            self.poisoned.lock().get_or_insert_with(|| {
+                format!("an earlier journal sync failed ({why}); restart the server")
+            });
+        }
+        outcome
+    }
+
+    fn sync(&self) -> std::result::Result<(), String> {
         for (segment, file, _) in &self.files {
             file.sync_data()
                 .map_err(|e| format!("fdatasync of journal segment {segment}: {e}"))?;
@@ -190,7 +204,7 @@ impl Journal {
             )]
             .into(),
             entries_synced: 0,
-            poisoned: None,
+            poisoned: Poison::default(),
             undeleted: Vec::new(),
             limit: u64::MAX,
         })
@@ -333,8 +347,12 @@ impl Journal {
         if !self.durability.is_host() {
             return plan;
         }
-        for (n, seg) in self.segments.range(..before.unwrap_or(u64::MAX)) {
-            if let (true, Some(file)) = (seg.synced < seg.bytes, &seg.file) {
+        // And every segment whose header is not synced yet: the directory
+        // sync below makes its name durable, and the lowest surviving
+        // segment's header names the claim replay must match.
+        for (n, seg) in &self.segments {
+            let wanted = before.is_none_or(|b| *n < b) || seg.synced == 0;
+            if let (true, true, Some(file)) = (wanted, seg.synced < seg.bytes, &seg.file) {
                 plan.files.push((*n, file.clone(), seg.bytes));
             }
         }
@@ -346,13 +364,10 @@ impl Journal {
         plan
     }
 
-    /// A sync of `plan` ended: on success what it covered is durable; on
-    /// failure every later sync fails too (see `poisoned`).
+    /// A sync of `plan` ended: on success what it covered is durable (on
+    /// failure `run` poisoned the journal: every later sync fails too).
     pub fn synced(&mut self, plan: &SyncPlan, outcome: &std::result::Result<(), String>) {
-        if let Err(why) = outcome {
-            self.poisoned.get_or_insert_with(|| {
-                format!("an earlier journal sync failed ({why}); restart the server")
-            });
+        if outcome.is_err() {
             return;
         }
         for (n, _, len) in &plan.files {
@@ -444,6 +459,12 @@ impl Journal {
         self.undeleted = rest;
     }
 
+    /// Whether a later writer is taking this journal over (see
+    /// `mark_taking`): then this writer is fenced.
+    pub fn taken_over(&self) -> Result<bool> {
+        taken_over(&self.dir, &self.volume_id, self.epoch, &self.tag)
+    }
+
     /// What a power cut now would leave (Host): each live segment's file,
     /// how much of it is durable, and whether its directory entry is.
     /// For tests that simulate one.
@@ -495,7 +516,7 @@ pub fn budget(dir: &Path, free: u64, dirty_limit: u64, chunk_size: u64) -> Resul
     let limit = (2 * dirty_limit).min(free / 2);
     if limit < floor {
         return Err(Error::InvalidArgument(format!(
-            "the journal directory {} has only {free} bytes free; the journal needs at least {}              (free space there, or set ZEROFS_UBLK_RUN_DIR to a tmpfs with room)",
+            "the journal directory {} has only {free} bytes free; the journal needs at least {} (free space there, or give another directory: --journal-dir, or ZEROFS_UBLK_RUN_DIR for the tmpfs one)",
             dir.display(),
             2 * floor
         )));
