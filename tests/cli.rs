@@ -485,3 +485,44 @@ fn upgrade_brings_an_older_volume_to_this_format() {
         std::fs::read(env.path("after.img")).unwrap()
     );
 }
+
+/// `--journal-dir` and `--max-upload-lag` (docs/rfcs/0006): refused with
+/// one line before anything is created or claimed.
+#[test]
+fn journal_dir_arguments_are_checked_first() {
+    let env = Env::new();
+    env.create("1M");
+    let before = env.bucket_files();
+    let dir = env.path("journal");
+    let dir = dir.to_str().unwrap();
+    fails(
+        &env.vol(&["add", "--journal-dir", dir, "--max-upload-lag", "64M"]),
+        "expected SIZE,DURATION",
+    );
+    fails(
+        &env.vol(&["add", "--journal-dir", dir, "--max-upload-lag", "0,10s"]),
+        "more than 0",
+    );
+    fails(
+        &env.vol(&["add", "--journal-dir", dir, "--max-upload-lag", "64M,soon"]),
+        "invalid duration",
+    );
+    let out = env.vol(&["add", "--max-upload-lag", "64M,10s"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--journal-dir"));
+    let shm_is_tmpfs = Command::new("stat")
+        .args(["-f", "-c", "%T", "/dev/shm"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs");
+    if shm_is_tmpfs {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let on_tmpfs = shm.path().join("journal");
+        fails(
+            &env.vol(&["add", "--journal-dir", on_tmpfs.to_str().unwrap()]),
+            "does not survive the host",
+        );
+        assert!(!on_tmpfs.exists(), "nothing created");
+    }
+    assert!(!Path::new(dir).exists(), "nothing created");
+    assert!(before == env.bucket_files(), "nothing claimed");
+}

@@ -532,9 +532,14 @@ const HOST: Durability = Durability::Host(UploadLag {
 /// The server of a volume in `store`, journaling in the Host directory
 /// `dir` with `lag` (replaying what is there).
 async fn host_server(store: &DynStore, dir: &Path, lag: Durability, cfg: VolumeConfig) -> Volume {
-    let v = Volume::open(store.clone(), &secret(), host_journaled_writer(true, dir), cfg)
-        .await
-        .unwrap();
+    let v = Volume::open(
+        store.clone(),
+        &secret(),
+        host_journaled_writer(true, dir),
+        cfg,
+    )
+    .await
+    .unwrap();
     v.attach_journal_as(dir, lag).await.unwrap();
     v
 }
@@ -571,7 +576,11 @@ async fn a_flush_from_a_host_journal_waits_for_its_disk_and_survives_a_power_cut
     let b = host_server(&store, dir.path(), HOST, test_config()).await;
     assert_eq!(b.read(0, 16 * 4096).await.unwrap(), expect);
     b.close().await.unwrap();
-    assert_eq!(bucket_image(&store).await, expect, "and the replay is durable");
+    assert_eq!(
+        bucket_image(&store).await,
+        expect,
+        "and the replay is durable"
+    );
 }
 
 #[tokio::test]
@@ -653,7 +662,11 @@ async fn a_host_replay_ends_at_the_first_torn_record_in_any_segment() {
     let b = host_server(&store, dir.path(), lag, test_config()).await;
     let mut expect = vec![0u8; 16 * 4096];
     expect[..4096].copy_from_slice(&pattern(1, 4096));
-    assert_eq!(b.read(0, 16 * 4096).await.unwrap(), expect, "A, and nothing after the tear");
+    assert_eq!(
+        b.read(0, 16 * 4096).await.unwrap(),
+        expect,
+        "A, and nothing after the tear"
+    );
     drop(b);
 }
 
@@ -695,11 +708,62 @@ async fn a_bucket_flush_never_gets_ahead_of_the_durable_journal() {
     let landed = a.request_stats().conditional_put;
     let start = std::time::Instant::now();
     while a.request_stats().conditional_put < landed + 2 {
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "no upload");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no upload"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     power_cut(a, 3);
     let b = host_server(&store, dir.path(), HOST, test_config()).await;
     let got = b.read(0, 16 * 4096).await.unwrap();
     assert_eq!(got, expect, "chunk 0 is as of one point in time, not a mix");
+}
+
+/// RFC 0006, point 10: a same-host takeover marks the journal before it
+/// reads it; the old writer, running on, acknowledges no FLUSH past the
+/// mark (its writes after it would never be replayed).
+#[tokio::test]
+async fn a_writer_taken_over_on_its_host_acknowledges_no_more_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let a = host_server(&store, dir.path(), HOST, test_config()).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap();
+    let b = host_server(&store, dir.path(), HOST, test_config()).await;
+    assert_eq!(b.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    a.write(4096, &pattern(2, 4096)).await.unwrap();
+    let err = a.flush().await.unwrap_err();
+    assert!(matches!(err, zerofs_ublk::error::Error::Fenced(_)), "{err}");
+    drop(a);
+    drop(b);
+}
+
+/// RFC 0006, point 11: after a writer with a durable journal died, a
+/// writer that would not replay it (no journal, or another directory)
+/// needs --force — the dead writer's acknowledged FLUSHes may be only
+/// there.
+#[tokio::test]
+async fn a_writer_that_would_not_replay_a_durable_journal_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    let a = host_server(&store, dir.path(), HOST, test_config()).await;
+    a.write(0, &pattern(1, 4096)).await.unwrap();
+    a.flush().await.unwrap();
+    drop(a); // killed
+    for opts in [writer(false), journaled_writer(false, other.path())] {
+        let err = Volume::open(store.clone(), &secret(), opts, test_config())
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains("--journal-dir"), "{err}");
+    }
+    let b = host_server(&store, dir.path(), HOST, test_config()).await;
+    assert_eq!(b.read(0, 4096).await.unwrap(), pattern(1, 4096));
 }

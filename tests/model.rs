@@ -785,7 +785,11 @@ impl Case {
         stats: &mut Stats,
         kind: &str,
     ) -> Result<Vec<usize>, String> {
-        let floor = if replayed { Floor::Acked } else { Floor::Flushed };
+        let floor = if replayed {
+            Floor::Acked
+        } else {
+            Floor::Flushed
+        };
         self.adopt_with(vol, floor, stats, kind).await
     }
 
@@ -871,7 +875,7 @@ impl Case {
     async fn flush(&mut self, stats: &mut Stats) -> Step {
         let marks = self.model.capture();
         let vol = self.vol();
-        let r = if self.to_bucket() {
+        let r = if self.bucket_flush() {
             within("flush to the bucket", vol.flush_to_bucket()).await?
         } else {
             within("flush", vol.flush()).await?
@@ -882,7 +886,7 @@ impl Case {
     /// In a Host journal's life, half the flushes go straight to the
     /// bucket, as the background upload does (a FLUSH would mostly be
     /// acknowledged from the journal and never reach the store's gates).
-    fn to_bucket(&mut self) -> bool {
+    fn bucket_flush(&mut self) -> bool {
         self.host.is_some() && self.rng.chance(50)
     }
 
@@ -1218,7 +1222,7 @@ impl Case {
         let gate =
             [Gate::SegmentPut, Gate::CheckpointPut, Gate::IndexRunPut][self.rng.below(3) as usize];
         let crash = self.rng.chance(25);
-        let bucket = self.to_bucket();
+        let bucket = self.bucket_flush();
         self.note(format!(
             "flush held at {gate:?}, crash in flight {crash}, to the bucket {bucket}"
         ));
@@ -1356,8 +1360,11 @@ impl Case {
 
     /// Start a flush in a task, capturing what it must make durable.
     fn spawn_flush(&mut self, vol: &Arc<Volume>, what: &str) -> FlushTask {
-        let bucket = self.to_bucket();
-        self.note(format!("{what}{}", if bucket { " (to the bucket)" } else { "" }));
+        let bucket = self.bucket_flush();
+        self.note(format!(
+            "{what}{}",
+            if bucket { " (to the bucket)" } else { "" }
+        ));
         let v = Arc::clone(vol);
         (
             self.model.capture(),

@@ -404,6 +404,114 @@ async fn p8(flushes: usize) -> Result<Vec<String>> {
     )])
 }
 
+/// P8 with `--journal-dir` (docs/rfcs/0006): the fsync of a 4 KiB write
+/// against a bare `pwrite` + `fdatasync` of 4 KiB in the same directory,
+/// same run; then a sustained load of 8 KiB random writes with an fsync
+/// every 16 (a small commit) for `secs`, behind the same 25 ms store:
+/// fsync latency, and the upload lag it keeps (the most the bucket was
+/// behind, sampled at each fsync).
+async fn p8_journal(flushes: usize, secs: u64) -> Result<Vec<String>> {
+    use crate::volume::journal::{self, Durability, UploadLag};
+    use std::os::unix::fs::FileExt;
+    let dir =
+        std::env::temp_dir().join(format!("zerofs-ublk-bench-journal-{}", std::process::id()));
+    if journal::refuse_memory_filesystem(&dir).is_err() {
+        return Ok(vec![format!(
+            "| P8 fsync with --journal-dir | skipped: {} is on tmpfs (set TMPDIR to a disk) | — | — | ≤ 2× |",
+            std::env::temp_dir().display()
+        )]);
+    }
+    let _cleanup = ScratchDir(dir.clone());
+    std::fs::create_dir_all(&dir)?;
+    // The baseline: the same size, synced the same way, same directory.
+    let block = data(4096, false);
+    let file = std::fs::File::create(dir.join("baseline"))?;
+    let mut bare = Vec::with_capacity(flushes);
+    let mut x = 7u64;
+    for _ in 0..flushes {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let t = Instant::now();
+        file.write_all_at(&block, (x >> 33) % 4096 * 4096)?;
+        file.sync_data()?;
+        bare.push(t.elapsed());
+    }
+    bare.sort();
+    let store = behind_25ms(Arc::new(MemoryStore::new()), None);
+    let size = 1u64 << 30;
+    let mut params = CreateParams::new(size);
+    params.chunk_size = CHUNK as u32;
+    Volume::create(&store, &params, &secret(), false).await?;
+    let jdir = dir.join("journal");
+    let opts = OpenOptions {
+        mode: OpenMode::Writer(WriterOptions {
+            journal: Some(journal::host_dir_identity(&jdir)?),
+            ..WriterOptions::default()
+        }),
+    };
+    let vol = Volume::open(store, &secret(), opts, VolumeConfig::default()).await?;
+    let lag = UploadLag::default();
+    vol.attach_journal_as(&jdir, Durability::Host(lag)).await?;
+    let mut lat = Vec::with_capacity(flushes);
+    for _ in 0..flushes {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        vol.write((x >> 33) % (size / 4096) * 4096, &block).await?;
+        let t = Instant::now();
+        vol.flush().await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let local = vol.stats().local_flushes;
+    // Sustained: 8 KiB pages, an fsync every 16.
+    let page = data(8192, true);
+    let (mut sustained, mut max_bytes, mut max_age) = (Vec::new(), 0u64, Duration::ZERO);
+    let start = Instant::now();
+    let mut pages = 0u64;
+    let before = vol.stats().flushes;
+    while start.elapsed() < Duration::from_secs(secs) {
+        for _ in 0..16 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            vol.write((x >> 33) % (size / 8192) * 8192, &page).await?;
+            pages += 1;
+        }
+        let t = Instant::now();
+        vol.flush().await?;
+        sustained.push(t.elapsed());
+        if let Some(l) = vol.stats().upload_lag {
+            max_bytes = max_bytes.max(l.bytes);
+            max_age = max_age.max(l.age);
+        }
+    }
+    let elapsed = start.elapsed();
+    let uploads = vol.stats().flushes - before;
+    vol.close().await?;
+    sustained.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let p50 = percentile(&lat, 0.5).as_secs_f64();
+    let bare50 = percentile(&bare, 0.5).as_secs_f64();
+    Ok(vec![
+        format!(
+            "| P8 fsync of a 4 KiB write, --journal-dir on {} ({flushes} flushes, {local} acknowledged from the journal) | p50 {:.2} ms, p99 {:.2} ms | bare 4 KiB pwrite + fdatasync there p50 {:.2} ms | p50 {:.2}× | p50 ≤ 2× |",
+            std::env::temp_dir().display(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+            bare50 * 1e3,
+            p50 / bare50.max(1e-9),
+        ),
+        format!(
+            "| P8 sustained 8 KiB random writes + fsync/16, --journal-dir, 25 ms/request ({:.0} s, {} fsyncs, {uploads} bucket flushes) | fsync p50 {:.2} ms, p99 {:.2} ms; {:.1} MiB/s written | upload lag at most {:.1} MiB, {} ms (bound {} MiB, {} s) | — | within the bound |",
+            elapsed.as_secs_f64(),
+            sustained.len(),
+            ms(percentile(&sustained, 0.5)),
+            ms(percentile(&sustained, 0.99)),
+            (pages * 8192) as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
+            max_bytes as f64 / (1 << 20) as f64,
+            max_age.as_millis(),
+            lag.bytes >> 20,
+            lag.age.as_secs(),
+        ),
+    ])
+}
+
 /// P11: a database page write (8 KiB) into a chunk that is stored but
 /// neither dirty nor cached, behind 25 ms per request. Baselines in the
 /// same run: an 8 KiB read of such a chunk (one GET: what the write used
@@ -890,8 +998,9 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A scratch bucket directory on tmpfs when there is one: its pages are
-/// not in this process's RSS, unlike a memory store's objects.
+/// A scratch directory, removed when dropped; `new`: on tmpfs when there
+/// is one (a bucket's pages are then not in this process's RSS, unlike a
+/// memory store's objects).
 struct ScratchDir(std::path::PathBuf);
 
 impl ScratchDir {
@@ -1018,6 +1127,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
     if run("p8") {
         rows.extend(p8(if a.quick { 20 } else { 200 }).await?);
+        rows.extend(
+            p8_journal(if a.quick { 20 } else { 200 }, if a.quick { 1 } else { 10 }).await?,
+        );
     }
     if run("p9") {
         let size = if a.quick { 16 << 20 } else { 256 << 20 };

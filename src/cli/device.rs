@@ -175,6 +175,11 @@ fn default_name(bucket: &str) -> String {
 
 /// `add`: in the foreground, or start ourselves in the background.
 pub async fn add(mut a: AddArgs, raw_args: Vec<String>) -> Result<()> {
+    // Bad arguments are refused before anything else (nothing written).
+    let (dir, durability) = a.journal()?;
+    if durability.is_host() {
+        crate::volume::journal::refuse_memory_filesystem(&dir)?;
+    }
     frontend::check_driver()?;
     // A device of this name whose server died is waiting for recovery:
     // reattach to it instead of making a second device (this is what a
@@ -380,6 +385,8 @@ fn spawn_status_server(
                 "mapped_chunks": stats.mapped_chunks,
                 "flushes": stats.flushes,
                 "local_flushes": stats.local_flushes,
+                "upload_lag_bytes": stats.upload_lag.map(|l| l.bytes),
+                "upload_lag_ms": stats.upload_lag.map(|l| l.age.as_millis() as u64),
                 "last_flush_unix": stats.last_flush_unix,
                 "cache_bytes": stats.cache.bytes,
                 "cache_hits": stats.cache.hits,

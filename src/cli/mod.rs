@@ -63,7 +63,7 @@ enum Command {
     Upgrade(upgrade::UpgradeArgs),
     /// Serve a volume as /dev/ublkbN (in the background unless --foreground).
     /// `--config FILE` reads flags from a TOML file (keys = flag names).
-    Add(device::AddArgs),
+    Add(Box<device::AddArgs>),
     /// Flush and remove a device.
     Del(device::DelArgs),
     /// List devices served by zerofs-ublk.
@@ -112,7 +112,7 @@ fn fail(e: anyhow::Error) -> ExitCode {
 
 async fn run(command: Command, args: Vec<String>) -> Result<()> {
     match command {
-        Command::Add(a) => device::add(a, args).await,
+        Command::Add(a) => device::add(*a, args).await,
         Command::Del(a) => device::del(a).await,
         Command::List => device::list(),
         Command::Recover(a) => device::recover(a).await,
@@ -131,7 +131,7 @@ async fn run(command: Command, args: Vec<String>) -> Result<()> {
 /// Parse a recorded `add` command line again (for `recover`).
 fn reparse_add(args: &[String]) -> Result<device::AddArgs> {
     match Cli::try_parse_from(args)?.command {
-        Command::Add(a) => Ok(a),
+        Command::Add(a) => Ok(*a),
         _ => anyhow::bail!("recorded command is not `add`"),
     }
 }

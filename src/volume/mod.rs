@@ -153,6 +153,9 @@ pub struct VolumeStats {
     /// FLUSHes acknowledged once a Host journal was synced, the bucket
     /// following behind (docs/rfcs/0006).
     pub local_flushes: u64,
+    /// How far the bucket is behind the journal (bytes not yet uploaded,
+    /// age of the oldest), when there is one.
+    pub upload_lag: Option<journal::UploadLag>,
 }
 
 pub(crate) struct Inner {
@@ -414,6 +417,7 @@ impl Volume {
             flushes: self.inner.flushes.load(Ordering::Relaxed),
             partial_writes: self.inner.partial_writes.load(Ordering::Relaxed),
             local_flushes: self.inner.local_flushes.load(Ordering::Relaxed),
+            upload_lag: st.journal.as_ref().map(|j| j.lag()),
         }
     }
 
@@ -748,8 +752,10 @@ impl Volume {
         // replay reads (docs/rfcs/0006, point 4; the dead server's last
         // records may be in the page cache only).
         if host && !replay.is_empty() {
-            let paths: Vec<std::path::PathBuf> =
-                replay.iter().flat_map(|r| r.paths.iter().cloned()).collect();
+            let paths: Vec<std::path::PathBuf> = replay
+                .iter()
+                .flat_map(|r| r.paths.iter().cloned())
+                .collect();
             let dir = dir.to_path_buf();
             tokio::task::spawn_blocking(move || -> Result<()> {
                 for path in &paths {

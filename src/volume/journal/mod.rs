@@ -48,7 +48,7 @@ mod writer;
 pub use reader::{Records, Tail, parse_segment, read_segment, read_tag};
 pub use recovery::{
     Found, dir_identity, find, host_dir_identity, is_consumed, is_host_identity, mark_consumed,
-    mark_taking, remove_unfinished, taken_over,
+    mark_taking, refuse_memory_filesystem, remove_unfinished, taken_over,
 };
 pub use writer::{Journal, Release, SyncPlan, budget, free_bytes};
 

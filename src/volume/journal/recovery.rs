@@ -69,18 +69,7 @@ use crate::store::fencing::DURABLE_JOURNAL as HOST_PREFIX;
 /// path. Creates the directory and the id (durably) if needed; refuses a
 /// directory on tmpfs or ramfs, which would not outlive the host.
 pub fn host_dir_identity(dir: &Path) -> Result<String> {
-    // Checked before anything is created: the directory, or the nearest
-    // ancestor that exists.
-    let existing = dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| Path::new("."));
-    if let Some(kind) = memory_filesystem(existing)? {
-        return Err(Error::InvalidArgument(format!(
-            "the journal directory {} is on {kind}, which does not survive the host; give a directory on a local disk (or leave --journal-dir out)",
-            dir.display()
-        )));
-    }
+    refuse_memory_filesystem(dir)?;
     prepare_dir(dir)?;
     let real = std::fs::canonicalize(dir).map_err(|e| io(dir, e))?;
     let path = real.join(ID_FILE);
@@ -117,6 +106,23 @@ pub fn host_dir_identity(dir: &Path) -> Result<String> {
         )));
     }
     Ok(format!("{HOST_PREFIX}{id} at {}", real.display()))
+}
+
+/// A Host journal directory must outlive the host: refuse one on tmpfs
+/// or ramfs. Checked before anything is created: the directory, or the
+/// nearest ancestor that exists.
+pub fn refuse_memory_filesystem(dir: &Path) -> Result<()> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("."));
+    match memory_filesystem(existing)? {
+        Some(kind) => Err(Error::InvalidArgument(format!(
+            "the journal directory {} is on {kind}, which does not survive the host; give a directory on a local disk (or leave --journal-dir out)",
+            dir.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Whether a claim's journal identity names a Host directory.

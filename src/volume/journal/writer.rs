@@ -330,8 +330,18 @@ impl Journal {
 
     /// Whether the records not yet in the bucket are within `lag`.
     pub fn within(&self, lag: &UploadLag) -> bool {
+        let now = self.lag();
+        now.bytes <= lag.bytes && now.age <= lag.age
+    }
+
+    /// How far the bucket is behind this journal now: bytes not yet
+    /// released, and the age of the oldest record among them.
+    pub fn lag(&self) -> UploadLag {
         let oldest = self.segments.values().filter_map(|s| s.first_record).min();
-        self.live_bytes() <= lag.bytes && oldest.is_none_or(|t| t.elapsed() <= lag.age)
+        UploadLag {
+            bytes: self.live_bytes(),
+            age: oldest.map_or(std::time::Duration::ZERO, |t| t.elapsed()),
+        }
     }
 
     /// What a sync must do for the records appended so far in the
