@@ -4,7 +4,8 @@
 # into a venv, Rust crates), then runs
 # lint, unit, conformance (memory, local dir, real S3 server), model
 # checker, tamper, key, fencing and CLI tests, a fuzzing smoke (when a
-# nightly toolchain is there), then the ublk VM suite.
+# nightly toolchain is there), then the ublk VM suite and the power-cut
+# test (two VMs on one disk image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,5 +45,7 @@ cargo run --release --locked --quiet -- bench --quick
 if [ -x scripts/vm-test.sh ]; then
   echo "== ublk frontend in a QEMU guest"
   scripts/vm-test.sh
+  echo "== power cut: QEMU killed under write+fsync, a new VM checks every fsynced block"
+  scripts/vm-power-cut.sh
 fi
 echo "== all tests passed"

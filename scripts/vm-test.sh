@@ -8,12 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/vm/lib.sh
 
-S3S_VERSION=0.14.1
-S3S="$VM_CACHE/s3s-$S3S_VERSION/bin/s3s-fs"
-if [ ! -x "$S3S" ]; then
-  echo "== building s3s-fs $S3S_VERSION (S3-compatible server for the guest)"
-  cargo install --locked --quiet "s3s-fs@$S3S_VERSION" --features binary --root "$VM_CACHE/s3s-$S3S_VERSION"
-fi
+vm_s3s
 echo "== building zerofs-ublk (release) and the fault proxy"
 cargo build --release --locked --quiet
 cargo build --release --locked --quiet --example fault_proxy

@@ -34,6 +34,16 @@ vm_kernel() {
   KMODDIR=$(ls -d "$VM_CACHE/$pkg"/lib/modules/*)
 }
 
+# The S3-compatible server the guest tests run against (built once).
+S3S_VERSION=0.14.1
+S3S="$VM_CACHE/s3s-$S3S_VERSION/bin/s3s-fs"
+vm_s3s() {
+  if [ ! -x "$S3S" ]; then
+    echo "== building s3s-fs $S3S_VERSION (S3-compatible server for the guest)"
+    cargo install --locked --quiet "s3s-fs@$S3S_VERSION" --features binary --root "$VM_CACHE/s3s-$S3S_VERSION"
+  fi
+}
+
 # Copy a dynamic executable and the shared libraries it needs into $1.
 add_bin() {
   local root=$1 bin=$2 dest=${3:-/usr/local/bin}
@@ -55,6 +65,8 @@ vm_base_initramfs() {
   mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,mnt,etc,lib/modules,usr/local/bin}
   cp /bin/busybox "$root/bin/busybox"
   xz -dc "$KMODDIR/kernel/drivers/block/ublk_drv.ko.xz" > "$root/lib/modules/ublk_drv.ko"
+  # A virtio disk for the tests that need storage outliving the VM.
+  xz -dc "$KMODDIR/kernel/drivers/block/virtio_blk.ko.xz" > "$root/lib/modules/virtio_blk.ko"
   for b in /sbin/mke2fs /sbin/e2fsck /usr/bin/fio /sbin/blkdiscard /usr/bin/blkdiscard "${extra[@]}"; do
     [ -e "$b" ] && add_bin "$root" "$b"
   done
@@ -94,17 +106,40 @@ vm_run() {
   rm -f "$run.cpio"
   mkdir -p "$VM_CACHE/logs"
   local log; log="$VM_CACHE/logs/$(date +%Y%m%d-%H%M%S)-$(basename "$run").log"
+  # VM_DISKS: raw images attached as /dev/vda, /dev/vdb, … (virtio),
+  # outliving the VM.
+  local disk=() d
+  for d in ${VM_DISKS:-}; do disk+=(-drive "file=$d,if=virtio,format=raw"); done
   set +e
   timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -m "${VM_MEM:-2G}" -smp 2 \
-    -nographic -no-reboot -nic none \
+    -nographic -no-reboot -nic none "${disk[@]}" \
     -kernel "$KERNEL" -initrd "$run/initrd" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3" < /dev/null 2>&1 | tee "$log"
-  local qrc=${PIPESTATUS[0]}
+    -append "console=ttyS0 panic=-1 quiet loglevel=3" < /dev/null > "$log" 2>&1 &
+  local qpid=$!
+  # VM_KILL_AT="PATTERN COUNT": a power cut — QEMU is killed (no shutdown,
+  # no sync in the guest) once the console printed COUNT lines starting
+  # with PATTERN.
+  local killed=0
+  while kill -0 "$qpid" 2>/dev/null; do
+    sleep 1
+    if [ -n "${VM_KILL_AT:-}" ] &&
+       [ "$(grep -c "^${VM_KILL_AT% *}" "$log")" -ge "${VM_KILL_AT##* }" ]; then
+      pkill -KILL -P "$qpid" qemu-system-x86 2>/dev/null; kill -KILL "$qpid" 2>/dev/null
+      killed=1
+    fi
+  done
+  wait "$qpid"
+  local qrc=$?
   set -e
+  cat "$log"
   rm -rf "$run"
   ls -1t "$VM_CACHE/logs"/*.log 2>/dev/null | tail -n +21 | xargs -r rm -f
   VM_LOG="$log"
+  if [ "$killed" = 1 ]; then
+    echo "== power cut: QEMU killed after ${VM_KILL_AT##* } \"${VM_KILL_AT% *}\" lines"
+    return 0
+  fi
   if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
     echo "VM timed out after $VM_TIMEOUT s" >&2; return 1
   fi

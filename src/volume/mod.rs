@@ -795,14 +795,25 @@ impl Volume {
                 }
             }
             if let Some((keep, at, why)) = cut {
+                if keep == r.paths.len() && at + 1 == keep {
+                    // The newest segment's end: what every power cut with
+                    // writes after the last sync leaves.
+                    tracing::warn!(
+                        "the journal of epoch {} ends at {why} (writes after the last sync, lost \
+                         with the power: no FLUSH acknowledged them)",
+                        r.epoch
+                    );
+                    continue;
+                }
                 let skipped: u64 = r.paths[keep..]
                     .iter()
                     .filter_map(|p| std::fs::metadata(p).ok())
                     .map(|m| m.len())
                     .sum();
-                // A tear past the last sync (a power cut) and a corrupted
-                // or tampered record look alike here: say so loudly, and
-                // keep the files (`.skipped`) rather than delete them.
+                // A tear before the newest segment needs a power cut
+                // between a rotation and the next sync; a corrupted or
+                // tampered record looks the same: say so loudly, and keep
+                // the files (`.skipped`) rather than delete them.
                 tracing::error!(
                     "the journal of epoch {} ends at {why} in segment {} of {}: after a power \
                      cut, nothing a FLUSH acknowledged is after it; otherwise the journal's disk \
