@@ -25,9 +25,9 @@ insmod /lib/modules/virtio_blk.ko || fail "insmod virtio_blk"
 i=0; while [ ! -b /dev/vdb ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
 $T/mkfs.ext4 -q -F /dev/vda && $T/mkfs.ext4 -q -F /dev/vdb || fail "mkfs.ext4"
 mkdir -p /disk /ssd
-mount -t ext4 /dev/vda /disk || fail "mount /dev/vda"
-# No periodic commit on the journal's disk: only the server's syncs put
-# its records there.
+# No periodic commit on either disk: only the servers' syncs put their
+# objects and records there.
+mount -t ext4 -o commit=600 /dev/vda /disk || fail "mount /dev/vda"
 mount -t ext4 -o commit=600 /dev/vdb /ssd || fail "mount /dev/vdb"
 head -c 32 /dev/urandom > /disk/key
 mkdir -p /disk/s3/vols

@@ -125,7 +125,11 @@ vm_run() {
     sleep 1
     if [ -n "${VM_KILL_AT:-}" ] &&
        [ "$(grep -c "^${VM_KILL_AT% *}" "$log")" -ge "${VM_KILL_AT##* }" ]; then
-      pkill -KILL -P "$qpid" qemu-system-x86 2>/dev/null; kill -KILL "$qpid" 2>/dev/null
+      local q; q=$(pgrep -P "$qpid" qemu-system-x86 || true)
+      [ -n "$q" ] && kill -KILL $q 2>/dev/null
+      kill -KILL "$qpid" 2>/dev/null
+      # Gone for good before anyone opens its disk images again.
+      while [ -n "$q" ] && kill -0 $q 2>/dev/null; do sleep 0.1; done
       killed=1
     fi
   done

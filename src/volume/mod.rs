@@ -224,8 +224,11 @@ struct Replay {
     key: crate::store::keys::SubKey,
     plaintext_allowed: bool,
     paths: Vec<std::path::PathBuf>,
-    /// Segments after a Host journal's torn end: deleted, not replayed.
+    /// The segment with a Host journal's torn end and those after it:
+    /// kept as `.skipped`, not replayed after the tear.
     skipped: Vec<std::path::PathBuf>,
+    /// The claim tag its files' names carry (None: format 2).
+    named: Option<journal::ClaimTag>,
 }
 
 impl Replay {
@@ -719,6 +722,7 @@ impl Volume {
             match self.journal_fate(e, tag, epoch, dir, &here).await? {
                 JournalFate::Replay(mut r) => {
                     r.paths = paths;
+                    r.named = named;
                     replay.push(*r);
                 }
                 JournalFate::Stale(why, tag) => {
@@ -745,6 +749,19 @@ impl Volume {
         // after what is read below (docs/rfcs/0006, 10).
         for r in &replay {
             journal::mark_taking(dir, &id, r.epoch, &r.tag)?;
+        }
+        // And list again: a segment that writer created between the
+        // listing above and the mark may hold a FLUSH it acknowledged.
+        if !replay.is_empty() {
+            let now = journal::find(dir, &id);
+            for r in &mut replay {
+                r.paths = now
+                    .iter()
+                    .filter(|f| f.epoch == r.epoch && f.tag == r.named)
+                    .map(|f| f.path.clone())
+                    .collect();
+            }
+            replay.retain(|r| !r.paths.is_empty());
         }
         // What is read below is replayed and then uploaded: in a Host
         // directory it must be on the disk first, or a power cut during
@@ -795,34 +812,43 @@ impl Volume {
                 }
             }
             if let Some((keep, at, why)) = cut {
-                if keep == r.paths.len() && at + 1 == keep {
-                    // The newest segment's end: what every power cut with
-                    // writes after the last sync leaves.
-                    tracing::warn!(
-                        "the journal of epoch {} ends at {why} (writes after the last sync, lost \
-                         with the power: no FLUSH acknowledged them)",
-                        r.epoch
-                    );
-                    continue;
-                }
+                // A power cut tears what followed the last sync, so no
+                // later segment holds a record that authenticates; if one
+                // does, the journal's disk corrupted this one (or the
+                // power went between a rotation and the next sync).
+                let authentic_after = {
+                    let owner = r.owner(&id);
+                    r.paths[keep..].iter().any(|p| {
+                        journal::read_segment(p, &owner, journal::Tail::MayBeTorn)
+                            .ok()
+                            .and_then(|mut records| records.next())
+                            .is_some_and(|first| first.is_ok())
+                    })
+                };
                 let skipped: u64 = r.paths[keep..]
                     .iter()
                     .filter_map(|p| std::fs::metadata(p).ok())
                     .map(|m| m.len())
                     .sum();
-                // A tear before the newest segment needs a power cut
-                // between a rotation and the next sync; a corrupted or
-                // tampered record looks the same: say so loudly, and keep
-                // the files (`.skipped`) rather than delete them.
-                tracing::error!(
-                    "the journal of epoch {} ends at {why} in segment {} of {}: after a power \
-                     cut, nothing a FLUSH acknowledged is after it; otherwise the journal's disk \
-                     corrupted it. {skipped} bytes of later segments skipped; that segment and \
-                     those after it are kept as *.skipped",
-                    r.epoch,
-                    at,
-                    r.paths.len()
-                );
+                // Either way the files are kept (`.skipped`), not deleted.
+                if authentic_after {
+                    tracing::error!(
+                        "the journal of epoch {} ends at {why} in segment {at} of {}, and \
+                         records that authenticate follow it ({skipped} bytes in later \
+                         segments, skipped): the journal's disk corrupted it, or the power went \
+                         between a rotation and the next sync; kept as *.journal.skipped",
+                        r.epoch,
+                        r.paths.len()
+                    );
+                } else {
+                    tracing::warn!(
+                        "the journal of epoch {} ends at {why} in segment {at} of {}: writes \
+                         after the last sync, lost with the power (no FLUSH acknowledged them); \
+                         kept as *.journal.skipped",
+                        r.epoch,
+                        r.paths.len()
+                    );
+                }
                 r.skipped = r.paths[at..].to_vec();
                 r.paths.truncate(keep);
             }
@@ -1003,6 +1029,7 @@ impl Volume {
             plaintext_allowed: !owner.keys_bound,
             paths: Vec::new(),
             skipped: Vec::new(),
+            named: None,
         })))
     }
 

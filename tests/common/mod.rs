@@ -459,7 +459,7 @@ pub fn host_journaled_writer(force: bool, dir: &std::path::Path) -> OpenOptions 
 /// appended since its last sync cut back to its synced length, with
 /// garbage after it (a page written back without the one before it; a
 /// synced file's length is durable, fdatasync saw to it), a segment whose
-/// directory entry was never synced gone.
+/// directory entry was never synced gone, empty, or cut back with garbage.
 pub fn power_cut(vol: zerofs_ublk::volume::Volume, seed: u64) {
     let state = vol.journal_durable_state();
     drop(vol);
@@ -469,9 +469,22 @@ pub fn power_cut(vol: zerofs_ublk::volume::Volume, seed: u64) {
 /// `power_cut`'s work on the files, given `Volume::journal_durable_state`
 /// taken once the writer stopped.
 pub fn cut_power(state: Vec<(std::path::PathBuf, u64, bool)>, seed: u64) {
-    for (path, synced, entry) in state {
+    for (n, (path, synced, entry)) in state.into_iter().enumerate() {
         if !entry {
-            let _ = std::fs::remove_file(&path);
+            // Its name may or may not have reached the disk; if it did,
+            // what of its header and records did is anyone's guess.
+            match seed.wrapping_add(n as u64) % 3 {
+                0 => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                1 => std::fs::write(&path, b"").unwrap(),
+                _ => {
+                    let mut bytes = std::fs::read(&path).unwrap();
+                    bytes.truncate(synced as usize);
+                    bytes.extend_from_slice(&pattern(seed, 700));
+                    std::fs::write(&path, bytes).unwrap();
+                }
+            }
             continue;
         }
         let mut bytes = std::fs::read(&path).unwrap();
