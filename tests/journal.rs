@@ -38,6 +38,15 @@ async fn first_server(store: &DynStore, dir: &Path) -> Volume {
     a
 }
 
+/// A journal directory, and a new 16-chunk volume in a memory bucket.
+async fn new_volume() -> (tempfile::TempDir, DynStore) {
+    let store = memory();
+    Volume::create(&store, &params(16), &secret(), false)
+        .await
+        .unwrap();
+    (tempfile::tempdir().unwrap(), store)
+}
+
 /// Journal segment files in `dir`.
 fn journal_files(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -205,11 +214,7 @@ async fn next_writer_replays_and_flushes_the_journal() {
 #[tokio::test]
 async fn rewriting_one_chunk_keeps_the_journal_bounded() {
     use zerofs_ublk::volume::VolumeConfig;
-    let dir = tempfile::tempdir().unwrap();
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
+    let (dir, store) = new_volume().await;
     let limit = 8 * CHUNK as usize;
     let cfg = VolumeConfig {
         dirty_limit: limit,
@@ -253,11 +258,7 @@ async fn rewriting_one_chunk_keeps_the_journal_bounded() {
 #[tokio::test]
 async fn a_fenced_servers_late_journal_never_rolls_back_newer_writes() {
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
+    let (dir, store) = new_volume().await;
     // a's uploads are slow, so writes land while its flush is under way.
     let slow = behind_latency(store.clone(), Duration::from_millis(20));
     let a = open_journaled(&slow, dir.path()).await;
@@ -554,11 +555,7 @@ async fn bucket_image(store: &DynStore) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_flush_from_a_host_journal_waits_for_its_disk_and_survives_a_power_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
+    let (dir, store) = new_volume().await;
     let a = host_server(&store, dir.path(), HOST, test_config()).await;
     a.write(0, &pattern(1, 3 * 4096)).await.unwrap();
     a.write(4096 + 512, &pattern(2, 1024)).await.unwrap();
@@ -595,11 +592,7 @@ async fn past_the_upload_lag_a_flush_waits_for_the_bucket() {
             age: std::time::Duration::from_millis(20),
         },
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let store = memory();
-        Volume::create(&store, &params(16), &secret(), false)
-            .await
-            .unwrap();
+        let (dir, store) = new_volume().await;
         let a = host_server(&store, dir.path(), Durability::Host(lag), test_config()).await;
         a.write(0, &pattern(1, 2 * 4096)).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(40)).await;
@@ -624,11 +617,7 @@ async fn past_the_upload_lag_a_flush_waits_for_the_bucket() {
 async fn a_host_replay_ends_at_the_first_torn_record_in_any_segment() {
     use std::sync::Arc;
     use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
-    let dir = tempfile::tempdir().unwrap();
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
+    let (dir, store) = new_volume().await;
     let faulty = FaultyStore::new(store.clone());
     let faulty_dyn: DynStore = Arc::new(faulty.clone());
     let lag = Durability::Host(UploadLag {
@@ -681,11 +670,7 @@ async fn a_host_replay_ends_at_the_first_torn_record_in_any_segment() {
 async fn a_bucket_flush_never_gets_ahead_of_the_durable_journal() {
     use std::sync::Arc;
     use zerofs_ublk::store::backend::{FaultPlan, FaultyStore};
-    let dir = tempfile::tempdir().unwrap();
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
+    let (dir, store) = new_volume().await;
     let faulty = FaultyStore::new(store.clone());
     let faulty_dyn: DynStore = Arc::new(faulty.clone());
     let cfg = VolumeConfig {
@@ -725,11 +710,7 @@ async fn a_bucket_flush_never_gets_ahead_of_the_durable_journal() {
 /// mark (its writes after it would never be replayed).
 #[tokio::test]
 async fn a_writer_taken_over_on_its_host_acknowledges_no_more_flushes() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
+    let (dir, store) = new_volume().await;
     let a = host_server(&store, dir.path(), HOST, test_config()).await;
     a.write(0, &pattern(1, 4096)).await.unwrap();
     a.flush().await.unwrap();
@@ -748,12 +729,8 @@ async fn a_writer_taken_over_on_its_host_acknowledges_no_more_flushes() {
 /// there.
 #[tokio::test]
 async fn a_writer_that_would_not_replay_a_durable_journal_needs_force() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, store) = new_volume().await;
     let other = tempfile::tempdir().unwrap();
-    let store = memory();
-    Volume::create(&store, &params(16), &secret(), false)
-        .await
-        .unwrap();
     let a = host_server(&store, dir.path(), HOST, test_config()).await;
     a.write(0, &pattern(1, 4096)).await.unwrap();
     a.flush().await.unwrap();

@@ -152,15 +152,7 @@ fn memory_filesystem(dir: &Path) -> Result<Option<&'static str>> {
 /// appears afterwards was written by its server after the takeover (a
 /// fenced writer still running) and must never be replayed.
 pub fn mark_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag) -> Result<()> {
-    let path = dir.join(consumed_name(&hex::encode(volume_id), epoch, Some(tag)));
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map(drop)
-        .map_err(|e| io(&path, e))
+    mark(&dir.join(consumed_name(&hex::encode(volume_id), epoch, Some(tag))))
 }
 
 /// Whether a later writer took over the journal of the claim `tag` of
@@ -186,7 +178,11 @@ pub fn is_consumed(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag)
 /// the taker reads. Unlike the consumed mark it does not make the journal
 /// stale: a taker that fails leaves it for the next.
 pub fn mark_taking(dir: &Path, volume_id: &[u8; 16], epoch: u64, tag: &ClaimTag) -> Result<()> {
-    let path = dir.join(taking_name(&hex::encode(volume_id), epoch, tag));
+    mark(&dir.join(taking_name(&hex::encode(volume_id), epoch, tag)))
+}
+
+/// An empty file at `path` (0600), if there is none.
+fn mark(path: &Path) -> Result<()> {
     OpenOptions::new()
         .create(true)
         .truncate(false)
