@@ -26,7 +26,8 @@ echo "== first boot: write+fsync load, QEMU killed after $FSYNCS fsyncs"
 start=$(date +%s)
 # Each boot is short; a hang must not cost CI the default 25 minutes.
 export ZEROFS_UBLK_VM_TIMEOUT=${ZEROFS_UBLK_VM_TIMEOUT:-300} VM_TIMEOUT=${ZEROFS_UBLK_VM_TIMEOUT:-300}
-VM_KILL_AT="FSYNCED $FSYNCS" vm_run scripts/vm/guest-power-cut-1.sh \
+cat scripts/vm/guest-power-cut-common.sh scripts/vm/guest-power-cut-1.sh > "$work/boot1.sh"
+VM_KILL_AT="FSYNCED $FSYNCS" vm_run "$work/boot1.sh" \
   target/release/zerofs-ublk "$S3S" > "$work/boot1.log" || true
 grep -q "^== power cut" "$work/boot1.log" ||
   { tail -n 40 "$work/boot1.log"; echo "== power-cut test FAILED: the first boot ended without a power cut"; exit 1; }
@@ -36,7 +37,8 @@ tr -d '\r' < "$work/boot1.log" | grep -E '^FSYNCED [01] [0-9]+ [0-9a-f]{32}$' > 
 grep -q "^BUCKET-FROZEN" "$work/boot1.log" && grep -qE '^FSYNCED 1 [1-9][0-9]+ ' "$work/ledger" ||
   { echo "== power-cut test FAILED: no fsync of the journal volume after its bucket froze"; exit 1; }
 echo "== $(wc -l < "$work/ledger") fsyncs returned before the power cut ($(( $(date +%s) - start )) s)"
-{ printf 'LEDGER=%s\n' "'$(cat "$work/ledger")'"; cat scripts/vm/guest-power-cut-2.sh; } > "$work/boot2.sh"
+{ printf 'LEDGER=%s\n' "'$(cat "$work/ledger")'"
+  cat scripts/vm/guest-power-cut-common.sh scripts/vm/guest-power-cut-2.sh; } > "$work/boot2.sh"
 echo "== second boot: add again, check every fsynced block"
 if vm_run "$work/boot2.sh" target/release/zerofs-ublk "$S3S"; then
   echo "== power-cut test passed in $(( $(date +%s) - start )) s"

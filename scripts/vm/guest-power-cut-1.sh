@@ -10,19 +10,8 @@
 # keep it): the journal volume's uploads hang, its FLUSHes are
 # acknowledged from the journal alone. The host kills QEMU (no shutdown,
 # no sync) after enough lines; the second boot checks every one of them.
-set -eu
-T=/usr/local/bin
-Z=$T/zerofs-ublk
-export ZEROFS_UBLK_RUN_DIR=/run/zerofs-ublk
-export ZEROFS_UBLK_LOG=info
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testsecret AWS_REGION=us-east-1
-fail() {
-  echo "FAIL: $*"
-  for f in "$ZEROFS_UBLK_RUN_DIR"/*.log /tmp/s3s.log; do [ -f "$f" ] && { echo "== $f"; tail -n 30 "$f"; }; done
-  exit 1
-}
-insmod /lib/modules/virtio_blk.ko || fail "insmod virtio_blk"
-i=0; while [ ! -b /dev/vdb ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
+# (scripts/vm/guest-power-cut-common.sh comes first: environment, fail,
+# the virtio disks.)
 $T/mkfs.ext4 -q -F /dev/vda && $T/mkfs.ext4 -q -F /dev/vdb || fail "mkfs.ext4"
 mkdir -p /disk /ssd
 # No periodic commit on either disk: only the servers' syncs put their

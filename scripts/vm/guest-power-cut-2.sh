@@ -3,19 +3,8 @@
 # the journal volume without --force (its claim names this disk's journal
 # directory and an earlier boot), the default one with --force (another
 # boot's claim) — then every block whose fsync returned must read back.
-set -eu
-T=/usr/local/bin
-Z=$T/zerofs-ublk
-export ZEROFS_UBLK_RUN_DIR=/run/zerofs-ublk
-export ZEROFS_UBLK_LOG=info
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testsecret AWS_REGION=us-east-1
-fail() {
-  echo "FAIL: $*"
-  for f in "$ZEROFS_UBLK_RUN_DIR"/*.log /tmp/s3s.log; do [ -f "$f" ] && { echo "== $f"; tail -n 30 "$f"; }; done
-  exit 1
-}
-insmod /lib/modules/virtio_blk.ko || fail "insmod virtio_blk"
-i=0; while [ ! -b /dev/vdb ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
+# (scripts/vm/guest-power-cut-common.sh comes first: environment, fail,
+# the virtio disks.)
 mkdir -p /disk /ssd
 mount -t ext4 /dev/vda /disk || fail "mount /dev/vda after the power cut"
 mount -t ext4 /dev/vdb /ssd || fail "mount /dev/vdb after the power cut"

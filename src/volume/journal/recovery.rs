@@ -188,9 +188,9 @@ fn mark(path: &Path) -> Result<()> {
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .map(drop)
-        .map_err(|e| io(&path, e))
+        .map_err(|e| io(path, e))
 }
 
 /// Whether a later writer is taking over, or took over, the journal of the
