@@ -52,6 +52,8 @@ cpio (packs the guest's initramfs)|cpio|command -v cpio
 xz (unpacks the kernel's modules)|xz-utils|command -v xz
 mke2fs/e2fsck (ext4 in the guest)|e2fsprogs|test -x /sbin/mke2fs -a -x /sbin/e2fsck
 blkdiscard (discard tests in the guest)|util-linux|command -v blkdiscard
+qemu-img (the power-cut test's disk images)|qemu-utils|command -v qemu-img
+pgrep (the power-cut test stops QEMU)|procps|command -v pgrep
 apt-get download (fetches Debian's guest kernel)|apt|command -v apt-get
 EOF
 }
