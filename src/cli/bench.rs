@@ -381,17 +381,8 @@ async fn p8(flushes: usize) -> Result<Vec<String>> {
     bare.sort();
     let size = 256u64 << 20;
     let vol = new_volume(&slow, size, VolumeConfig::default()).await?;
-    let mut lat = Vec::with_capacity(flushes);
-    let mut x = 99u64;
-    for _ in 0..flushes {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        vol.write((x >> 33) % (size / 4096) * 4096, &block).await?;
-        let t = Instant::now();
-        vol.flush().await?;
-        lat.push(t.elapsed());
-    }
+    let lat = write_then_flush(&vol, &block, flushes, &mut 99).await?;
     vol.close().await?;
-    lat.sort();
     let rtt = percentile(&bare, 0.5).as_secs_f64();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(vec![format!(
@@ -402,6 +393,32 @@ async fn p8(flushes: usize) -> Result<Vec<String>> {
         percentile(&lat, 0.5).as_secs_f64() / rtt,
         percentile(&lat, 0.99).as_secs_f64() / rtt,
     )])
+}
+
+/// A random `block`-aligned offset below `size` (an LCG in `x`).
+fn random_offset(x: &mut u64, size: u64, block: u64) -> u64 {
+    *x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (*x >> 33) % (size / block) * block
+}
+
+/// `n` times: `block` written at a random offset, then a timed FLUSH;
+/// the FLUSH latencies, sorted.
+async fn write_then_flush(
+    vol: &Volume,
+    block: &[u8],
+    n: usize,
+    x: &mut u64,
+) -> Result<Vec<Duration>> {
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        vol.write(random_offset(x, vol.size(), block.len() as u64), block)
+            .await?;
+        let t = Instant::now();
+        vol.flush().await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    Ok(lat)
 }
 
 /// P8 with `--journal-dir` (docs/rfcs/0006): the fsync of a 4 KiB write
@@ -429,9 +446,8 @@ async fn p8_journal(flushes: usize, secs: u64) -> Result<Vec<String>> {
     let mut bare = Vec::with_capacity(flushes);
     let mut x = 7u64;
     for _ in 0..flushes {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         let t = Instant::now();
-        file.write_all_at(&block, (x >> 33) % 4096 * 4096)?;
+        file.write_all_at(&block, random_offset(&mut x, 16 << 20, 4096))?;
         file.sync_data()?;
         bare.push(t.elapsed());
     }
@@ -451,15 +467,7 @@ async fn p8_journal(flushes: usize, secs: u64) -> Result<Vec<String>> {
     let vol = Volume::open(store, &secret(), opts, VolumeConfig::default()).await?;
     let lag = UploadLag::default();
     vol.attach_journal_as(&jdir, Durability::Host(lag)).await?;
-    let mut lat = Vec::with_capacity(flushes);
-    for _ in 0..flushes {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        vol.write((x >> 33) % (size / 4096) * 4096, &block).await?;
-        let t = Instant::now();
-        vol.flush().await?;
-        lat.push(t.elapsed());
-    }
-    lat.sort();
+    let lat = write_then_flush(&vol, &block, flushes, &mut x).await?;
     let local = vol.stats().local_flushes;
     // Sustained: 8 KiB pages, an fsync every 16.
     let page = data(8192, true);
@@ -469,8 +477,7 @@ async fn p8_journal(flushes: usize, secs: u64) -> Result<Vec<String>> {
     let before = vol.stats().flushes;
     while start.elapsed() < Duration::from_secs(secs) {
         for _ in 0..16 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-            vol.write((x >> 33) % (size / 8192) * 8192, &page).await?;
+            vol.write(random_offset(&mut x, size, 8192), &page).await?;
             pages += 1;
         }
         let t = Instant::now();

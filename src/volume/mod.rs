@@ -608,17 +608,16 @@ impl Volume {
             self.inner.check_writable()?;
             self.inner.sync_journal(None).await?;
             self.inner.check_writable()?;
-            let within = {
-                let st = self.inner.state.lock();
-                st.journal.as_ref().is_some_and(|j| j.within(&lag))
-            };
             // A same-host takeover (`--force`) marks the journal before
             // it reads it: past that mark nothing is acknowledged here.
-            let taken = {
+            let (within, taken) = {
                 let st = self.inner.state.lock();
-                st.journal.as_ref().map(|j| j.taken_over()).transpose()?
+                match st.journal.as_ref() {
+                    Some(j) => (j.within(&lag), j.taken_over()?),
+                    None => (false, false),
+                }
             };
-            if taken == Some(true) {
+            if taken {
                 let epoch = self.inner.log.epoch().unwrap_or(0);
                 return Err(self.inner.fenced_by(Error::Fenced(epoch)));
             }
