@@ -55,6 +55,7 @@ blkdiscard (discard tests in the guest)|util-linux|command -v blkdiscard
 qemu-img (the power-cut test's disk images)|qemu-utils|command -v qemu-img
 pgrep (the power-cut test stops QEMU)|procps|command -v pgrep
 apt-get download (fetches Debian's guest kernel)|apt|command -v apt-get
+debootstrap (builds the Debian root of the PostgreSQL guest)|debootstrap|command -v debootstrap
 EOF
 }
 

@@ -4,8 +4,10 @@
 # into a venv, Rust crates), then runs
 # lint, unit, conformance (memory, local dir, real S3 server), model
 # checker, tamper, key, fencing and CLI tests, a fuzzing smoke (when a
-# nightly toolchain is there), then the ublk VM suite and the power-cut
-# test (two VMs on one disk image).
+# nightly toolchain is there), then the ublk VM suite, the power-cut
+# test (two VMs on one disk image) and PostgreSQL on zerofs-ublk (a Debian
+# root in the guest; kill -9 under pgbench, a power cut with a commit
+# ledger).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,5 +49,7 @@ if [ -x scripts/vm-test.sh ]; then
   scripts/vm-test.sh
   echo "== power cut: QEMU killed under write+fsync, a new VM checks every fsynced block"
   scripts/vm-power-cut.sh
+  echo "== PostgreSQL on zerofs-ublk (Debian root in the guest): kill -9 + recover under pgbench, then a power cut with a commit ledger"
+  scripts/vm-postgres.sh
 fi
 echo "== all tests passed"

@@ -92,10 +92,22 @@ vm_run() {
   # is kept, under $VM_CACHE/logs (the 20 newest), so repeated runs do not
   # fill the disk (they did: CI failed with ENOSPC writing the initrd).
   local run; run=$(mktemp -d "${TMPDIR:-/tmp}/zerofs-ublk-vm.XXXXXX")
+  local here; here=$(dirname "${BASH_SOURCE[0]}")
   mkdir -p "$run/usr/local/bin" "$run/tests"
-  add_bin "$run" "$binary"
-  for f in "$@"; do add_bin "$run" "$f"; done
-  cp "$(dirname "${BASH_SOURCE[0]}")/guest-init.sh" "$run/init"
+  # VM_ROOT (vm_debian_root): the guest switches to that Debian root,
+  # attached first (/dev/vda) as a throwaway overlay; this run's binaries
+  # are copied into its /usr/local/bin (its own libraries serve them).
+  local bindir=/usr/local/bin disk=() d
+  if [ -n "${VM_ROOT:-}" ]; then
+    bindir=/payload/bin
+    cp "$here/guest-init-root.sh" "$run/init"
+    cp "$here/guest-root-pid1.sh" "$run/tests/root-pid1.sh"
+    disk+=(-drive "file=$VM_ROOT,if=virtio,format=raw,snapshot=on")
+  else
+    cp "$here/guest-init.sh" "$run/init"
+  fi
+  add_bin "$run" "$binary" "$bindir"
+  for f in "$@"; do add_bin "$run" "$f" "$bindir"; done
   cp "$guest_script" "$run/tests/main.sh"
   chmod +x "$run/init"
   if ! { (cd "$run" && find . | cpio -o -H newc --quiet) > "$run.cpio" &&
@@ -106,9 +118,8 @@ vm_run() {
   rm -f "$run.cpio"
   mkdir -p "$VM_CACHE/logs"
   local log; log="$VM_CACHE/logs/$(date +%Y%m%d-%H%M%S)-$(basename "$run").log"
-  # VM_DISKS: raw images attached as /dev/vda, /dev/vdb, … (virtio),
-  # outliving the VM.
-  local disk=() d
+  # VM_DISKS: raw images attached as /dev/vda, /dev/vdb, … (virtio; after
+  # the root with VM_ROOT), outliving the VM.
   for d in ${VM_DISKS:-}; do disk+=(-drive "file=$d,if=virtio,format=raw"); done
   set +e
   timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 \
@@ -148,4 +159,50 @@ vm_run() {
     echo "VM timed out after $VM_TIMEOUT s" >&2; return 1
   fi
   grep -q "^ZEROFS-VM-RESULT: PASS" "$log"
+}
+
+# A Debian bookworm root for the guests that need a real userland
+# (PostgreSQL; later systemd and ZFS): debootstrap's minbase plus the
+# packages below, the guest kernel's modules, packed as an ext4 image
+# (mkfs.ext4 -d, no loop device). Cached by kernel version and this
+# function's text; built once per machine (~3 min, ~90 MB downloaded). The
+# guest boots it with a throwaway overlay (QEMU snapshot=on): every boot
+# starts from the same root. Sets VM_ROOT.
+VM_ROOT_PACKAGES="systemd systemd-sysv udev kmod iproute2 procps psmisc e2fsprogs util-linux postgresql-15 postgresql-client-15"
+vm_debian_root() {
+  local key; key=$( (basename "$KMODDIR"; declare -f vm_debian_root; echo "$VM_ROOT_PACKAGES") | sha256sum | cut -c1-16)
+  VM_ROOT="$VM_CACHE/debian-root-$key.img"
+  [ -f "$VM_ROOT" ] && return 0
+  [ "$(id -u)" = 0 ] ||
+    { echo "error: building the guest's Debian root needs root (debootstrap, chroot); run as root once, then it is cached in $VM_CACHE" >&2; return 1; }
+  local mirror=http://deb.debian.org/debian
+  local root; root=$(mktemp -d "$VM_CACHE/root.XXXXXX")
+  echo "== building the guest's Debian root (debootstrap bookworm; once per machine)"
+  if ! debootstrap --variant=minbase bookworm "$root" "$mirror" > "$root.log" 2>&1; then
+    echo "error: debootstrap failed (log: $root.log)" >&2; rm -rf "$root"; return 1
+  fi
+  # Packages install without starting anything and without a default
+  # cluster: the tests make their own, on zerofs-ublk devices.
+  printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"; chmod +x "$root/usr/sbin/policy-rc.d"
+  mkdir -p "$root/etc/postgresql-common"
+  echo "create_main_cluster = false" > "$root/etc/postgresql-common/createcluster.conf"
+  cp /etc/resolv.conf "$root/etc/resolv.conf"
+  mount -t proc proc "$root/proc"
+  if ! chroot "$root" sh -c "apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold $VM_ROOT_PACKAGES && apt-get clean" >> "$root.log" 2>&1; then
+    umount "$root/proc"
+    echo "error: installing the guest's packages failed (log: $root.log)" >&2; rm -rf "$root"; return 1
+  fi
+  umount "$root/proc"
+  rm -rf "$root"/usr/share/{doc,man,info,locale} "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+  mkdir -p "$root/lib/modules"
+  cp -a "$KMODDIR" "$root/lib/modules/"
+  chroot "$root" depmod "$(basename "$KMODDIR")"
+  echo guest > "$root/etc/hostname"
+  if ! mkfs.ext4 -q -L zfu-root -d "$root" "$VM_ROOT.tmp" 2G; then
+    echo "error: cannot write $VM_ROOT.tmp ($(df -h --output=avail "$VM_CACHE" | tail -1) free)" >&2
+    rm -rf "$root" "$VM_ROOT.tmp"; return 1
+  fi
+  mv "$VM_ROOT.tmp" "$VM_ROOT"
+  rm -rf "$root" "$root.log"
+  find "$VM_CACHE" -maxdepth 1 -name 'debian-root-*.img' ! -name "$(basename "$VM_ROOT")" -delete
 }
