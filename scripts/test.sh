@@ -7,7 +7,7 @@
 # nightly toolchain is there), then the ublk VM suite, the power-cut
 # test (two VMs on one disk image) and PostgreSQL on zerofs-ublk (a Debian
 # root in the guest; kill -9 under pgbench, a power cut with a commit
-# ledger).
+# ledger) and the systemd unit under systemd across a reboot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,5 +51,7 @@ if [ -x scripts/vm-test.sh ]; then
   scripts/vm-power-cut.sh
   echo "== PostgreSQL on zerofs-ublk (Debian root in the guest): kill -9 + recover under pgbench, then a power cut with a commit ledger"
   scripts/vm-postgres.sh
+  echo "== systemd as PID 1: the unit and the udev rule as README installs them, across a reboot"
+  scripts/vm-systemd.sh
 fi
 echo "== all tests passed"

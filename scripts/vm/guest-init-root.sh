@@ -19,4 +19,14 @@ cp -a /tests/. /newroot/tests/
 cp -a /payload/bin/. /newroot/usr/local/bin/
 umount /proc /sys
 mount --move /dev /newroot/dev
+if [ -f /tests/systemd ]; then
+  # systemd as PID 1; the test runs as a unit once the system is up.
+  cp /tests/guest-systemd-test.service /newroot/etc/systemd/system/zerofs-ublk-guest-test.service
+  mkdir -p /newroot/etc/systemd/system/multi-user.target.wants
+  ln -sf ../zerofs-ublk-guest-test.service /newroot/etc/systemd/system/multi-user.target.wants/
+  cp /tests/guest-systemd-run.sh /newroot/tests/systemd-pid1-test.sh
+  # The test writes to the serial console: a getty there would hang it up.
+  ln -sf /dev/null /newroot/etc/systemd/system/serial-getty@ttyS0.service
+  exec switch_root /newroot /lib/systemd/systemd
+fi
 exec switch_root /newroot /bin/bash /tests/root-pid1.sh

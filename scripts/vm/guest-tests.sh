@@ -113,6 +113,12 @@ suite() {
   DEV3=$($Z add $B --name "vol-$label") || fail "add after crash"
   [ "$DEV3" = "$DEV" ] || fail "add after crash made $DEV3, not recovered $DEV"
   mount -t ext4 "$DEV" /mnt && (cd /mnt/tree && sha256sum -c -s /tmp/sums-$label) || fail "files after re-add"
+  # Removing a mounted device would fail the file system's later writes.
+  if OUT=$($Z del --timeout 60 -n "$ID" 2>&1); then fail "del of a mounted device succeeded: $OUT"; fi
+  echo "$OUT" | grep -q "is in use" || fail "del of a mounted device failed for another reason: $OUT"
+  [ -b "$DEV" ] || fail "the device is gone after the refused del"
+  (cd /mnt/tree && sha256sum -c -s /tmp/sums-$label) || fail "the mounted file system after the refused del"
+  echo "del of the mounted device refused: $OUT"
   umount /mnt
 
   # The faults suite skips the steps that add nothing under store faults

@@ -98,11 +98,20 @@ vm_run() {
   # attached first (/dev/vda) as a throwaway overlay; this run's binaries
   # are copied into its /usr/local/bin (its own libraries serve them).
   local bindir=/usr/local/bin disk=() d
+  # VM_ROOT_SNAPSHOT=0: the root image itself is written (a copy the
+  # caller keeps across boots). VM_INIT=systemd: systemd is PID 1 and the
+  # guest script runs as a unit once the system is up.
   if [ -n "${VM_ROOT:-}" ]; then
     bindir=/payload/bin
     cp "$here/guest-init-root.sh" "$run/init"
     cp "$here/guest-root-pid1.sh" "$run/tests/root-pid1.sh"
-    disk+=(-drive "file=$VM_ROOT,if=virtio,format=raw,snapshot=on")
+    if [ "${VM_INIT:-}" = systemd ]; then
+      touch "$run/tests/systemd"
+      cp "$here/guest-systemd-test.service" "$here/guest-systemd-run.sh" "$run/tests/"
+    fi
+    local snap=,snapshot=on
+    [ "${VM_ROOT_SNAPSHOT:-1}" = 0 ] && snap=
+    disk+=(-drive "file=$VM_ROOT,if=virtio,format=raw$snap")
   else
     cp "$here/guest-init.sh" "$run/init"
   fi
@@ -168,7 +177,7 @@ vm_run() {
 # function's text; built once per machine (~3 min, ~90 MB downloaded). The
 # guest boots it with a throwaway overlay (QEMU snapshot=on): every boot
 # starts from the same root. Sets VM_ROOT.
-VM_ROOT_PACKAGES="systemd systemd-sysv udev kmod iproute2 procps psmisc e2fsprogs util-linux postgresql-15 postgresql-client-15"
+VM_ROOT_PACKAGES="systemd systemd-sysv udev dbus kmod iproute2 procps psmisc e2fsprogs util-linux postgresql-15 postgresql-client-15"
 vm_debian_root() {
   local key; key=$( (basename "$KMODDIR"; declare -f vm_debian_root; echo "$VM_ROOT_PACKAGES") | sha256sum | cut -c1-16)
   VM_ROOT="$VM_CACHE/debian-root-$key.img"

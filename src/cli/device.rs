@@ -475,13 +475,14 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let server = tokio::task::spawn_blocking(move || server.join());
     tokio::pin!(server);
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping device {id}"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping device {id}"),
+    let asked = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: stopping device {id}"); true }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping device {id}"); true }
         r = &mut server => {
             tracing::info!("device {id} stopped: {:?}", r.as_ref().map(|_| ()));
+            false
         }
-    }
+    };
     sd_notify("STOPPING=1\nSTATUS=flushing");
     // Flush while the device is still there: if the bucket cannot take the
     // writes now, leave as a crashed server would — the device stays (I/O
@@ -493,7 +494,28 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
         Ok(()) => {}
         // Everything else is durable; nothing can complete those writes.
         Err(e @ crate::Error::WritesDropped(_)) => tracing::error!("{e}"),
-        Err(e) => keep_after_failed_stop(&record, &format!("{e:#}")),
+        Err(e) => keep_device(
+            &record,
+            format!(
+                "the final flush failed ({e:#}); device {id} is kept with its writes in this host's journal: \
+                 make the bucket reachable, then run `zerofs-ublk recover -n {id}`"
+            ),
+        ),
+    }
+    // A mounted device removed under its file system loses what the file
+    // system has not written yet (its writes fail). Everything acknowledged
+    // is in the bucket now: leave as a crashed server would, the device
+    // kept (I/O waits until `recover` or the unit's next start).
+    if asked && in_use(&record.device) {
+        keep_device(
+            &record,
+            format!(
+                "{} is in use (mounted, or held by a file system, ZFS, LVM or md): not removed; \
+                 everything written so far is in the bucket. Unmount it, then `zerofs-ublk del -n {id}`, \
+                 or `zerofs-ublk recover -n {id}` to serve it again",
+                record.device
+            ),
+        )
     }
     let _ = frontend::stop(id);
     if !server.is_finished() {
@@ -528,20 +550,26 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// The stop's flush failed: exit as a crashed server, the device kept.
-fn keep_after_failed_stop(record: &DeviceRecord, error: &str) -> ! {
-    let why = format!(
-        "the final flush failed ({error}); device {} is kept with its writes in this host's journal: \
-         make the bucket reachable, then run `zerofs-ublk recover -n {}`",
-        record.id, record.id
-    );
+/// Whether the block device is held: mounted, or open with O_EXCL (a file
+/// system, ZFS, LVM, md). A plain open elsewhere does not count.
+fn in_use(device: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    matches!(
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(device),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY)
+    )
+}
+
+/// The stop cannot remove the device: exit as a crashed server, the device
+/// kept (user recovery), `why` in the record for `del` and `list`.
+fn keep_device(record: &DeviceRecord, why: String) -> ! {
     tracing::error!("{why}");
     let mut record = record.clone();
     record.stop_error = Some(why);
     if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
         let _ = std::fs::write(record_path(record.id), bytes);
     }
-    sd_notify("STATUS=final flush failed; device kept for recovery");
+    sd_notify("STATUS=not removed; device kept for recovery");
     // Not a return: the runtime's shutdown would wait for the queue threads.
     std::process::exit(EXIT_STOP_FAILED)
 }
@@ -573,21 +601,32 @@ pub fn sd_notify(message: &str) {
 /// For the udev rule: `ZEROFS_UBLK_NAME=<name>` of block device `ublkbN`,
 /// from the json libublk writes before the device starts.
 pub fn udev_name(kernel_name: &str) -> Result<()> {
+    let dir = libublk::ctrl::UblkCtrl::run_dir();
+    println!(
+        "ZEROFS_UBLK_NAME={}",
+        volume_name_of(Path::new(&dir), kernel_name)?
+    );
+    Ok(())
+}
+
+/// The volume name in libublk's json for `ublkbN` under `dir`. Read from
+/// the file alone, with no control command to the driver: udev runs this
+/// in a worker with a system-call filter and a timeout.
+fn volume_name_of(dir: &Path, kernel_name: &str) -> Result<String> {
     let id: u32 = kernel_name
         .trim_start_matches("/dev/")
         .strip_prefix("ublkb")
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("{kernel_name} is not a ublk block device"))?;
-    let ctrl = libublk::ctrl::UblkCtrl::new_simple(id as i32)
-        .map_err(|e| anyhow::anyhow!("ublk device {id}: {e}"))?;
-    let data = ctrl
-        .get_target_data_from_json()
-        .with_context(|| format!("ublk device {id} has no target data"))?;
-    let name = data["name"]
+    let path = dir.join(format!("{id:04}.json"));
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("ublk device {id}: cannot read {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("ublk device {id}: {} is not json", path.display()))?;
+    json["target_data"]["name"]
         .as_str()
-        .with_context(|| format!("ublk device {id} is not a zerofs-ublk volume"))?;
-    println!("ZEROFS_UBLK_NAME={name}");
-    Ok(())
+        .map(str::to_string)
+        .with_context(|| format!("ublk device {id} is not a zerofs-ublk volume"))
 }
 
 /// The queues hold clones of the volume until their threads end.
@@ -607,6 +646,29 @@ async fn wait_unique(mut v: Arc<Volume>) -> Result<Volume, Arc<Volume>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_udev_name_comes_from_libublks_json_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |id: &str, json: &str| std::fs::write(dir.path().join(id), json).unwrap();
+        write(
+            "0003.json",
+            r#"{"dev_info": {}, "target_data": {"name": "db", "bucket": "s3://b/p"}}"#,
+        );
+        write("0004.json", r#"{"target_data": {"size": 1}}"#);
+        write("0005.json", "{not json");
+        let name = |k: &str| super::volume_name_of(dir.path(), k).map_err(|e| e.to_string());
+        assert_eq!(name("ublkb3").unwrap(), "db");
+        assert_eq!(name("/dev/ublkb3").unwrap(), "db");
+        assert!(
+            name("ublkb4")
+                .unwrap_err()
+                .contains("not a zerofs-ublk volume")
+        );
+        assert!(name("ublkb5").unwrap_err().contains("not json"));
+        assert!(name("ublkb6").unwrap_err().contains("cannot read"));
+        assert!(name("sda").unwrap_err().contains("not a ublk block device"));
+    }
+
     #[test]
     fn sd_notify_reaches_the_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -658,7 +720,16 @@ pub struct DelArgs {
 
 /// `del`: ask the server to flush and remove its device, and wait.
 pub async fn del(a: DelArgs) -> Result<()> {
-    for r in a.select.records()? {
+    let records = a.select.records()?;
+    // All checked before any is touched.
+    if let Some(r) = records.iter().find(|r| in_use(&r.device)) {
+        bail!(
+            "{} ({}) is in use (mounted, or held by a file system, ZFS, LVM or md): unmount or export it first; nothing was changed",
+            r.device,
+            r.name
+        );
+    }
+    for r in records {
         if pid_alive(r.pid) {
             // SAFETY: plain kill(2) of a pid we recorded.
             unsafe { libc::kill(r.pid as i32, libc::SIGTERM) };
