@@ -3,7 +3,9 @@
 //! answers `503 SlowDown`, stalls before forwarding, or forwards and then
 //! drops the connection without an answer (the request landed; the
 //! client never hears so). Used by the guest suite (scripts/vm): the
-//! whole device suite runs through it.
+//! whole device suite runs through it. `--delay-ms` holds every request
+//! that long before forwarding it: a distant store's round trip, for the
+//! guest benchmarks (scripts/bench-vm.sh).
 //!
 //! ```sh
 //! fault_proxy --listen 127.0.0.1:9001 --upstream 127.0.0.1:9000 \
@@ -30,12 +32,13 @@ struct Config {
     stall_max_ms: u64,
     drop: f64,
     seed: u64,
+    delay_ms: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: fault_proxy --listen ADDR --upstream ADDR [--fail P] [--stall P] \
-         [--stall-max-ms MS] [--drop P] [--seed N]"
+         [--stall-max-ms MS] [--drop P] [--seed N] [--delay-ms MS]"
     );
     std::process::exit(2)
 }
@@ -49,6 +52,7 @@ fn parse() -> Config {
         stall_max_ms: 5000,
         drop: 0.0,
         seed: 1,
+        delay_ms: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -62,6 +66,7 @@ fn parse() -> Config {
             "--stall-max-ms" => c.stall_max_ms = num() as u64,
             "--drop" => c.drop = num(),
             "--seed" => c.seed = num() as u64,
+            "--delay-ms" => c.delay_ms = num() as u64,
             _ => usage(),
         }
     }
@@ -214,6 +219,9 @@ fn serve(client: TcpStream, cfg: &Config, coin: &Coin) -> std::io::Result<()> {
             }
             Fate::Forward => {}
         }
+        if cfg.delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(cfg.delay_ms));
+        }
         let answer = forward(&cfg.upstream, &head, &body)?;
         client.write_all(&answer)?;
         // The upstream said `Connection: close`; so does its answer, and the
@@ -231,8 +239,15 @@ fn main() {
         std::process::exit(1)
     });
     eprintln!(
-        "fault_proxy: {} -> {} (fail {}, stall {} up to {} ms, drop {}, seed {})",
-        cfg.listen, cfg.upstream, cfg.fail, cfg.stall, cfg.stall_max_ms, cfg.drop, cfg.seed
+        "fault_proxy: {} -> {} (fail {}, stall {} up to {} ms, drop {}, seed {}, delay {} ms)",
+        cfg.listen,
+        cfg.upstream,
+        cfg.fail,
+        cfg.stall,
+        cfg.stall_max_ms,
+        cfg.drop,
+        cfg.seed,
+        cfg.delay_ms
     );
     for client in listener.incoming().flatten() {
         std::thread::spawn(move || {

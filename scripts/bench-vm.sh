@@ -5,6 +5,13 @@
 # on tmpfs, warm cache) and `rublk add loop` on a tmpfs file of the same
 # size. TCG numbers only mean something as ratios within one run.
 # Usage: scripts/bench-vm.sh   (BENCH_SIZE_MB, BENCH_RUNTIME, BENCH_QUEUES)
+#
+# `scripts/bench-vm.sh pgbench`: PostgreSQL 15 (Debian root in the guest)
+# on ext4 over rublk loop (tmpfs), zerofs-ublk (default mode) and
+# zerofs-ublk --journal-dir (a virtio disk), the buckets on an S3 server
+# behind BENCH_STORE_DELAY_MS (default 20) per request: pgbench read-write
+# with synchronous_commit on and off, and select-only; TPS, latency and
+# the servers' peak RSS (BENCH_PG_SCALE, BENCH_PG_CLIENTS, BENCH_RUNTIME).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/vm/lib.sh
@@ -16,6 +23,45 @@ fi
 cargo build --release --locked --quiet
 vm_kernel
 vm_base_initramfs
+if [ "${1:-}" = pgbench ]; then
+  vm_s3s
+  cargo build --release --locked --quiet --example fault_proxy
+  vm_debian_root
+  work=$(mktemp -d "${TMPDIR:-/tmp}/zerofs-ublk-pgbench.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  qemu-img create -q -f raw "$work/ssd.img" 2G
+  { for v in BENCH_PG_SCALE BENCH_PG_CLIENTS BENCH_RUNTIME BENCH_STORE_DELAY_MS; do
+      [ -n "${!v:-}" ] && echo "export $v=${!v}"
+    done
+    cat scripts/vm/guest-bench-pgbench.sh; } > "$work/guest.sh"
+  VM_DISKS="$work/ssd.img" VM_MEM=6G vm_run "$work/guest.sh" target/release/zerofs-ublk \
+    "$RUBLK" "$S3S" target/release/examples/fault_proxy > "$work/console.log" || true
+  grep -a -E "^(pgbench scale|FAIL|/dev/ublkb|  )" "$work/console.log" | tr -d '\r' || true
+  python3 - "$VM_LOG" <<'PY'
+import sys
+tps, mem = {}, {}
+for line in open(sys.argv[1], errors="replace"):
+    f = line.split()
+    if len(f) == 5 and f[0] == "PGBENCH":
+        tps[(f[1], f[2])] = (float(f[3]), float(f[4]))
+    elif len(f) == 3 and f[0] == "PGBENCH-MEM":
+        mem[f[1]] = int(f[2])
+if not tps:
+    sys.exit("no pgbench results in the console log " + sys.argv[1])
+targets = ["rublk-loop", "rublk-loop-disk", "zerofs-default", "zerofs-journal"]
+# Ratios against the local disk the journal shares (rublk loop on a file
+# on the same virtio disk).
+print("| job | " + " | ".join(targets) + " | default / loop-disk | journal / loop-disk |")
+print("|---|" + "---|" * (len(targets) + 2))
+for job in ["rw-sync-on", "rw-sync-off", "select-only"]:
+    cells = [f"{tps[(t, job)][0]:,.0f} TPS ({tps[(t, job)][1]:.1f} ms)" if (t, job) in tps else "n/a" for t in targets]
+    base = tps.get(("rublk-loop-disk", job), (0,))[0]
+    ratios = [f"{tps[(t, job)][0] / base:.2f}" if base and (t, job) in tps else "n/a" for t in targets[2:]]
+    print(f"| {job} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+print("| server peak RSS | " + " | ".join(f"{mem[t] / 1024:.0f} MiB" if t in mem else "n/a" for t in targets) + " | | |")
+PY
+  exit 0
+fi
 guest=$(mktemp)
 { echo "BENCH_SIZE_MB=${BENCH_SIZE_MB:-512} BENCH_RUNTIME=${BENCH_RUNTIME:-10} BENCH_QUEUES=${BENCH_QUEUES:-1}"
   echo "export BENCH_SIZE_MB BENCH_RUNTIME BENCH_QUEUES"
