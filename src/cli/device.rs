@@ -503,16 +503,18 @@ async fn serve(a: AddArgs, raw_args: Vec<String>) -> Result<()> {
         ),
     }
     // A mounted device removed under its file system loses what the file
-    // system has not written yet (its writes fail). Everything acknowledged
-    // is in the bucket now: leave as a crashed server would, the device
-    // kept (I/O waits until `recover` or the unit's next start).
+    // system has not written yet (its writes fail). Leave as a crashed
+    // server would, the device kept (I/O waits until `recover` or the
+    // unit's next start): what was acknowledged after the flush above is
+    // in this host's journal, like everything a crashed server leaves.
     if asked && in_use(&record.device) {
         keep_device(
             &record,
             format!(
                 "{} is in use (mounted, or held by a file system, ZFS, LVM or md): not removed; \
-                 everything written so far is in the bucket. Unmount it, then `zerofs-ublk del -n {id}`, \
-                 or `zerofs-ublk recover -n {id}` to serve it again",
+                 its writes are in the bucket or this host's journal. Serve it again on this host \
+                 (`zerofs-ublk recover -n {id}`, or the unit's next start), then unmount it \
+                 (unmounting writes), then `zerofs-ublk del -n {id}`",
                 record.device
             ),
         )
@@ -561,7 +563,7 @@ fn in_use(device: &str) -> bool {
 }
 
 /// The stop cannot remove the device: exit as a crashed server, the device
-/// kept (user recovery), `why` in the record for `del` and `list`.
+/// kept (user recovery), `why` in the record for `del`.
 fn keep_device(record: &DeviceRecord, why: String) -> ! {
     tracing::error!("{why}");
     let mut record = record.clone();
@@ -574,7 +576,8 @@ fn keep_device(record: &DeviceRecord, why: String) -> ! {
     std::process::exit(EXIT_STOP_FAILED)
 }
 
-/// Exit status of a server whose stop could not flush.
+/// Exit status of a server whose stop kept its device (the flush failed,
+/// or the device is in use).
 const EXIT_STOP_FAILED: i32 = 75;
 
 /// Tell systemd (Type=notify) about our state, if it is listening.
@@ -724,9 +727,11 @@ pub async fn del(a: DelArgs) -> Result<()> {
     // All checked before any is touched.
     if let Some(r) = records.iter().find(|r| in_use(&r.device)) {
         bail!(
-            "{} ({}) is in use (mounted, or held by a file system, ZFS, LVM or md): unmount or export it first; nothing was changed",
+            "{} ({}) is in use (mounted, or held by a file system, ZFS, LVM or md): unmount or export it first \
+             (if its server is gone, `zerofs-ublk recover -n {}` first: unmounting writes); nothing was changed",
             r.device,
-            r.name
+            r.name,
+            r.id
         );
     }
     for r in records {
