@@ -15,13 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/vm/lib.sh
-echo "== building zerofs-ublk (release)"
-cargo build --release --locked --quiet
-vm_kernel
-vm_base_initramfs
-vm_debian_root
-work=$(mktemp -d "${TMPDIR:-/tmp}/zerofs-ublk-postgres.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+vm_prepare_root postgres
 qemu-img create -q -f raw "$work/buckets.img" 4G
 qemu-img create -q -f raw "$work/ssd.img" 512M
 export VM_DISKS="$work/buckets.img $work/ssd.img" VM_MEM=${VM_MEM:-3G}

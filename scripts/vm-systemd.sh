@@ -12,13 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/vm/lib.sh
-echo "== building zerofs-ublk (release)"
-cargo build --release --locked --quiet
-vm_kernel
-vm_base_initramfs
-vm_debian_root
-work=$(mktemp -d "${TMPDIR:-/tmp}/zerofs-ublk-systemd.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+vm_prepare_root systemd
 # The root is written across both boots; the bucket (file://) lives on it,
 # as the embedded default does: a bucket on a file system of its own would
 # be unmounted at shutdown while the server still flushes to it (seen

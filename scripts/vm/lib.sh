@@ -170,6 +170,19 @@ vm_run() {
   grep -q "^ZEROFS-VM-RESULT: PASS" "$log"
 }
 
+# What every guest on the Debian root needs first: the release build, the
+# kernel, the base archive, the root; and a work directory ($work, named
+# after $1) removed when the calling script exits.
+vm_prepare_root() {
+  echo "== building zerofs-ublk (release)"
+  cargo build --release --locked --quiet
+  vm_kernel
+  vm_base_initramfs
+  vm_debian_root
+  work=$(mktemp -d "${TMPDIR:-/tmp}/zerofs-ublk-$1.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+}
+
 # A Debian bookworm root for the guests that need a real userland
 # (PostgreSQL; later systemd and ZFS): debootstrap's minbase plus the
 # packages below, the guest kernel's modules, packed as an ext4 image
