@@ -7,7 +7,9 @@
 # nightly toolchain is there), then the ublk VM suite, the power-cut
 # test (two VMs on one disk image) and PostgreSQL on zerofs-ublk (a Debian
 # root in the guest; kill -9 under pgbench, a power cut with a commit
-# ledger) and the systemd unit under systemd across a reboot.
+# ledger), the systemd unit under systemd across a reboot, and ZFS (OpenZFS
+# 2.3 from bookworm-backports, built once for the guest kernel) on a pool
+# striped over three volumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,5 +55,7 @@ if [ -x scripts/vm-test.sh ]; then
   scripts/vm-postgres.sh
   echo "== systemd as PID 1: the unit and the udev rule as README installs them, across a reboot"
   scripts/vm-systemd.sh
+  echo "== ZFS on zerofs-ublk: a pool over three volumes with an L2ARC, PostgreSQL on it; kill -9, scrub, trim, export/del/add/import"
+  scripts/vm-zfs.sh
 fi
 echo "== all tests passed"

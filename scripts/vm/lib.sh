@@ -184,15 +184,61 @@ vm_prepare_root() {
 }
 
 # A Debian bookworm root for the guests that need a real userland
-# (PostgreSQL; later systemd and ZFS): debootstrap's minbase plus the
-# packages below, the guest kernel's modules, packed as an ext4 image
-# (mkfs.ext4 -d, no loop device). Cached by kernel version and this
-# function's text; built once per machine (~3 min, ~90 MB downloaded). The
-# guest boots it with a throwaway overlay (QEMU snapshot=on): every boot
-# starts from the same root. Sets VM_ROOT.
+# (PostgreSQL, systemd, ZFS): debootstrap's minbase plus the packages
+# below, OpenZFS (vm_zfs_modules), the guest kernel's modules, packed as an
+# ext4 image (mkfs.ext4 -d, no loop device). Cached by kernel version and
+# these functions' text; built once per machine (~2 min and ~150 MB
+# downloaded, plus the OpenZFS build the first time). The guest boots it
+# with a throwaway overlay (QEMU snapshot=on): every boot starts from the
+# same root. Sets VM_ROOT.
 VM_ROOT_PACKAGES="systemd systemd-sysv udev dbus kmod iproute2 procps psmisc e2fsprogs util-linux postgresql-15 postgresql-client-15"
+# The suites the root installs from: bookworm and its updates, and
+# bookworm-backports (contrib) for OpenZFS 2.3 — bookworm's own 2.1 does
+# not build for 6.12.
+vm_debian_sources() {
+  local m=http://deb.debian.org/debian
+  printf '%s\n' "deb $m bookworm main contrib" "deb $m bookworm-updates main contrib" \
+    "deb http://deb.debian.org/debian-security bookworm-security main contrib" \
+    "deb $m bookworm-backports main contrib" > "$1/etc/apt/sources.list"
+}
+# OpenZFS's kernel modules for the guest kernel. Debian ships OpenZFS as
+# source only (zfs-dkms), so they are built in a throwaway copy of the
+# root ($1, fresh from debootstrap) against the kernel's headers package,
+# as DKMS would, for version $2 (bookworm-backports); cached by kernel and
+# version in $VM_CACHE/zfs-VERSION-KERNEL (~3 min on 2 idle cores, once).
+# Sets ZFS_MODULES.
+vm_zfs_modules() {
+  local base=$1 ver=$2 kver; kver=$(basename "$KMODDIR")
+  ZFS_MODULES="$VM_CACHE/zfs-$ver-$kver"
+  [ -f "$ZFS_MODULES/zfs.ko" ] && return 0
+  local b="$base.zfs" t0; t0=$(date +%s)
+  echo "== building OpenZFS $ver for the guest kernel $kver (once per machine; ~3 min)"
+  cp -a "$base" "$b"
+  mount -t proc proc "$b/proc"
+  # The headers package names its compiler (gcc-12) and kbuild; the
+  # source is zfs-dkms's, configured exactly as its dkms.conf does.
+  if ! chroot "$b" sh -c "apt-get install -y -q --no-install-recommends linux-headers-$kver gcc make libc6-dev &&
+        cd /root && apt-get download -q zfs-dkms=$ver && dpkg-deb -x zfs-dkms_*.deb src &&
+        cd src/usr/src/zfs-* &&
+        ./configure --disable-dependency-tracking --prefix=/usr --with-config=kernel \
+          --with-linux=/usr/src/linux-headers-${kver%-cloud-amd64}-common --with-linux-obj=/usr/src/linux-headers-$kver &&
+        make -C module -j$(nproc)" > "$b.log" 2>&1; then
+    umount "$b/proc"
+    echo "error: building OpenZFS $ver for $kver failed (log: $b.log)" >&2; rm -rf "$b"; return 1
+  fi
+  umount "$b/proc"
+  mkdir -p "$ZFS_MODULES.tmp"
+  # Without their debug info: 105 MB -> a few.
+  cp "$b"/root/src/usr/src/zfs-*/module/*.ko "$ZFS_MODULES.tmp/"
+  strip --strip-debug "$ZFS_MODULES.tmp"/*.ko
+  [ -f "$ZFS_MODULES.tmp/zfs.ko" ] && [ -f "$ZFS_MODULES.tmp/spl.ko" ] ||
+    { echo "error: the OpenZFS build made no zfs.ko/spl.ko (log: $b.log)" >&2; rm -rf "$b" "$ZFS_MODULES.tmp"; return 1; }
+  mv "$ZFS_MODULES.tmp" "$ZFS_MODULES"
+  rm -rf "$b" "$b.log"
+  echo "== OpenZFS $ver built in $(( $(date +%s) - t0 )) s"
+}
 vm_debian_root() {
-  local key; key=$( (basename "$KMODDIR"; declare -f vm_debian_root; echo "$VM_ROOT_PACKAGES") | sha256sum | cut -c1-16)
+  local key; key=$( (basename "$KMODDIR"; declare -f vm_debian_root vm_debian_sources vm_zfs_modules; echo "$VM_ROOT_PACKAGES") | sha256sum | cut -c1-16)
   VM_ROOT="$VM_CACHE/debian-root-$key.img"
   [ -f "$VM_ROOT" ] && return 0
   [ "$(id -u)" = 0 ] ||
@@ -209,8 +255,19 @@ vm_debian_root() {
   mkdir -p "$root/etc/postgresql-common"
   echo "create_main_cluster = false" > "$root/etc/postgresql-common/createcluster.conf"
   cp /etc/resolv.conf "$root/etc/resolv.conf"
+  vm_debian_sources "$root"
+  local zfs
+  if ! { chroot "$root" apt-get update -q >> "$root.log" 2>&1 &&
+         zfs=$(chroot "$root" apt-cache madison zfs-dkms | awk '/bookworm-backports/ {print $3; exit}') &&
+         [ -n "$zfs" ]; }; then
+    echo "error: no OpenZFS (zfs-dkms) in bookworm-backports (log: $root.log)" >&2; rm -rf "$root"; return 1
+  fi
+  vm_zfs_modules "$root" "$zfs" || { rm -rf "$root"; return 1; }
+  # zfsutils-linux of the modules' version, its libraries named: they are
+  # in bookworm too, at 2.1.
+  local zfs_pkgs="zfsutils-linux=$zfs libzfs6linux=$zfs libzpool6linux=$zfs libnvpair3linux=$zfs libuutil3linux=$zfs"
   mount -t proc proc "$root/proc"
-  if ! chroot "$root" sh -c "apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold $VM_ROOT_PACKAGES && apt-get clean" >> "$root.log" 2>&1; then
+  if ! chroot "$root" sh -c "apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold $VM_ROOT_PACKAGES $zfs_pkgs && apt-get clean" >> "$root.log" 2>&1; then
     umount "$root/proc"
     echo "error: installing the guest's packages failed (log: $root.log)" >&2; rm -rf "$root"; return 1
   fi
@@ -218,6 +275,8 @@ vm_debian_root() {
   rm -rf "$root"/usr/share/{doc,man,info,locale} "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
   mkdir -p "$root/lib/modules"
   cp -a "$KMODDIR" "$root/lib/modules/"
+  mkdir -p "$root/lib/modules/$(basename "$KMODDIR")/updates/zfs"
+  cp "$ZFS_MODULES"/*.ko "$root/lib/modules/$(basename "$KMODDIR")/updates/zfs/"
   chroot "$root" depmod "$(basename "$KMODDIR")"
   echo guest > "$root/etc/hostname"
   if ! mkfs.ext4 -q -L zfu-root -d "$root" "$VM_ROOT.tmp" 2G; then
