@@ -25,5 +25,6 @@ if vm_run scripts/vm/guest-zfs.sh target/release/zerofs-ublk "$S3S" > "$work/zfs
   echo "== ZFS test passed in $(( $(date +%s) - start )) s"
 else
   tail -n 80 "$work/zfs.log"
+  grep -a "^FAIL" "$work/zfs.log" | tr -d '\r' || true
   echo "== ZFS test FAILED (console: $VM_LOG)"; exit 1
 fi

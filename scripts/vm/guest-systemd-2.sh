@@ -1,44 +1,60 @@
 # systemd test, second boot (guest-systemd-common.sh first): nothing is
-# started by hand. The unit attached the volume at boot before the mount
-# and PostgreSQL; the ledger of the first boot is there. `systemctl stop`
-# of the unit while the file system is mounted flushes but keeps the
-# device (removing it would fail the file system's writes); `start`
-# recovers it. Stopped in order (PostgreSQL, the mount, the unit), the
-# device is removed, and what it left in the bucket is a clean file system.
-for u in $UNIT srv-db.mount postgresql@15-main.service; do
+# started by hand. The units attached both volumes at boot, the ext4 mount
+# came after "db", the pool's import after "pool" and PostgreSQL after the
+# import, with no ordering cycle; the first boot's shutdown exported the
+# pool before its volume stopped (both servers flushed and removed their
+# devices); the ledger and the file are there. `systemctl stop` of the
+# pool's volume while the pool is imported flushes but keeps the device
+# (removing it would fail ZFS's writes); `start` recovers it. Stopped in
+# order, both devices are removed, and what they left in their buckets is
+# a clean file system and a pool that imports and scrubs clean.
+for u in $DB srv-db.mount $VOL $POOL $PGU; do
   wait_for "[ \"\$(prop $u ActiveState)\" = active ]" 120 || {
     echo "-- the first boot's shutdown:"
-    journalctl --no-pager -b -1 -u $UNIT -u srv-db.mount -u postgresql@15-main.service | tail -n 30
-    journalctl --no-pager -b -u $UNIT | grep -a -v "^-- " | head -n 12; fail "$u is not active after boot"; }
+    journalctl --no-pager -b -1 -u $DB -u $VOL -u $POOL -u srv-db.mount -u $PGU | tail -n 30
+    journalctl --no-pager -b | grep -a -i "cycle\|zerofs" | head -n 20; fail "$u is not active after boot"; }
 done
-t_unit=$(prop $UNIT ActiveEnterTimestampMonotonic)
-t_mount=$(prop srv-db.mount ActiveEnterTimestampMonotonic)
-t_pg=$(prop postgresql@15-main.service ActiveEnterTimestampMonotonic)
-echo "at boot: $UNIT active at $((t_unit / 1000)) ms, /srv/db at $((t_mount / 1000)) ms, PostgreSQL at $((t_pg / 1000)) ms"
-[ "$t_unit" -lt "$t_mount" ] && [ "$t_mount" -lt "$t_pg" ] || fail "wrong order at boot"
-[ -L /dev/disk/by-zerofs/db ] || fail "no /dev/disk/by-zerofs/db at boot"
+no_cycles
+t() { echo $(( $(prop "$1" ActiveEnterTimestampMonotonic) / 1000 )); }
+echo "at boot (ms): $DB $(t $DB), srv-db.mount $(t srv-db.mount); $VOL $(t $VOL), $POOL $(t $POOL), PostgreSQL $(t $PGU)"
+[ "$(t $DB)" -lt "$(t srv-db.mount)" ] && [ "$(t $VOL)" -lt "$(t $POOL)" ] && [ "$(t $POOL)" -lt "$(t $PGU)" ] ||
+  fail "wrong order at boot"
+for u in $DB $VOL; do
+  journalctl --no-pager -b -1 -u $u | grep -q "flushed and removed" ||
+    { journalctl --no-pager -b -1 -u $u | tail -n 15; fail "$u did not flush and remove its device at the first boot's shutdown"; }
+done
+echo "the first boot's shutdown: the pool exported, both servers flushed and removed their devices"
+[ -L /dev/disk/by-zerofs/db ] && [ -L /dev/disk/by-zerofs/pool ] || fail "no /dev/disk/by-zerofs names at boot"
+sha256sum -c --quiet /var/lib/marker.sha || fail "the file on ext4 changed"
 [ "$(sql -c 'SELECT count(*) FROM ledger')" = 400 ] || fail "the ledger of the first boot is not all there"
-echo "the first boot's 400 commits are there"
+echo "the first boot's 400 commits and the ext4 file are there"
 sql -c "INSERT INTO ledger VALUES (401)" || fail "insert"
-DEV=$(readlink -f /dev/disk/by-zerofs/db)
-echo "== systemctl stop $UNIT while PostgreSQL runs on it"
-systemctl stop $UNIT || true
-echo "  $UNIT: $(prop $UNIT ActiveState) ($(prop $UNIT Result)); $DEV: $([ -b $DEV ] && echo kept); srv-db.mount: $(prop srv-db.mount ActiveState)"
-journalctl --no-pager -b -u $UNIT | grep -a "is in use" | tail -n 1 | sed 's/^.*ERROR/  ERROR/' || true
-[ -b "$DEV" ] && [ "$(prop srv-db.mount ActiveState)" = active ] || fail "stopping the unit removed a mounted device"
-journalctl --no-pager -b -u $UNIT | grep -q "is in use" || fail "the stop did not say why it kept the device"
-systemctl start $UNIT || fail "start after the refused stop"
+DEV=$(readlink -f /dev/disk/by-zerofs/pool)
+echo "== systemctl stop $VOL while the pool is imported"
+systemctl stop $VOL || true
+echo "  $VOL: $(prop $VOL ActiveState) ($(prop $VOL Result)); $DEV: $([ -b $DEV ] && echo kept); $POOL: $(prop $POOL ActiveState)"
+journalctl --no-pager -b -u $VOL | grep -a "is in use" | tail -n 1 | sed 's/^.*ERROR/  ERROR/' || true
+[ -b "$DEV" ] && [ "$(prop $POOL ActiveState)" = active ] || fail "stopping the unit removed a device ZFS holds"
+journalctl --no-pager -b -u $VOL | grep -q "is in use" || fail "the stop did not say why it kept the device"
+systemctl start $VOL || fail "start after the refused stop"
 sql -c "INSERT INTO ledger VALUES (402)" || fail "PostgreSQL after the unit's restart"
-echo "  started again: recovered $(readlink -f /dev/disk/by-zerofs/db); PostgreSQL commits"
-echo "== systemctl stop: PostgreSQL, the mount, then the unit"
-systemctl stop postgresql@15-main srv-db.mount || fail "stop PostgreSQL and the mount"
-systemctl stop $UNIT || fail "systemctl stop $UNIT"
-wait_for "[ ! -b $DEV ]" 30 || fail "$DEV is still there after stop"
+pool_clean || fail "errors in the pool after the refused stop"
+echo "  started again: recovered $(readlink -f /dev/disk/by-zerofs/pool); PostgreSQL commits; no error in the pool"
+echo "== systemctl stop: PostgreSQL, the pool's export, the mount, then the volumes"
+systemctl stop $PGU $POOL srv-db.mount || fail "stop PostgreSQL, the pool and the mount"
+systemctl stop $DB $VOL || fail "systemctl stop the volumes"
+wait_for "[ -z \"\$(ls /dev/ublkb* 2>/dev/null)\" ]" 30 || fail "a device is still there after stop: $(ls /dev/ublkb*)"
 [ -z "$($Z list 2>/dev/null | tail -n +2)" ] || { $Z list; fail "a device is left"; }
-echo "  $DEV removed ($UNIT $(prop $UNIT ActiveState))"
-# The stop flushed: the bucket alone holds a clean file system.
-dev=$(ZEROFS_UBLK_RUN_DIR=/run/zfu-check $Z add --bucket file:///var/lib/zerofs-ublk/db \
-  --key-file /etc/zerofs-ublk/db.key --name check) || fail "add from the bucket"
+echo "  both devices removed"
+# The stops flushed: the buckets alone hold a clean file system and pool.
+export ZEROFS_UBLK_RUN_DIR=/run/zfu-check
+dev=$($Z add --bucket file:///var/lib/zerofs-ublk/db --key-file /etc/zerofs-ublk/db.key --name check-db) ||
+  fail "add db from the bucket"
 e2fsck -fn "$dev" > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after stop"; }
-echo "the bucket after stop: e2fsck -fn clean"
-ZEROFS_UBLK_RUN_DIR=/run/zfu-check $Z del -n "${dev#/dev/ublkb}" || fail "del"
+dev=$($Z add --bucket file:///var/lib/zerofs-ublk/pool --key-file /etc/zerofs-ublk/pool.key --name check-pool) ||
+  fail "add pool from the bucket"
+zpool import -o cachefile=none -N -d "$dev" tank || fail "zpool import from the bucket after stop"
+zpool scrub -w tank && pool_clean || fail "scrub after stop"
+zpool export tank || fail "export"
+$Z del --all || fail "del"
+echo "the buckets after stop: e2fsck -fn clean; the pool imports and scrubs clean"

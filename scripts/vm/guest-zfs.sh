@@ -61,7 +61,7 @@ scrub() {
 }
 # Every device of the pool has zero read, write and checksum errors.
 no_device_errors() {
-  zpool status -p "$1" | awk '$1 ~ /^ublkb|^vdc/ && ($3 != 0 || $4 != 0 || $5 != 0) { bad = 1; print } END { exit bad }' ||
+  zpool status -p "$1" | awk 'NF >= 5 && $2 ~ /^(ONLINE|DEGRADED|FAULTED|OFFLINE|UNAVAIL|REMOVED)$/ && ($3 != 0 || $4 != 0 || $5 != 0) { bad = 1; print } END { exit bad }' ||
     fail "$1 has device errors"
 }
 id_of() { local d=$1; echo "${d#/dev/ublkb}"; }

@@ -1,5 +1,6 @@
 # Host-side helpers for running zerofs-ublk inside a QEMU TCG guest booting
-# Debian's own 6.12 cloud kernel (which ships ublk_drv as a module).
+# Debian's own cloud kernel (6.12, or the newest: vm_kernel), which ships
+# ublk_drv as a module.
 # Sourced by scripts/vm-test.sh and scripts/bench-vm.sh.
 set -euo pipefail
 
@@ -15,23 +16,55 @@ for d in "${TMPDIR:-/tmp}"/tmp.*; do
   [ -f "$d/initrd" ] && [ -f "$d/tests/main.sh" ] && [ -f "$d/init" ] && rm -rf "$d"
 done
 
-# Fetch the kernel package the meta package points at (security updates
-# rename the versioned package) and unpack it; never installed on the host.
+# The guest kernel, from Debian's archive, unpacked (never installed on
+# the host). ZEROFS_UBLK_VM_KERNEL picks it:
+#   stable  Debian 12's 6.12 (linux-image-6.12-cloud-amd64, through the
+#           host's apt): what Debian stable users run; the default.
+#   newest  the newest Debian cloud kernel: linux-image-cloud-amd64 from
+#           trixie-backports (7.x), through a private apt directory under
+#           $VM_CACHE (the host's sources are not touched).
+# The meta package is resolved each time (security updates rename the
+# versioned package); its kernel and module packages are cached by name.
+# Since trixie the image package is split into linux-binary-* (vmlinuz
+# under /usr/lib/modules) and linux-modules-*. Sets KERNEL and KMODDIR.
 vm_kernel() {
-  local pkg
-  pkg=$(apt-cache depends linux-image-6.12-cloud-amd64 2>/dev/null | awk '/Depends:/{print $2; exit}' || true)
-  if [ -z "$pkg" ]; then
-    apt-get update -qq >/dev/null 2>&1 || true
-    pkg=$(apt-cache depends linux-image-6.12-cloud-amd64 | awk '/Depends:/{print $2; exit}')
+  local apt=() meta=linux-image-6.12-cloud-amd64 ver=
+  if [ "${ZEROFS_UBLK_VM_KERNEL:-stable}" = newest ]; then
+    local d="$VM_CACHE/apt-newest"
+    mkdir -p "$d/lists/partial" "$d/archives/partial"
+    printf '%s\n' "deb http://deb.debian.org/debian trixie main" \
+      "deb http://deb.debian.org/debian trixie-backports main" > "$d/sources.list"
+    apt=(-o "Dir::Etc::sourcelist=$d/sources.list" -o Dir::Etc::sourceparts=/dev/null
+         -o "Dir::State::Lists=$d/lists" -o "Dir::Cache=$d" -o Debug::NoLocking=1)
+    # Once a day at most.
+    if [ -z "$(find "$d/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
+      apt-get -q "${apt[@]}" update > "$d/update.log" 2>&1 ||
+        { echo "error: apt-get update for trixie-backports failed (log: $d/update.log)" >&2; return 1; }
+    fi
+    meta=linux-image-cloud-amd64
+    ver=$(apt-cache "${apt[@]}" madison "$meta" | awk '/trixie-backports/ {print $3; exit}')
+    [ -n "$ver" ] || { echo "error: no $meta in trixie-backports" >&2; return 1; }
+    ver="=$ver"
   fi
-  [ -n "$pkg" ] || { echo "cannot resolve linux-image-6.12-cloud-amd64 (apt-get update?)" >&2; return 1; }
+  local pkg
+  pkg=$(apt-cache "${apt[@]}" depends "$meta$ver" 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}' || true)
+  if [ -z "$pkg" ] && [ ${#apt[@]} = 0 ]; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    pkg=$(apt-cache depends "$meta" | awk '/Depends: linux-image-/ {print $2; exit}')
+  fi
+  [ -n "$pkg" ] || { echo "cannot resolve $meta$ver (apt-get update?)" >&2; return 1; }
   if [ ! -d "$VM_CACHE/$pkg" ]; then
     local tmp; tmp=$(mktemp -d "$VM_CACHE/dl.XXXX")
-    (cd "$tmp" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb root)
+    local all; all="$pkg $(apt-cache "${apt[@]}" depends "$pkg" | awk '/Depends: linux-(binary|modules)-/ {print $2}')"
+    if ! (cd "$tmp" && apt-get -q "${apt[@]}" download $all > download.log 2>&1 &&
+          for deb in ./*.deb; do dpkg-deb -x "$deb" root; done); then
+      echo "error: downloading $all failed (log: $tmp/download.log)" >&2; return 1
+    fi
     mv "$tmp/root" "$VM_CACHE/$pkg" && rm -rf "$tmp"
   fi
-  KERNEL=$(ls "$VM_CACHE/$pkg"/boot/vmlinuz-*)
-  KMODDIR=$(ls -d "$VM_CACHE/$pkg"/lib/modules/*)
+  KERNEL=$( (ls "$VM_CACHE/$pkg"/boot/vmlinuz-* "$VM_CACHE/$pkg"/usr/lib/modules/*/vmlinuz 2>/dev/null || true) | head -1)
+  KMODDIR=$( (ls -d "$VM_CACHE/$pkg"/lib/modules/* "$VM_CACHE/$pkg"/usr/lib/modules/* 2>/dev/null || true) | head -1)
+  [ -n "$KERNEL" ] && [ -n "$KMODDIR" ] || { echo "error: no kernel or modules in $VM_CACHE/$pkg" >&2; return 1; }
 }
 
 # The S3-compatible server the guest tests run against (built once).
@@ -191,7 +224,9 @@ vm_prepare_root() {
 # downloaded, plus the OpenZFS build the first time). The guest boots it
 # with a throwaway overlay (QEMU snapshot=on): every boot starts from the
 # same root. Sets VM_ROOT.
-VM_ROOT_PACKAGES="systemd systemd-sysv udev dbus kmod iproute2 procps psmisc e2fsprogs util-linux postgresql-15 postgresql-client-15"
+# ifupdown: Debian's network setup (networking.service comes after local
+# file systems, network-online.target after it), for the unit's ordering.
+VM_ROOT_PACKAGES="systemd systemd-sysv udev dbus kmod iproute2 ifupdown procps psmisc e2fsprogs util-linux postgresql-15 postgresql-client-15"
 # The suites the root installs from: bookworm and its updates, and
 # bookworm-backports (contrib) for OpenZFS 2.3 — bookworm's own 2.1 does
 # not build for 6.12.
