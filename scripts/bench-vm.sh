@@ -11,7 +11,8 @@
 # zerofs-ublk --journal-dir (a virtio disk), the buckets on an S3 server
 # behind BENCH_STORE_DELAY_MS (default 20) per request: pgbench read-write
 # with synchronous_commit on and off, and select-only; TPS, latency and
-# the servers' peak RSS (BENCH_PG_SCALE, BENCH_PG_CLIENTS, BENCH_RUNTIME).
+# the servers' peak RSS (BENCH_PG_SCALE, BENCH_PG_CLIENTS, BENCH_RUNTIME;
+# BENCH_PG_FS=zfs for a ZFS pool on each device instead of ext4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/vm/lib.sh
@@ -30,7 +31,7 @@ if [ "${1:-}" = pgbench ]; then
   work=$(mktemp -d "${TMPDIR:-/tmp}/zerofs-ublk-pgbench.XXXXXX")
   trap 'rm -rf "$work"' EXIT
   qemu-img create -q -f raw "$work/ssd.img" 2G
-  { for v in BENCH_PG_SCALE BENCH_PG_CLIENTS BENCH_RUNTIME BENCH_STORE_DELAY_MS; do
+  { for v in BENCH_PG_SCALE BENCH_PG_CLIENTS BENCH_RUNTIME BENCH_STORE_DELAY_MS BENCH_PG_FS; do
       [ -n "${!v:-}" ] && echo "export $v=${!v}"
     done
     cat scripts/vm/guest-bench-pgbench.sh; } > "$work/guest.sh"

@@ -9,7 +9,8 @@
 # root in the guest; kill -9 under pgbench, a power cut with a commit
 # ledger), the systemd unit under systemd across a reboot, and ZFS (OpenZFS
 # 2.3 from bookworm-backports, built once for the guest kernel) on a pool
-# striped over three volumes.
+# striped over three volumes; and the file:// device suite again on the
+# newest Debian cloud kernel (the kernel matrix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,5 +58,7 @@ if [ -x scripts/vm-test.sh ]; then
   scripts/vm-systemd.sh
   echo "== ZFS on zerofs-ublk: a pool over three volumes with an L2ARC, PostgreSQL on it; kill -9, scrub, trim, export/del/add/import"
   scripts/vm-zfs.sh
+  echo "== the kernel matrix: the file:// device suite on the newest Debian cloud kernel (trixie-backports)"
+  ZEROFS_UBLK_VM_KERNEL=newest ZEROFS_UBLK_VM_SUITES=file scripts/vm-test.sh
 fi
 echo "== all tests passed"

@@ -1,5 +1,5 @@
 # Guest side of `scripts/bench-vm.sh pgbench` (runs on the Debian root):
-# PostgreSQL 15 on ext4 over three block devices, one after another in one
+# PostgreSQL 15 on ext4 (or ZFS: BENCH_PG_FS=zfs) over four block devices, one after another in one
 # boot — `rublk add loop` on a tmpfs file and on a file on a virtio disk
 # (local disks), zerofs-ublk in the default mode and zerofs-ublk with
 # --journal-dir on that virtio disk — the
@@ -26,11 +26,26 @@ s3s-fs --host 127.0.0.1 --port 9000 --access-key test --secret-key testsecret /t
 fault_proxy --listen 127.0.0.1:9001 --upstream 127.0.0.1:9000 --delay-ms "$DELAY" 2> /tmp/proxy.log &
 sleep 2
 head -c 32 /dev/urandom > /tmp/key
-echo "pgbench scale $SCALE, $CLIENTS clients, $RUNTIME s per job; store round trip +$DELAY ms"
+echo "pgbench scale $SCALE, $CLIENTS clients, $RUNTIME s per job, on $FS; store round trip +$DELAY ms"
 
+# BENCH_PG_FS=zfs: a pool on the device instead of ext4 (recordsize 8k,
+# PostgreSQL's page; lz4; the ARC bounded so the page cache and the
+# servers' caches are comparable across runs).
+FS=${BENCH_PG_FS:-ext4}
+if [ "$FS" = zfs ]; then
+  modprobe zfs zfs_arc_max=$((512 << 20)) || fail "modprobe zfs"
+fi
+make_fs() { # device
+  if [ "$FS" = zfs ]; then
+    zpool create -f -o ashift=12 -O recordsize=8k -O compression=lz4 -O atime=off -m /pg pgb "$1"
+  else
+    mkfs.ext4 -q "$1" && mkdir -p /pg && mount "$1" /pg
+  fi
+}
+drop_fs() { if [ "$FS" = zfs ]; then zpool destroy pgb; else umount /pg; fi; }
 bench() { # target device server-pid
   local target=$1 dev=$2 pid=$3 sync job out
-  mkfs.ext4 -q "$dev" && mkdir -p /pg && mount "$dev" /pg && chown postgres /pg || fail "ext4 on $dev"
+  make_fs "$dev" && chown postgres /pg || fail "$FS on $dev"
   as_pg $PG/initdb -D /pg/data -U postgres --auth=trust > /dev/null || fail "initdb ($target)"
   as_pg $PG/pg_ctl -D /pg/data -l /tmp/pg.log -w -t 600 -o "-k /run/postgresql" start > /dev/null || fail "start ($target)"
   as_pg $PG/pgbench -h /run/postgresql -i -s "$SCALE" -q postgres > /tmp/pgbench.log 2>&1 || fail "pgbench -i ($target)"
@@ -42,7 +57,7 @@ bench() { # target device server-pid
     echo "PGBENCH $target $job $(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p') $(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')"
   done
   as_pg $PG/pg_ctl -D /pg/data -w -t 600 stop > /dev/null || fail "stop ($target)"
-  umount /pg
+  drop_fs || fail "drop $FS ($target)"
   echo "PGBENCH-MEM $target $(awk '/VmHWM/ {print $2}' /proc/$pid/status)"
 }
 

@@ -1,7 +1,8 @@
 # PostgreSQL test, first boot (runs as /tests/main.sh; scripts/vm-postgres.sh;
-# guest-postgres-common.sh comes first). For each volume: ext4 on the
-# zerofs-ublk device, `initdb --data-checksums`, `pgbench -i`. Then
-#  1. kill -9 of both servers in the middle of a pgbench run, `recover`:
+# guest-postgres-common.sh comes first). For each volume: ext4 (or a ZFS
+# pool) on the zerofs-ublk device, `initdb --data-checksums`, `pgbench -i`.
+# Then
+#  1. kill -9 of every server in the middle of a pgbench run, `recover`:
 #     PostgreSQL keeps running, pgbench ends with no failed transaction;
 #  2. a commit ledger under pgbench load: one row per transaction
 #     (synchronous_commit=on), "COMMITTED <mode> <n>" printed once its
@@ -22,8 +23,7 @@ done
 sync # the setup is durable; everything after it is under test
 for m in $MODES; do
   dev=$(attach $m) || fail "add ($m)"
-  mkfs.ext4 -q "$dev" || fail "mkfs.ext4 on $dev"
-  mkdir -p /pg/$m && mount -t ext4 "$dev" /pg/$m || fail "mount $dev"
+  fs_make $m "$dev" || fail "the $m volume's file system on $dev"
   chown postgres /pg/$m
   echo "$m: $dev"
 done
@@ -35,10 +35,10 @@ for m in $MODES; do
     as_pg $PG/pgbench -h /run/postgresql -p "$(port $m)" -i -s 4 -q postgres >/tmp/pgbench-init-$m.log 2>&1 ||
       { cat /tmp/pgbench-init-$m.log; exit 1; } ) &
 done
-wait -n && wait -n || fail "initdb / pgbench -i"
-echo "initdb --data-checksums and pgbench -i -s 4 on both volumes in $(( $(date +%s) - t0 )) s"
+for m in $MODES; do wait -n || fail "initdb / pgbench -i"; done
+echo "initdb --data-checksums and pgbench -i -s 4 on every volume in $(( $(date +%s) - t0 )) s"
 
-echo "== kill -9 of both servers under pgbench, recover"
+echo "== kill -9 of every server under pgbench, recover"
 # pgbench -n: no VACUUM and, above all, no TRUNCATE of pgbench_history at
 # the start of a run, so the balance invariant holds across runs.
 for m in $MODES; do
@@ -53,7 +53,7 @@ sleep 1
 for m in $MODES; do
   $Z recover -n "$(dev_id $m)" >/dev/null || fail "recover ($m)"
 done
-echo "both recovered"
+echo "all recovered"
 for m in $MODES; do
   eval "pid=\$bench_$m"
   wait "$pid" || fail "pgbench ($m) failed across kill -9 and recover"
@@ -83,8 +83,9 @@ done
 # later write to it hangs). From there the default volume acknowledges no
 # FLUSH (its commits stop), and the journal volume acknowledges them from
 # its journal alone: the second boot must replay them.
-( while [ "$(cat /run/ledger-default 2>/dev/null || echo 0)" -lt 15 ] ||
-        [ "$(cat /run/ledger-journal 2>/dev/null || echo 0)" -lt 15 ]; do sleep 0.2; done
+( for m in $MODES; do
+    while [ "$(cat /run/ledger-$m 2>/dev/null || echo 0)" -lt 15 ]; do sleep 0.2; done
+  done
   fsfreeze -f /disk && echo "BUCKET-FROZEN" ) &
 wait -n $writers
 fail "a ledger writer stopped before the power cut"

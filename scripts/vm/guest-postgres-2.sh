@@ -1,10 +1,10 @@
 # PostgreSQL test, second boot (after the first boot's COMMITTED lines, as
-# LEDGER, and guest-postgres-common.sh): the same disks; `add` both volumes
+# LEDGER, and guest-postgres-common.sh): the same disks; `add` every volume
 # again (the journal one replays its journal without --force; the default
-# one takes over another boot's claim with --force); PostgreSQL's crash
+# ones take over another boot's claim with --force); PostgreSQL's crash
 # recovery; every committed ledger row is there; pg_amcheck, pgbench's
 # balance invariant, and after a clean stop pg_checksums --check and
-# e2fsck. Every check runs on both volumes; the boot fails at the end if
+# e2fsck. Every check runs on every volume; the boot fails at the end if
 # any failed.
 mkdir -p /disk /ssd
 mount -t ext4 /dev/vdb /disk || fail "mount /dev/vdb after the power cut"
@@ -17,7 +17,7 @@ check() { # description, command...
 for m in $MODES; do
   force=--force; [ $m = journal ] && force=
   dev=$(attach $m $force) || fail "add ($m) after the power cut"
-  mkdir -p /pg/$m && mount -t ext4 "$dev" /pg/$m || fail "mount $dev ($m) after the power cut"
+  fs_mount $m "$dev" || fail "the $m volume's file system on $dev after the power cut"
   pg_start $m
   grep -h "was interrupted\|redo done\|redo starts" /pg/$m/log | sed "s/^/$m: /" || true
 done
@@ -51,9 +51,7 @@ for m in $MODES; do
   check "$m: pgbench's balance invariant" balanced $m
   as_pg $PG/pg_ctl -D /pg/$m/data -w -t 600 stop >/dev/null || fail "pg_ctl stop ($m)"
   check "$m: pg_checksums --check" checksums $m
-  dev=$(findmnt -n -o SOURCE /pg/$m)
-  umount /pg/$m || fail "umount ($m)"
-  check "$m: e2fsck -fn" e2fsck -fn "$dev"
+  check "$m: the file system (e2fsck -fn, or a ZFS scrub)" fs_check_and_drop $m
 done
 for m in $MODES; do
   $Z del -n "$(dev_id $m)" || fail "del ($m)"

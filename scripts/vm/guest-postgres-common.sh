@@ -1,6 +1,6 @@
 # The start of both boots of the PostgreSQL test (scripts/vm-postgres.sh
 # puts it before each; runs on the Debian root, bash): environment, `fail`,
-# helpers, the two virtio disks. /dev/vda is the root; /dev/vdb holds both
+# helpers, the two virtio disks. /dev/vda is the root; /dev/vdb holds all the
 # volumes' buckets (file://) and outlives the VM; /dev/vdc, on its own ("the
 # local SSD"), the journal volume's --journal-dir.
 set -eu
@@ -8,9 +8,10 @@ Z=/usr/local/bin/zerofs-ublk
 PG=/usr/lib/postgresql/15/bin
 export ZEROFS_UBLK_RUN_DIR=/run/zerofs-ublk
 export ZEROFS_UBLK_LOG=info
-# Two volumes, each with its own PostgreSQL cluster: "default" (every
-# acknowledged FLUSH is in the bucket) and "journal" (--journal-dir).
-MODES="default journal"
+# Three volumes, each with its own PostgreSQL cluster: "default" (every
+# acknowledged FLUSH is in the bucket) and "journal" (--journal-dir), both
+# with ext4, and "zfs": the default mode with a ZFS pool on it.
+MODES="default journal zfs"
 fail() {
   echo "FAIL: $*"
   for f in "$ZEROFS_UBLK_RUN_DIR"/*.log /pg/*/log /tmp/pgbench-*.log; do
@@ -18,7 +19,33 @@ fail() {
   done
   exit 1
 }
-port() { if [ "$1" = default ]; then echo 5432; else echo 5433; fi; }
+port() { case $1 in default) echo 5432 ;; journal) echo 5433 ;; *) echo 5434 ;; esac; }
+# The file system of a mode's volume: ext4, or a pool (pg-zfs) for "zfs".
+fs_make() { # mode device
+  if [ "$1" = zfs ]; then
+    zpool create -f -o ashift=12 -o cachefile=none -O recordsize=8k -O compression=lz4 -m /pg/zfs pg-zfs "$2"
+  else
+    mkfs.ext4 -q "$2" && mkdir -p /pg/$1 && mount -t ext4 "$2" /pg/$1
+  fi
+}
+fs_mount() { # mode device (after the power cut: the pool was not exported)
+  if [ "$1" = zfs ]; then
+    zpool import -o cachefile=none -d "$2" pg-zfs
+  else
+    mkdir -p /pg/$1 && mount -t ext4 "$2" /pg/$1
+  fi
+}
+fs_check_and_drop() { # mode: unmount (export) and check what is on the device
+  if [ "$1" = zfs ]; then
+    zpool scrub -w pg-zfs && zpool status pg-zfs | grep -q "scan: scrub repaired 0B .* with 0 errors" &&
+      zpool status pg-zfs | grep -q "errors: No known data errors" &&
+      echo "zfs: scrub clean" && zpool export pg-zfs
+  else
+    local dev; dev=$(findmnt -n -o SOURCE /pg/$1)
+    umount /pg/$1 && e2fsck -fn "$dev" > /tmp/fsck-$1.log 2>&1 && echo "$1: e2fsck -fn clean" ||
+      { tail -n 20 /tmp/fsck-$1.log; return 1; }
+  fi
+}
 as_pg() { runuser -u postgres -- "$@"; }
 sql() { # mode, then psql arguments
   local m=$1; shift
@@ -54,5 +81,7 @@ balanced() {
   set -- $sums
   [ "$1" = "$2" ] && [ "$2" = "$3" ] && [ "$3" = "$4" ]
 }
+# Two servers, three clusters and the ARC share the guest.
+modprobe zfs zfs_arc_max=$((192 << 20)) || fail "modprobe zfs"
 i=0; while { [ ! -b /dev/vdb ] || [ ! -b /dev/vdc ]; } && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -b /dev/vdc ] || fail "the bucket and journal disks (/dev/vdb, /dev/vdc) are missing"
