@@ -526,3 +526,45 @@ fn journal_dir_arguments_are_checked_first() {
     assert!(!Path::new(dir).exists(), "nothing created");
     assert!(before == env.bucket_files(), "nothing claimed");
 }
+
+/// A volume another live writer holds: a writing command fails with one
+/// line naming it and exit status 77 (`EXIT_IN_USE`; the systemd unit does
+/// not restart on it); other failures keep status 1. The holder is a real
+/// second process: an `import` from a pipe that has not ended.
+#[test]
+fn a_volume_held_by_another_writer_exits_77() {
+    use std::io::Write;
+    let env = Env::new();
+    env.create("1M");
+    let mut holder = Command::new(BIN)
+        .args(["import", "-", "--bucket", &env.bucket(), "--key-file"])
+        .arg(env.path("key"))
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It claims the volume before it reads its input: wait for its claim
+    // (epochs/…), or a gc started earlier would take the volume first.
+    let claimed = || {
+        std::fs::read_dir(env.path("bucket").join("epochs"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !claimed() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(claimed(), "the import made no claim within 30 s");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = env.vol(&["gc", "--grace", "0"]);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    fails(&out, "in use by");
+    let mut stdin = holder.stdin.take().unwrap();
+    stdin.write_all(&[1u8; 4096]).unwrap();
+    drop(stdin);
+    let status = holder.wait().unwrap();
+    assert!(status.success(), "the holding import failed");
+    // Other failures keep exit status 1.
+    let out = env.vol(&["import", "/nonexistent/image"]);
+    assert_eq!(out.status.code(), Some(1));
+}

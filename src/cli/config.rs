@@ -30,9 +30,20 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("invalid TOML in {path}"))?;
+    // A flag the command line gives wins: its key in the file is not used
+    // at all (not even expanded: `--key-file` by hand outside systemd
+    // overrides a `${CREDENTIALS_DIRECTORY}` path).
+    let given = |flag: &str| {
+        args[2..]
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
     let mut flags = Vec::new();
     for (key, value) in table {
         let flag = format!("--{}", key.replace('_', "-"));
+        if given(&flag) {
+            continue;
+        }
         match value {
             toml::Value::Boolean(true) => flags.push(flag),
             toml::Value::Boolean(false) => {}
@@ -91,5 +102,40 @@ mod tests {
         assert!(rest.contains("--foreground"));
         assert!(!rest.contains("--create"));
         assert!(rest.ends_with("--queues 4"), "{rest}");
+        assert!(!rest.contains("--queues 2"), "{rest}");
+    }
+
+    /// Outside systemd (a takeover by hand, README), `--key-file` on the
+    /// command line replaces the file's `${CREDENTIALS_DIRECTORY}` path,
+    /// which then is not expanded (there is no such directory).
+    #[test]
+    fn a_flag_given_by_hand_replaces_a_credentials_path() {
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
+            return; // run under systemd with credentials: nothing to show
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.toml");
+        std::fs::write(
+            &path,
+            "bucket = \"file:///x\"\nkey-file = \"${CREDENTIALS_DIRECTORY}/key\"\n",
+        )
+        .unwrap();
+        let args = |extra: &[&str]| -> Vec<String> {
+            ["zerofs-ublk", "add", "--config", path.to_str().unwrap()]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let err = expand(args(&[])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("CREDENTIALS_DIRECTORY"),
+            "{err:#}"
+        );
+        let out = expand(args(&["--key-file", "/etc/k"])).unwrap().join(" ");
+        assert!(out.ends_with("--key-file /etc/k"), "{out}");
+        assert_eq!(out.matches("--key-file").count(), 1, "{out}");
+        let out = expand(args(&["--key-file=/etc/k"])).unwrap().join(" ");
+        assert_eq!(out.matches("--key-file").count(), 1, "{out}");
     }
 }

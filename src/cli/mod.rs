@@ -107,7 +107,24 @@ pub fn main() -> ExitCode {
 
 fn fail(e: anyhow::Error) -> ExitCode {
     eprintln!("zerofs-ublk: error: {e:#}");
-    ExitCode::FAILURE
+    ExitCode::from(exit_status(&e))
+}
+
+/// Exit status of a command whose volume another writer holds
+/// (`Error::InUse`; EX_NOPERM): nothing changes by retrying until someone
+/// acts, so the systemd unit does not restart on it
+/// (`RestartPreventExitStatus=77`) and says why once.
+pub const EXIT_IN_USE: u8 = 77;
+
+/// 1 for every error, but `EXIT_IN_USE` when the volume is claimed.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    let in_use = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::Error>(),
+            Some(crate::Error::InUse(_))
+        )
+    });
+    if in_use { EXIT_IN_USE } else { 1 }
 }
 
 async fn run(command: Command, args: Vec<String>) -> Result<()> {
