@@ -46,6 +46,23 @@ systemctl stop $DB $VOL || fail "systemctl stop the volumes"
 wait_for "[ -z \"\$(ls /dev/ublkb* 2>/dev/null)\" ]" 30 || fail "a device is still there after stop: $(ls /dev/ublkb*)"
 [ -z "$($Z list 2>/dev/null | tail -n +2)" ] || { $Z list; fail "a device is left"; }
 echo "  both devices removed"
+echo "== another writer holds db: the unit fails once (exit 77), no restart loop; README's takeover by hand"
+# README's command, with another device name: a live writer on this host.
+held=$($Z add --config /etc/zerofs-ublk/db.toml --key-file /etc/zerofs-ublk/db.key --name db-byhand --force) ||
+  fail "README's takeover by hand"
+systemctl start $DB && fail "the unit started on a volume another writer holds"
+sleep 6 # RestartSec=2s: a restart loop would have gone round
+echo "  $DB: $(prop $DB ActiveState) ($(prop $DB Result)), exit status $(prop $DB ExecMainStatus), NRestarts=$(prop $DB NRestarts)"
+journalctl --no-pager -b -u $DB | grep -a "in use by" | tail -n 1 | sed 's/^.*error:/  error:/' || true
+[ "$(prop $DB ExecMainStatus)" = 77 ] || fail "the unit's server did not exit 77 on a held volume"
+[ "$(prop $DB ActiveState)" = failed ] || fail "the unit is $(prop $DB ActiveState), not failed, on a held volume"
+$Z del -n "${held#/dev/ublkb}" || fail "del of the writer by hand"
+systemctl reset-failed $DB
+systemctl start $DB || fail "the unit after the writer by hand let go"
+wait_for "[ -L /dev/disk/by-zerofs/db ]" 60 || fail "no /dev/disk/by-zerofs/db after the unit started again"
+echo "  the writer by hand removed: $DB $(prop $DB ActiveState) ($(readlink -f /dev/disk/by-zerofs/db))"
+systemctl stop $DB || fail "stop $DB"
+wait_for "[ -z \"\$(ls /dev/ublkb* 2>/dev/null)\" ]" 30 || fail "a device is still there after stop: $(ls /dev/ublkb*)"
 # The stops flushed: the buckets alone hold a clean file system and pool.
 export ZEROFS_UBLK_RUN_DIR=/run/zfu-check
 dev=$($Z add --bucket file:///var/lib/zerofs-ublk/db --key-file /etc/zerofs-ublk/db.key --name check-db) ||
