@@ -13,6 +13,7 @@ SCALE=${BENCH_PG_SCALE:-10}
 CLIENTS=${BENCH_PG_CLIENTS:-8}
 RUNTIME=${BENCH_RUNTIME:-30}
 DELAY=${BENCH_STORE_DELAY_MS:-20}
+FS=${BENCH_PG_FS:-ext4}
 Z=/usr/local/bin/zerofs-ublk
 PG=/usr/lib/postgresql/15/bin
 export ZEROFS_UBLK_RUN_DIR=/run/zerofs-ublk ZEROFS_UBLK_LOG=warn
@@ -28,10 +29,9 @@ sleep 2
 head -c 32 /dev/urandom > /tmp/key
 echo "pgbench scale $SCALE, $CLIENTS clients, $RUNTIME s per job, on $FS; store round trip +$DELAY ms"
 
-# BENCH_PG_FS=zfs: a pool on the device instead of ext4 (recordsize 8k,
-# PostgreSQL's page; lz4; the ARC bounded so the page cache and the
-# servers' caches are comparable across runs).
-FS=${BENCH_PG_FS:-ext4}
+# BENCH_PG_FS=zfs (FS, above): a pool on the device instead of ext4
+# (recordsize 8k, PostgreSQL's page; lz4; the ARC bounded so the page
+# cache and the servers' caches are comparable across runs).
 if [ "$FS" = zfs ]; then
   modprobe zfs zfs_arc_max=$((512 << 20)) || fail "modprobe zfs"
 fi
