@@ -57,7 +57,7 @@ async fn two_chunks(store: &DynStore) -> (Loc, Loc) {
     vol.flush().await.unwrap();
     let index = vol.index_snapshot();
     vol.close().await.unwrap();
-    (index.get(0).unwrap(), index.get(1).unwrap())
+    (index.get(0).unwrap().last(), index.get(1).unwrap().last())
 }
 
 fn assert_integrity<T: std::fmt::Debug>(r: Result<T, Error>, needle: &str) {
@@ -288,9 +288,10 @@ fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
     assert!(checkpoint::decode(&keys, pos, &good, 16).is_ok());
 }
 
-/// A partial write into a chunk whose stored frame is tampered is
+/// A partial write over half a chunk whose stored frame is tampered is
 /// acknowledged (it does not read the chunk: volume::partial), but it can
-/// never be completed: the next FLUSH makes everything else durable and
+/// never be completed (too big for a patch: docs/rfcs/0007, the flush
+/// must upload the chunk whole): the next FLUSH makes everything else durable and
 /// fails naming that chunk, the FLUSH after it succeeds, and a later
 /// partial write into the chunk fails at once. Reads of it stay errors,
 /// never data; a whole-chunk write heals it.
@@ -304,7 +305,7 @@ async fn a_partial_write_over_a_tampered_chunk_is_dropped_and_reported_once() {
         loc0.offset as usize + 7,
     );
     let vol = open(&store).await.unwrap();
-    vol.write(512, &[5u8; 512]).await.expect("acknowledged");
+    vol.write(512, &[5u8; 2560]).await.expect("acknowledged");
     vol.write(2 * CHUNK as u64, &pattern(3, CHUNK as usize))
         .await
         .unwrap();
@@ -323,6 +324,37 @@ async fn a_partial_write_over_a_tampered_chunk_is_dropped_and_reported_once() {
         pattern(3, CHUNK as usize)
     );
     assert_integrity(vol.read(0, 512).await, "chunk 0");
+    vol.write(0, &pattern(4, CHUNK as usize)).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(
+        vol.read(0, CHUNK as usize).await.unwrap(),
+        pattern(4, CHUNK as usize)
+    );
+}
+
+/// A small partial write over a tampered chunk is written as a patch
+/// (docs/rfcs/0007): the FLUSH succeeds without reading the chunk, but
+/// the chunk still reads as an integrity error — before and after a
+/// restart, the written sectors too — never as data; a whole-chunk write
+/// heals it.
+#[tokio::test]
+async fn a_patch_over_a_tampered_chunk_reads_as_an_error_never_data() {
+    let (mem, store) = store_with_raw();
+    let (loc0, _) = two_chunks(&store).await;
+    flip(
+        &mem,
+        &paths::segment(loc0.segment),
+        loc0.offset as usize + 7,
+    );
+    let vol = open(&store).await.unwrap();
+    vol.write(512, &[5u8; 512]).await.expect("acknowledged");
+    vol.flush().await.expect("a patch needs no read");
+    assert_eq!(vol.stats().patches_written, 1);
+    assert_integrity(vol.read(512, 512).await, "chunk 0");
+    assert_integrity(vol.read(0, 512).await, "chunk 0");
+    drop(vol);
+    let vol = open(&store).await.unwrap();
+    assert_integrity(vol.read(512, 512).await, "chunk 0");
     vol.write(0, &pattern(4, CHUNK as usize)).await.unwrap();
     vol.flush().await.unwrap();
     assert_eq!(

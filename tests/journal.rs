@@ -424,7 +424,7 @@ async fn chunk_zero_tampered(dir: &Path) -> DynStore {
     let a = first_server(&store, dir).await;
     a.write(0, &pattern(1, 4096)).await.unwrap();
     a.flush().await.unwrap();
-    let loc = a.index_snapshot().get(0).unwrap();
+    let loc = a.index_snapshot().get(0).unwrap().last();
     a.close().await.unwrap();
     let objects = mem.raw_objects();
     let mut objects = objects.lock();
@@ -448,7 +448,9 @@ async fn a_replayed_write_that_cannot_be_completed_does_not_stop_the_server() {
     let store = chunk_zero_tampered(dir.path()).await;
     let b = open_journaled(&store, dir.path()).await;
     b.attach_journal(dir.path()).await.unwrap();
-    b.write(512, &[5u8; 512])
+    // Over half the chunk: not a patch, so only its stored version
+    // completes it (docs/rfcs/0007).
+    b.write(512, &[5u8; 2560])
         .await
         .expect("acknowledged, unread");
     b.write(3 * 4096, &pattern(3, 4096)).await.unwrap();
@@ -489,7 +491,7 @@ async fn a_replay_that_drops_a_chunk_midway_still_serves() {
     let store = chunk_zero_tampered(dir.path()).await;
     let b = open_journaled(&store, dir.path()).await;
     b.attach_journal(dir.path()).await.unwrap();
-    b.write(512, &[5u8; 512]).await.unwrap();
+    b.write(512, &[5u8; 2560]).await.unwrap(); // not a patch: over half
     for c in 1..6u64 {
         b.write(c * 4096, &pattern(c, 4096)).await.unwrap();
     }

@@ -560,6 +560,9 @@ struct Stats {
     failed_flushes: usize,
     concurrent_batches: usize,
     ops: usize,
+    /// Patches written, chunks read through patches, patches the
+    /// collector folded (docs/rfcs/0007), over every process.
+    patches: [u64; 3],
 }
 
 impl Stats {
@@ -624,6 +627,8 @@ struct Case {
     proc_: Arc<ProcStore>,
     vol: Option<Arc<Volume>>,
     zombie: Option<Zombie>,
+    /// The writer last looked at (its address) and its patch counters.
+    seen: (usize, [u64; 3]),
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -637,6 +642,28 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Step {
 }
 
 impl Case {
+    /// Count the current writer's patches; a new writer's counters start
+    /// at zero, so the last ones seen of the one before are added then.
+    fn tally(&mut self, stats: &mut Stats, end: bool) {
+        let now = self.vol.as_ref().map(|v| {
+            let s = v.stats();
+            (
+                Arc::as_ptr(v) as usize,
+                [s.patches_written, s.patched_reads, s.patches_folded],
+            )
+        });
+        let (ptr, counts) = now.unwrap_or((0, [0; 3]));
+        if ptr != self.seen.0 || end {
+            for (total, n) in stats.patches.iter_mut().zip(self.seen.1) {
+                *total += n;
+            }
+            self.seen = (ptr, [0; 3]);
+        }
+        if !end {
+            self.seen = (ptr, counts);
+        }
+    }
+
     fn new(seed: u64) -> (Self, Backend) {
         let mut rng = Rng(seed);
         let backend = if rng.chance(50) {
@@ -720,6 +747,7 @@ impl Case {
             journal,
             vol: None,
             zombie: None,
+            seen: (0, [0; 3]),
             _dirs: dirs,
         };
         (case, backend)
@@ -1126,12 +1154,14 @@ impl Case {
             return Ok(());
         }
         let c = mapped[self.rng.below(mapped.len() as u64) as usize] as u64;
-        let mut partial = || {
-            let first = self.rng.below(SECTORS_PER_CHUNK - 1);
-            let sectors = 1 + self.rng.below(SECTORS_PER_CHUNK - 1 - first);
+        let mut partial = |least: u64| {
+            let sectors = least + self.rng.below(SECTORS_PER_CHUNK - 1 - least);
+            let first = self.rng.below(SECTORS_PER_CHUNK - sectors);
             (c * SECTORS_PER_CHUNK + first, sectors, self.rng.next())
         };
-        let (p1, p2) = (partial(), partial());
+        // Over half the chunk: not a patch, so its stored version is read
+        // (in the background) for the flush (docs/rfcs/0007).
+        let (p1, p2) = (partial(SECTORS_PER_CHUNK / 2 + 1), partial(1));
         let whole = (c * SECTORS_PER_CHUNK, SECTORS_PER_CHUNK, self.rng.next());
         let then = self.rng.below(3);
         let next = match then {
@@ -1946,7 +1976,9 @@ async fn run_case(seed: u64, ops: usize, stats: &mut Stats) -> Result<(), (Strin
         case.vol = Some(vol);
         for _ in 0..ops {
             case.step(stats).await?;
+            case.tally(stats, false);
         }
+        case.tally(stats, true);
         // The end of every life: a crash, then everything acknowledged.
         case.note("final crash");
         case.die();
@@ -2031,6 +2063,10 @@ fn random_lives_keep_the_durability_contract() {
         stats.concurrent_batches,
         stats.failed_flushes
     );
+    let [written, read, folded] = stats.patches;
+    println!(
+        "  patches: {written} written, {read} chunks read through patches, {folded} folded by the collector"
+    );
     for (kind, n) in &stats.crash_points {
         println!("  crash points {kind}: {n}");
     }
@@ -2066,6 +2102,11 @@ fn random_lives_keep_the_durability_contract() {
             let n = stats.gates_reached.get(gate).copied().unwrap_or(0);
             assert!(n >= 10, "gate {gate} held only {n} times");
         }
+        // Patches must be written, read back and folded (docs/rfcs/0007).
+        assert!(
+            written >= 200 && read >= 50 && folded >= 20,
+            "patches: {written} written, {read} read, {folded} folded"
+        );
         // A zombie deleting what it marked before the takeover, while the
         // new owner runs, must actually happen.
         assert!(

@@ -739,7 +739,7 @@ async fn p10(chunks: u64, changed: u64) -> Result<Vec<String>> {
     };
     let mut index = Index::default();
     for c in 0..chunks {
-        index.set(c, Some(loc(c, 0)));
+        index.set_frame(c, Some(loc(c, 0)));
     }
     index.take_changed();
     let whole =
@@ -768,7 +768,7 @@ async fn p10(chunks: u64, changed: u64) -> Result<Vec<String>> {
     for _ in 0..changed {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         let c = (x >> 33) % chunks;
-        index.set(c, Some(loc(c, 1)));
+        index.set_frame(c, Some(loc(c, 1)));
     }
     let delta_at = SegmentId {
         epoch,

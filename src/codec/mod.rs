@@ -1,9 +1,11 @@
 //! The chunk codec: zstd, then AES-256-GCM.
 //!
 //! A frame is `flag || AES-256-GCM(K_seg, nonce, aad, payload)` where
-//! - flag = 1 for a zstd payload, 0 for the raw chunk. It is stored in the
-//!   clear (a frame's length already tells a raw chunk apart) but bound by
-//!   the AAD, so flipping it fails authentication. Outside the ciphertext,
+//! - flag = 1 for a zstd payload, 0 for the raw chunk; 3 and 2 the same
+//!   for a patch (some sectors of the chunk: `patch`, docs/rfcs/0007). It
+//!   is stored in the clear (a frame's length already tells a raw chunk
+//!   apart) but bound by the AAD, so flipping it fails authentication and
+//!   a patch never passes for a chunk or the reverse. Outside the ciphertext,
 //!   a raw frame decrypts in place into exactly the chunk's bytes: no shift,
 //!   and a buffer of exactly the chunk size (no allocator slack held in the
 //!   cache),
@@ -28,8 +30,12 @@ use crate::error::{Error, Result};
 use crate::store::keys::{SubKey, TAG_LEN, VolumeKeys, counter_nonce, domain};
 use crate::store::{Loc, SegmentId};
 
+pub mod patch;
+
 const FLAG_RAW: u8 = 0;
 const FLAG_ZSTD: u8 = 1;
+const FLAG_PATCH_RAW: u8 = 2;
+const FLAG_PATCH_ZSTD: u8 = 3;
 
 #[derive(Clone)]
 pub struct Codec {
@@ -45,11 +51,34 @@ pub struct FrameKey {
     key: SubKey,
 }
 
-/// What compression decided for one chunk: store it raw, or these zstd
-/// bytes.
-pub enum Plain {
-    Raw,
-    Zstd(Vec<u8>),
+/// What a frame holds: a whole chunk, or a patch of some of its sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Chunk,
+    Patch,
+}
+
+/// What compression decided for one frame's body (a chunk, or a patch's
+/// body): store it raw, or these zstd bytes.
+pub struct Plain {
+    kind: FrameKind,
+    raw_len: usize,
+    zstd: Option<Vec<u8>>,
+}
+
+impl Plain {
+    fn flag(&self) -> u8 {
+        match (self.kind, self.zstd.is_some()) {
+            (FrameKind::Chunk, false) => FLAG_RAW,
+            (FrameKind::Chunk, true) => FLAG_ZSTD,
+            (FrameKind::Patch, false) => FLAG_PATCH_RAW,
+            (FrameKind::Patch, true) => FLAG_PATCH_ZSTD,
+        }
+    }
+
+    pub fn kind(&self) -> FrameKind {
+        self.kind
+    }
 }
 
 thread_local! {
@@ -132,16 +161,13 @@ impl Codec {
         frame
     }
 
-    /// Bytes the frame of a compressed chunk takes.
+    /// Bytes the frame of a compressed body takes.
     pub fn frame_len(&self, plain: &Plain) -> usize {
-        let payload = match plain {
-            Plain::Raw => self.chunk_size,
-            Plain::Zstd(z) => z.len(),
-        };
-        payload + 1 + TAG_LEN
+        plain.zstd.as_ref().map_or(plain.raw_len, |z| z.len()) + 1 + TAG_LEN
     }
 
-    /// Write the frame of `data` (compressed as `plain` says) into `out`,
+    /// Write the frame of `data` — a chunk, or a patch's body — (compressed
+    /// as `plain` says) into `out`,
     /// which is exactly `frame_len` bytes at `offset` of the key's segment,
     /// and encrypt it there. Split from `compress` so a flush can compress
     /// in parallel, lay the segment out, then encrypt in parallel in place.
@@ -155,18 +181,11 @@ impl Codec {
         out: &mut [u8],
     ) {
         assert_eq!(out.len(), self.frame_len(plain), "frame buffer size");
+        assert_eq!(data.len(), plain.raw_len, "the body compressed");
         let (flag, rest) = out.split_at_mut(1);
         let (payload, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
-        flag[0] = match plain {
-            Plain::Raw => {
-                payload.copy_from_slice(data);
-                FLAG_RAW
-            }
-            Plain::Zstd(z) => {
-                payload.copy_from_slice(z);
-                FLAG_ZSTD
-            }
-        };
+        payload.copy_from_slice(plain.zstd.as_deref().unwrap_or(data));
+        flag[0] = plain.flag();
         let nonce = counter_nonce(domain::FRAME, offset);
         let aad = aad(&self.keys.volume_id, key.segment, offset, chunk, flag[0]);
         tag.copy_from_slice(&key.key.encrypt_in_place(&nonce, &aad, payload));
@@ -176,15 +195,32 @@ impl Codec {
     /// the chunk, raw otherwise.
     pub fn compress(&self, data: &[u8]) -> Plain {
         assert_eq!(data.len(), self.chunk_size, "whole chunks only");
+        self.compress_body(FrameKind::Chunk, data)
+    }
+
+    /// `compress` for a patch's body (`patch::encode`).
+    pub fn compress_patch(&self, body: &[u8]) -> Plain {
+        self.compress_body(FrameKind::Patch, body)
+    }
+
+    fn compress_body(&self, kind: FrameKind, data: &[u8]) -> Plain {
+        let raw = Plain {
+            kind,
+            raw_len: data.len(),
+            zstd: None,
+        };
         if self.looks_incompressible(data) {
-            return Plain::Raw;
+            return raw;
         }
         ZSTD.with_borrow_mut(|(cctx, _, scratch)| {
             scratch.clear();
             scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
             match cctx.compress(scratch, data, self.level) {
-                Ok(n) if n < data.len() - data.len() / 64 => Plain::Zstd(scratch[..n].to_vec()),
-                _ => Plain::Raw,
+                Ok(n) if n < data.len() - data.len() / 64 => Plain {
+                    zstd: Some(scratch[..n].to_vec()),
+                    ..raw
+                },
+                _ => raw,
             }
         })
     }
@@ -207,9 +243,20 @@ impl Codec {
         })
     }
 
-    /// Authenticate, decrypt and decompress one frame. Any failure is an
-    /// integrity error naming the chunk; never data.
+    /// Authenticate, decrypt and decompress one chunk frame. Any failure
+    /// (a patch frame too) is an integrity error naming the chunk; never
+    /// data.
     pub fn decode(&self, loc: Loc, chunk: u64, frame: &[u8]) -> Result<Vec<u8>> {
+        self.open(loc, chunk, frame, FrameKind::Chunk)
+    }
+
+    /// `decode` for a patch frame: its body, checked (`patch::apply` lays
+    /// it over the chunk).
+    pub fn decode_patch(&self, loc: Loc, chunk: u64, frame: &[u8]) -> Result<Vec<u8>> {
+        self.open(loc, chunk, frame, FrameKind::Patch)
+    }
+
+    fn open(&self, loc: Loc, chunk: u64, frame: &[u8], kind: FrameKind) -> Result<Vec<u8>> {
         let fail = |why: &str| {
             let msg = format!(
                 "chunk {chunk} (segment {}, offset {}): {why}",
@@ -229,10 +276,27 @@ impl Codec {
         if !key.decrypt_in_place(&nonce, &aad, &mut plain, tag) {
             return Err(fail("frame failed authentication"));
         }
-        let data = match flag {
-            FLAG_RAW => plain,
-            FLAG_ZSTD => {
-                let mut out = Vec::with_capacity(self.chunk_size);
+        let (is, zstd) = match flag {
+            FLAG_RAW => (FrameKind::Chunk, false),
+            FLAG_ZSTD => (FrameKind::Chunk, true),
+            FLAG_PATCH_RAW => (FrameKind::Patch, false),
+            FLAG_PATCH_ZSTD => (FrameKind::Patch, true),
+            other => return Err(fail(&format!("unknown frame flag {other}"))),
+        };
+        if is != kind {
+            return Err(fail(&format!(
+                "a {is:?} frame where a {kind:?} was expected"
+            )));
+        }
+        // A patch's body is at most a bitmap and every sector.
+        let most = patch::body_len(self.chunk_size, self.chunk_size / patch::SECTOR);
+        let data = match zstd {
+            false => plain,
+            true => {
+                let mut out = Vec::with_capacity(match kind {
+                    FrameKind::Chunk => self.chunk_size,
+                    FrameKind::Patch => most,
+                });
                 ZSTD.with_borrow_mut(|(_, dctx, _)| dctx.decompress(&mut out, &plain))
                     .map_err(|code| {
                         fail(&format!(
@@ -242,15 +306,18 @@ impl Codec {
                     })?;
                 out
             }
-            other => return Err(fail(&format!("unknown frame flag {other}"))),
         };
-        if data.len() != self.chunk_size {
-            return Err(fail(&format!(
+        match kind {
+            FrameKind::Chunk if data.len() != self.chunk_size => Err(fail(&format!(
                 "decodes to {} bytes, not a chunk",
                 data.len()
-            )));
+            ))),
+            FrameKind::Patch => match patch::check(&data, self.chunk_size) {
+                Ok(()) => Ok(data),
+                Err(why) => Err(fail(&why)),
+            },
+            FrameKind::Chunk => Ok(data),
         }
-        Ok(data)
     }
 }
 
@@ -307,6 +374,36 @@ mod tests {
         let random: Vec<u8> = (0..4096).map(|_| rand::random()).collect();
         let frame = c.encode(&c.frame_key(SEG), 0, 1, &random);
         assert_eq!(frame.len(), 4096 + 1 + TAG_LEN);
+    }
+
+    /// A patch frame round-trips to its body, and is never taken for a
+    /// chunk frame (nor a chunk frame for a patch): the flag is in the AAD.
+    #[test]
+    fn a_patch_is_not_a_chunk_and_a_chunk_is_not_a_patch() {
+        let c = codec();
+        let key = c.frame_key(SEG);
+        let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+        let sectors: bit_set::BitSet = [2usize, 5].into_iter().collect();
+        let body = patch::encode(&data, &sectors);
+        let plain = c.compress_patch(&body);
+        assert_eq!(plain.kind(), FrameKind::Patch);
+        let mut frame = vec![0u8; c.frame_len(&plain)];
+        c.encrypt_into(&key, 0, 9, &body, &plain, &mut frame);
+        let l = loc(0, frame.len());
+        assert_eq!(c.decode_patch(l, 9, &frame).unwrap(), body);
+        assert!(matches!(c.decode(l, 9, &frame), Err(Error::Integrity(_))));
+        let chunk = c.encode(&key, 0, 9, &data);
+        let l = loc(0, chunk.len());
+        assert!(matches!(
+            c.decode_patch(l, 9, &chunk),
+            Err(Error::Integrity(_))
+        ));
+        // Relabelling the flag fails authentication either way.
+        let mut relabelled = frame.clone();
+        relabelled[0] ^= 2;
+        let l = loc(0, frame.len());
+        assert!(c.decode(l, 9, &relabelled).is_err());
+        assert!(c.decode_patch(l, 9, &relabelled).is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use super::index::{Index, Loc};
+use super::index::{Index, Loc, MOST_PATCHES_STORED, Mapping};
 use super::keys::{VolumeKeys, counter_nonce, domain};
 use super::segment::SegmentId;
 use super::wire::{Decoder, Encoder};
@@ -51,9 +51,10 @@ const MAX_PLAIN: usize = 4 << 30;
 /// in parallel at open.
 pub const BASE_PART_ENTRIES: usize = 1 << 20;
 
-/// One entry of a run: a chunk and where its frame is (None: it reads as
-/// zeros; deltas only).
-pub type Entry = (u64, Option<Loc>);
+/// One entry of a run: a chunk and where its content is (None: it reads
+/// as zeros; deltas only). Encoded as one record per frame: a patched
+/// chunk's number repeats, its chunk frame first (docs/rfcs/0007).
+pub type Entry = (u64, Option<Mapping>);
 
 /// A base part or a delta.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -204,17 +205,23 @@ fn open_object(
         .map_err(|e| bad(&format!("does not decompress ({e})")))
 }
 
-/// The most plaintext an index of `chunks` chunks can take: every chunk
-/// in its own segment (a 20-byte entry and a 16-byte segment id).
+/// Bytes one chunk's records take at most: every frame of the most
+/// patches a mapping holds in its own segment (a 20-byte record and a
+/// 16-byte segment id each).
+const MOST_PER_CHUNK: u64 = 36 * (1 + MOST_PATCHES_STORED as u64);
+
+/// The most plaintext an index of `chunks` chunks can take.
 fn most_for(chunks: u64, extra: u64) -> usize {
-    MAX_PLAIN
-        .min(usize::try_from(chunks.saturating_mul(36).saturating_add(extra)).unwrap_or(usize::MAX))
+    MAX_PLAIN.min(
+        usize::try_from(chunks.saturating_mul(MOST_PER_CHUNK).saturating_add(extra))
+            .unwrap_or(usize::MAX),
+    )
 }
 
 fn encode_entries(e: &mut Encoder, entries: &[Entry]) {
     let mut segments: Vec<SegmentId> = entries
         .iter()
-        .filter_map(|(_, l)| l.map(|l| l.segment))
+        .flat_map(|(_, m)| m.iter().flat_map(|m| m.frames().iter().map(|l| l.segment)))
         .collect();
     segments.sort();
     segments.dedup();
@@ -222,15 +229,21 @@ fn encode_entries(e: &mut Encoder, entries: &[Entry]) {
     for s in &segments {
         e.u64(s.epoch).u64(s.seq);
     }
-    e.u64(entries.len() as u64);
-    for (chunk, loc) in entries {
-        match loc {
-            Some(loc) => {
-                let ordinal = segments.binary_search(&loc.segment).expect("listed");
-                e.u64(*chunk)
-                    .u32(ordinal as u32)
-                    .u32(loc.offset)
-                    .u32(loc.len);
+    let records: usize = entries
+        .iter()
+        .map(|(_, m)| m.as_ref().map_or(1, |m| m.frames().len()))
+        .sum();
+    e.u64(records as u64);
+    for (chunk, mapping) in entries {
+        match mapping {
+            Some(m) => {
+                for loc in m.frames() {
+                    let ordinal = segments.binary_search(&loc.segment).expect("listed");
+                    e.u64(*chunk)
+                        .u32(ordinal as u32)
+                        .u32(loc.offset)
+                        .u32(loc.len);
+                }
             }
             None => {
                 e.u64(*chunk).u32(ZEROS).u32(0).u32(0);
@@ -255,15 +268,16 @@ fn decode_entries(
         });
     }
     let n = d.count(20)?;
-    let mut entries = Vec::with_capacity(n);
+    let mut entries: Vec<Entry> = Vec::with_capacity(n);
     for _ in 0..n {
         let chunk = d.u64()?;
         let ordinal = d.u32()?;
         let (offset, len) = (d.u32()?, d.u32()?);
         Index::check_chunk(chunk, chunks, origin)?;
+        let repeated = entries.last().is_some_and(|(c, _)| *c == chunk);
         if ordinal == ZEROS {
-            if !zeros_allowed {
-                return Err(bad("a zero entry outside a delta"));
+            if !zeros_allowed || repeated {
+                return Err(bad("a zero entry outside a delta, or repeated"));
             }
             entries.push((chunk, None));
             continue;
@@ -271,14 +285,22 @@ fn decode_entries(
         let segment = *segments
             .get(ordinal as usize)
             .ok_or_else(|| bad("entry names a missing segment"))?;
-        entries.push((
-            chunk,
-            Some(Loc {
-                segment,
-                offset,
-                len,
-            }),
-        ));
+        let loc = Loc {
+            segment,
+            offset,
+            len,
+        };
+        match entries.last_mut() {
+            // The chunk again: a patch over the frames before it.
+            Some((_, Some(m))) if repeated => {
+                if m.patches() >= MOST_PATCHES_STORED {
+                    return Err(bad(&format!("chunk {chunk} holds too many patches")));
+                }
+                *m = m.with_patch(loc);
+            }
+            Some(_) if repeated => return Err(bad("a patch of a zero entry")),
+            _ => entries.push((chunk, Some(Mapping::Frame(loc)))),
+        }
     }
     Ok(entries)
 }
@@ -305,7 +327,7 @@ pub fn encode_root(keys: &VolumeKeys, position: SegmentId, root: &Root) -> Bytes
 /// build reads them and never writes them.
 #[doc(hidden)]
 pub fn encode_whole(keys: &VolumeKeys, position: SegmentId, index: &Index) -> Bytes {
-    let entries: Vec<Entry> = index.iter().map(|(c, l)| (c, Some(l))).collect();
+    let entries: Vec<Entry> = index.iter().map(|(c, m)| (c, Some(m.clone()))).collect();
     let mut e = Encoder::with_capacity(32 + entries.len() * 24);
     e.u32(WHOLE);
     encode_entries(&mut e, &entries);
@@ -589,7 +611,7 @@ impl Plan {
         if self.rebase {
             let mut parts: Vec<Vec<Entry>> = vec![Vec::new(); ids.len()];
             for (i, (chunk, loc)) in self.snapshot.iter().enumerate() {
-                parts[i / BASE_PART_ENTRIES].push((chunk, Some(loc)));
+                parts[i / BASE_PART_ENTRIES].push((chunk, Some(loc.clone())));
             }
             ids.into_iter().zip(parts).collect()
         } else {
@@ -666,7 +688,7 @@ mod tests {
     fn equal_deltas_merge_into_a_logarithmic_chain_without_a_new_base() {
         let mut index = Index::default();
         for c in 0..100_000 {
-            index.set(c, Some(loc(0)));
+            index.set_frame(c, Some(loc(0)));
         }
         let (rebase, mut chain) = stored(Chain::plan(
             None,
@@ -682,7 +704,7 @@ mod tests {
             // Ten chunks changed each time, never the same ones.
             let changed: imbl::OrdSet<u64> = (0..10).map(|i| (n * 10 + i) % 100_000).collect();
             for c in &changed {
-                index.set(*c, Some(loc(n + 2)));
+                index.set_frame(*c, Some(loc(n + 2)));
             }
             let (rebase, next) = stored(Chain::plan(
                 Some(&chain),
@@ -712,7 +734,7 @@ mod tests {
     fn deltas_past_half_the_base_make_a_new_base() {
         let mut index = Index::default();
         for c in 0..100 {
-            index.set(c, Some(loc(0)));
+            index.set_frame(c, Some(loc(0)));
         }
         let (_, chain) = stored(Chain::plan(
             None,
@@ -738,7 +760,7 @@ mod tests {
     fn a_base_is_cut_into_parts() {
         let mut index = Index::default();
         for c in 0..(BASE_PART_ENTRIES as u64 + 5) {
-            index.set(c, Some(loc(0)));
+            index.set_frame(c, Some(loc(0)));
         }
         let runs = Chain::plan(None, pos(1), index, &Default::default()).runs_to_write();
         let sizes: Vec<(u32, usize)> = runs.iter().map(|(id, e)| (id.part, e.len())).collect();
@@ -753,7 +775,12 @@ mod tests {
             kind: RunKind::Delta,
             part: 0,
         };
-        let entries = vec![(3, Some(loc(4))), (5, None), (8, Some(loc(2)))];
+        let patched = Mapping::Frame(loc(4)).with_patch(loc(5)).with_patch(loc(6));
+        let entries = vec![
+            (3, Some(patched)),
+            (5, None),
+            (8, Some(Mapping::Frame(loc(2)))),
+        ];
         let data = encode_run(&keys, run, &entries);
         let named = RunRef {
             id: run,

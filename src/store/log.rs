@@ -329,7 +329,13 @@ impl LogStore {
             let (id, entries) = table?;
             for e in entries {
                 Index::check_chunk(e.chunk, chunks, &format!("segment {id}"))?;
-                index.set(e.chunk, e.loc(id));
+                match e.loc(id) {
+                    // Laid over the chunk's frames (docs/rfcs/0007).
+                    Some(loc) if e.patch => index
+                        .patch(e.chunk, loc)
+                        .map_err(|err| Error::Integrity(format!("segment {id}: {err}")))?,
+                    loc => index.set_frame(e.chunk, loc),
+                }
             }
             last = Some(id);
         }
@@ -527,7 +533,7 @@ impl LogStore {
         for (run, entries) in root.runs.iter().zip(&runs) {
             let mut chunks = imbl::OrdSet::new();
             for (chunk, loc) in entries {
-                index.load(*chunk, *loc);
+                index.load(*chunk, loc.clone());
                 if run.id.kind == checkpoint::RunKind::Delta {
                     chunks.insert(*chunk);
                 }

@@ -26,7 +26,7 @@ pub mod segment;
 pub mod superblock;
 pub(crate) mod wire;
 
-pub use index::{Index, Loc};
+pub use index::{Index, Loc, Mapping};
 pub use log::{Inventory, LogStore, LogSummary, OpenMode, WriterOptions};
 pub use segment::SegmentId;
 pub use superblock::{CreateParams, Superblock};

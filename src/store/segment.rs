@@ -1,13 +1,15 @@
 //! Segments: immutable objects holding the frames written by one flush.
 //!
-//! Layout (format version 1):
+//! Layout (table version 2; version 1, read still, has no patches):
 //! ```text
 //! frame 0 | frame 1 | … | table ciphertext | trailer (16 bytes)
 //! trailer = table_len u32 LE | version u32 LE | magic "ZUBLKSEG"
 //! ```
 //! Frames start at offset 0 and are opaque here (the codec encrypts them).
 //! The table lists every chunk the segment sets — with its frame's offset
-//! and length, or length 0 for "this chunk is now zeros" — plus the length
+//! and length, or length 0 for "this chunk is now zeros"; the length's top
+//! bit marks a patch, laid over the chunk's frames before it
+//! (docs/rfcs/0007) — plus the length
 //! and CRC32C of the frame area. It is encrypted under a subkey bound to the
 //! segment's name, so the index can be rebuilt from segments alone and a
 //! segment cannot be renamed or moved to another volume.
@@ -52,7 +54,11 @@ impl std::fmt::Display for SegmentId {
 }
 
 const MAGIC: &[u8; 8] = b"ZUBLKSEG";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Tables of this version hold no patch (formats 2 to 5).
+const VERSION_WITHOUT_PATCHES: u32 = 1;
+/// The top bit of an entry's length: the frame is a patch.
+const PATCH_BIT: u32 = 1 << 31;
 pub const TRAILER_LEN: usize = 16;
 const ENTRY_LEN: usize = 16;
 /// How much of a segment's tail one GET fetches to find its table.
@@ -64,6 +70,8 @@ pub struct TableEntry {
     pub chunk: u64,
     pub offset: u32,
     pub len: u32,
+    /// The frame is a patch (docs/rfcs/0007), not a whole chunk.
+    pub patch: bool,
 }
 
 impl TableEntry {
@@ -127,13 +135,22 @@ impl SegmentLayout {
         self.frames_len
     }
 
-    /// Reserve the next `len` bytes for the frame of `chunk`.
-    pub fn add_frame(&mut self, chunk: u64, len: usize) -> Loc {
+    /// Reserve the next `len` bytes for the frame of `chunk` (a patch when
+    /// `patch`).
+    pub fn add_frame(&mut self, chunk: u64, len: usize, patch: bool) -> Loc {
         let offset = u32::try_from(self.frames_len).expect("segments stay below 4 GiB");
         let len = u32::try_from(len).expect("frame below 4 GiB");
-        assert!(len > 0, "frames are never empty");
+        assert!(
+            len > 0 && len < PATCH_BIT,
+            "frames are never empty, nor 2 GiB"
+        );
         self.frames_len += len as usize;
-        self.entries.push(TableEntry { chunk, offset, len });
+        self.entries.push(TableEntry {
+            chunk,
+            offset,
+            len,
+            patch,
+        });
         Loc {
             segment: self.id,
             offset,
@@ -147,6 +164,7 @@ impl SegmentLayout {
             chunk,
             offset: 0,
             len: 0,
+            patch: false,
         });
     }
 
@@ -163,7 +181,8 @@ impl SegmentLayout {
         let mut table = Encoder::with_capacity(table_plain_len(self.entries.len()));
         table.u32(VERSION).u64(self.entries.len() as u64);
         for e in &self.entries {
-            table.u64(e.chunk).u32(e.offset).u32(e.len);
+            let len = if e.patch { e.len | PATCH_BIT } else { e.len };
+            table.u64(e.chunk).u32(e.offset).u32(len);
         }
         table
             .u64(self.frames_len as u64)
@@ -195,7 +214,7 @@ pub fn table_range(id: SegmentId, tail: &[u8], object_len: u64) -> Result<(u64, 
         return Err(bad("bad trailer magic"));
     }
     let version = u32::from_le_bytes(trailer[4..8].try_into().expect("4"));
-    if version != VERSION {
+    if version != VERSION && version != VERSION_WITHOUT_PATCHES {
         return Err(bad(&format!("unsupported segment version {version}")));
     }
     let table_len = u32::from_le_bytes(trailer[..4].try_into().expect("4")) as u64;
@@ -222,7 +241,8 @@ pub fn decode_table(
         )
         .ok_or_else(|| Error::Integrity(format!("segment {id}: table failed authentication")))?;
     let mut d = Decoder::new(&plain, "segment table");
-    if d.u32()? != VERSION {
+    let version = d.u32()?;
+    if version != VERSION && version != VERSION_WITHOUT_PATCHES {
         return Err(Error::Integrity(format!(
             "segment {id}: table version mismatch"
         )));
@@ -230,11 +250,19 @@ pub fn decode_table(
     let n = d.count(ENTRY_LEN)?;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
+        let (chunk, offset, len) = (d.u64()?, d.u32()?, d.u32()?);
+        let patch = version == VERSION && len & PATCH_BIT != 0;
         let e = TableEntry {
-            chunk: d.u64()?,
-            offset: d.u32()?,
-            len: d.u32()?,
+            chunk,
+            offset,
+            len: if patch { len & !PATCH_BIT } else { len },
+            patch,
         };
+        if patch && e.len == 0 {
+            return Err(Error::Integrity(format!(
+                "segment {id}: an empty patch of chunk {chunk}"
+            )));
+        }
         if e.len > 0 && e.offset as u64 + e.len as u64 > frames_len {
             return Err(Error::Integrity(format!(
                 "segment {id}: frame of chunk {} lies outside the frame area",

@@ -17,10 +17,11 @@ use crate::error::{Error, Result};
 /// writer acknowledges a FLUSH without an ownership check — a format-3
 /// build, which does not fence, must not take over such a volume. 5: a
 /// checkpoint is a root naming index runs, a base and deltas
-/// (docs/rfcs/0004), which a format-4 build cannot read. 2 to 4 are still
-/// read (their whole-index checkpoints too); a format-5 writer upgrades
-/// them.
-pub const FORMAT_VERSION: u32 = 5;
+/// (docs/rfcs/0004), which a format-4 build cannot read. 6: segments and
+/// checkpoints may hold patches (docs/rfcs/0007), which a format-5 build
+/// would read as frames. 2 to 5 are still read (their whole-index
+/// checkpoints too); a format-6 writer upgrades them.
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest format this build opens.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
 const MAGIC: &str = "zerofs-ublk volume";

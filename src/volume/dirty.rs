@@ -14,11 +14,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bit_set::BitSet;
+
 use super::journal::{Journal, Record};
 use super::partial::Partial;
 use crate::cache::ChunkData;
 use crate::error::Result;
-use crate::store::{Index, Loc};
+use crate::store::{Index, Loc, Mapping};
 
 /// What a zeroed chunk counts against the dirty limit (it holds no data,
 /// but a huge discard must still apply back-pressure).
@@ -66,7 +68,19 @@ struct Dirty {
     generation: u64,
     /// A flush in flight captured this generation.
     in_flight: bool,
+    /// The sectors written since the entry was made over the chunk's
+    /// stored version; None when it does not sit on that version (a
+    /// whole-chunk write, zeros, or writes over unpublished zeros). What a
+    /// patch of this entry holds (docs/rfcs/0007).
+    since_stored: Option<BitSet>,
 }
+
+/// The sectors `at..at + len` of a chunk (bytes, whole sectors).
+pub fn sectors(at: usize, len: usize) -> BitSet {
+    (at / SECTOR..(at + len).div_ceil(SECTOR)).collect()
+}
+
+const SECTOR: usize = super::SECTOR as usize;
 
 #[derive(Default)]
 pub struct DirtyTable {
@@ -113,6 +127,27 @@ pub struct Captured {
     pub chunk: u64,
     pub generation: u64,
     pub content: Content,
+    pub since_stored: Option<BitSet>,
+}
+
+/// What a flush made durable for one chunk it captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Zeros,
+    Frame(Loc),
+    /// A patch over the chunk's mapping (docs/rfcs/0007).
+    Patch(Loc),
+}
+
+impl Published {
+    /// The frame written, if any: the memory cache keys the chunk's
+    /// content by it.
+    pub fn loc(self) -> Option<Loc> {
+        match self {
+            Published::Zeros => None,
+            Published::Frame(loc) | Published::Patch(loc) => Some(loc),
+        }
+    }
 }
 
 pub struct State {
@@ -123,9 +158,9 @@ pub struct State {
     pub oldest_dirty: Option<Instant>,
     /// Where acknowledged writes outlive this process (daemon only).
     pub journal: Option<Journal>,
-    /// Stored versions found unreadable for good (failed authentication,
-    /// or gone): a partial write into a chunk stored there fails at once,
-    /// as it did when every such write read its chunk first.
+    /// Frames of stored versions found unreadable for good (failed
+    /// authentication, or gone): a partial write into a chunk stored there
+    /// fails at once, as it did when every such write read its chunk first.
     unreadable: std::collections::HashSet<Loc>,
 }
 
@@ -151,13 +186,16 @@ impl State {
         self.next_generation
     }
 
-    pub fn set_dirty(&mut self, chunk: u64, data: Content) {
+    /// A new entry for a chunk (replacing any): `since_stored` as `Dirty`
+    /// says.
+    pub fn set_dirty(&mut self, chunk: u64, data: Content, since_stored: Option<BitSet>) {
         let generation = self.bump();
         let new_cost = data.cost();
         let entry = Dirty {
             data,
             generation,
             in_flight: false,
+            since_stored,
         };
         if let Some(old) = self.dirty.map.insert(chunk, entry) {
             self.dirty.bytes -= old.data.cost();
@@ -196,6 +234,9 @@ impl State {
             }
             Content::Partial(p) => Arc::make_mut(p).write(at, bytes),
         }
+        if let Some(since) = &mut entry.since_stored {
+            since.union_with(&sectors(at, bytes.len()));
+        }
         if let Content::Partial(p) = &entry.data
             && p.is_whole()
         {
@@ -219,19 +260,19 @@ impl State {
     /// Make a whole chunk zeros; free when it already is.
     pub fn zero_chunk(&mut self, chunk: u64) {
         if self.holds_data(chunk) {
-            self.set_dirty(chunk, Content::Zeros);
+            self.set_dirty(chunk, Content::Zeros, None);
         }
     }
 
     /// Where a partial chunk's stored version is now (None: it reads as
     /// zeros); None when the chunk is not partial.
-    pub fn partial_base(&self, chunk: u64) -> Option<Option<Loc>> {
+    pub fn partial_base(&self, chunk: u64) -> Option<Option<Mapping>> {
         matches!(self.dirty.get(chunk), Some(Content::Partial(_))).then(|| self.index.get(chunk))
     }
 
-    /// Whether `loc` was found unreadable for good.
-    pub fn is_unreadable(&self, loc: Loc) -> bool {
-        self.unreadable.contains(&loc)
+    /// Whether a frame of `mapping` was found unreadable for good.
+    pub fn is_unreadable(&self, mapping: &Mapping) -> bool {
+        mapping.frames().iter().any(|l| self.unreadable.contains(l))
     }
 
     /// The generation of the newest write applied so far: a FLUSH that
@@ -244,14 +285,14 @@ impl State {
     /// drop the entry (the writes in it are lost; a FLUSH says so), and
     /// remember `base`. Returns the dropped entry's generation (its newest
     /// write), None when the chunk is no longer partial there.
-    pub fn drop_unreadable(&mut self, chunk: u64, base: Option<Loc>) -> Option<u64> {
-        if self.partial_base(chunk) != Some(base) {
+    pub fn drop_unreadable(&mut self, chunk: u64, base: Option<Mapping>) -> Option<u64> {
+        if self.partial_base(chunk).as_ref() != Some(&base) {
             return None;
         }
-        if let Some(loc) = base
-            && self.unreadable.len() < UNREADABLE_KEPT
-        {
-            self.unreadable.insert(loc);
+        for loc in base.iter().flat_map(|m| m.frames()) {
+            if self.unreadable.len() < UNREADABLE_KEPT {
+                self.unreadable.insert(*loc);
+            }
         }
         let gone = self.dirty.map.remove(&chunk).expect("partial");
         self.dirty.bytes -= gone.data.cost();
@@ -261,14 +302,31 @@ impl State {
         Some(gone.generation)
     }
 
-    /// Every partial chunk, in chunk order.
-    pub fn partial_chunks(&self) -> Vec<u64> {
+    /// Every partial chunk that `needs_base` says a flush must read, in
+    /// chunk order.
+    pub fn partial_chunks(
+        &self,
+        needs_base: impl Fn(&BitSet, Option<&Mapping>) -> bool,
+    ) -> Vec<u64> {
         let mut out: Vec<u64> = (self.dirty.map.iter())
-            .filter(|(_, d)| matches!(d.data, Content::Partial(_)))
+            .filter(|(chunk, d)| match (&d.data, &d.since_stored) {
+                (Content::Partial(_), Some(since)) => {
+                    needs_base(since, self.index.get(**chunk).as_ref())
+                }
+                (Content::Partial(_), None) => true,
+                _ => false,
+            })
             .map(|(chunk, _)| *chunk)
             .collect();
         out.sort_unstable();
         out
+    }
+
+    /// The sectors written into a dirty chunk since its stored version
+    /// (`Dirty::since_stored`).
+    #[cfg(test)]
+    pub fn since_stored(&self, chunk: u64) -> Option<&BitSet> {
+        self.dirty.map.get(&chunk)?.since_stored.as_ref()
     }
 
     /// Make a partial chunk whole, given its stored version `data` read
@@ -278,9 +336,9 @@ impl State {
     pub fn fold(
         &mut self,
         chunk: u64,
-        base: Option<Loc>,
+        base: Option<Mapping>,
         data: Option<&[u8]>,
-    ) -> std::result::Result<(), Option<Loc>> {
+    ) -> std::result::Result<(), Option<Mapping>> {
         let now = self.index.get(chunk);
         let Some(entry) = self.dirty.map.get_mut(&chunk) else {
             return Ok(());
@@ -311,6 +369,7 @@ impl State {
                     chunk: *chunk,
                     generation: d.generation,
                     content: d.data.clone(),
+                    since_stored: d.since_stored.clone(),
                 }
             })
             .collect();
@@ -344,10 +403,20 @@ impl State {
         self.dirty.flights.remove(&flight).unwrap_or(false)
     }
 
-    /// A captured chunk is durable at `loc` (None = zeros): publish it and
-    /// drop the dirty entry unless it was rewritten meanwhile.
-    pub fn complete(&mut self, chunk: u64, generation: u64, loc: Option<Loc>) {
-        self.index.set(chunk, loc);
+    /// A captured chunk is durable as `published`: publish it and drop the
+    /// dirty entry unless it was rewritten meanwhile.
+    pub fn complete(&mut self, chunk: u64, generation: u64, published: Published) {
+        match published {
+            Published::Zeros => self.index.set(chunk, None),
+            Published::Frame(loc) => self.index.set_frame(chunk, Some(loc)),
+            // A patch is written only over a mapped chunk, and until it is
+            // published only flushes of the same entry and content-keeping
+            // copies change the mapping (docs/rfcs/0007, point 2).
+            Published::Patch(loc) => self
+                .index
+                .patch(chunk, loc)
+                .expect("a patch is published over a mapped chunk"),
+        }
         if self
             .dirty
             .map
@@ -383,16 +452,16 @@ mod tests {
     #[test]
     fn captures_skip_what_a_flush_in_flight_holds() {
         let mut st = State::new(Index::default());
-        st.set_dirty(1, chunk(1));
-        st.set_dirty(2, chunk(2));
+        st.set_dirty(1, chunk(1), None);
+        st.set_dirty(2, chunk(2), None);
         let (f0, _) = st.capture();
         let (f_empty, none) = st.capture();
         assert!(none.is_empty(), "both are in flight");
         assert!(!st.landed(f_empty));
-        st.set_dirty(3, chunk(3));
+        st.set_dirty(3, chunk(3), None);
         let (f1, first) = st.capture();
         assert_eq!(first.iter().map(|c| c.chunk).collect::<Vec<_>>(), [3]);
-        st.set_dirty(2, chunk(4));
+        st.set_dirty(2, chunk(4), None);
         let (f2, second) = st.capture();
         assert_eq!(second.iter().map(|c| c.chunk).collect::<Vec<_>>(), [2]);
         // f1 fails: f2 (later, in flight) is overtaken; f0 (earlier) is not.
@@ -403,8 +472,8 @@ mod tests {
         assert!(st.landed(f2));
         assert!(!st.landed(f3), "captured after the give-back");
         // Publishing: chunk 2's newer version is clean, chunk 3 too.
-        st.complete(2, second[0].generation, None);
-        st.complete(3, third[0].generation, None);
+        st.complete(2, second[0].generation, Published::Zeros);
+        st.complete(3, third[0].generation, Published::Zeros);
         assert_eq!(st.dirty.len(), 1, "chunk 1 is still dirty");
     }
 
@@ -423,17 +492,21 @@ mod tests {
     #[test]
     fn a_partial_chunk_folds_only_over_its_current_stored_version() {
         let mut st = State::new(Index::default());
-        let (old, new) = (loc(0), loc(100));
-        st.index.set(7, Some(old));
+        let (old, new) = (Mapping::Frame(loc(0)), Mapping::Frame(loc(100)));
+        st.index.set(7, Some(old.clone()));
         let partial = |b: u8| Content::Partial(Arc::new(Partial::new(1024, 512, &[b; 512])));
-        st.set_dirty(7, partial(1));
-        assert_eq!(st.partial_base(7), Some(Some(old)));
-        assert_eq!(st.partial_chunks(), [7]);
+        st.set_dirty(7, partial(1), Some(sectors(512, 512)));
+        assert_eq!(st.partial_base(7), Some(Some(old.clone())));
+        assert_eq!(st.partial_chunks(|_, _| true), [7]);
+        assert!(st.partial_chunks(|_, _| false).is_empty());
         // Published and written again meanwhile: the read of `old` is stale.
         let (_, c) = st.capture();
-        st.complete(7, c[0].generation, Some(new));
-        st.set_dirty(7, partial(2));
-        assert_eq!(st.fold(7, Some(old), Some(&[9u8; 1024])), Err(Some(new)));
+        st.complete(7, c[0].generation, Published::Frame(loc(100)));
+        st.set_dirty(7, partial(2), Some(sectors(512, 512)));
+        assert_eq!(
+            st.fold(7, Some(old.clone()), Some(&[9u8; 1024])),
+            Err(Some(new.clone()))
+        );
         assert!(matches!(st.dirty.get(7), Some(Content::Partial(_))));
         // Read from where it is now: whole, the written sectors on top.
         assert_eq!(st.fold(7, Some(new), Some(&[5u8; 1024])), Ok(()));
@@ -441,8 +514,36 @@ mod tests {
         assert!(st.dirty.get(7).expect("dirty").read(0, &mut out));
         assert_eq!(&out[..512], &[5u8; 512]);
         assert_eq!(&out[512..], &[2u8; 512]);
-        assert!(st.partial_chunks().is_empty());
+        assert!(st.partial_chunks(|_, _| true).is_empty());
+        assert_eq!(
+            st.since_stored(7),
+            Some(&sectors(512, 512)),
+            "a fold keeps it"
+        );
         // Nothing to fold any more.
         assert_eq!(st.fold(7, Some(old), Some(&[9u8; 1024])), Ok(()));
+    }
+
+    /// `since_stored` grows with every write into the entry and only
+    /// then; an entry that does not sit on its stored version has none,
+    /// and patching it (zeros made whole) does not make one up.
+    #[test]
+    fn since_stored_collects_the_sectors_written_over_the_stored_version() {
+        let mut st = State::new(Index::default());
+        st.index.set_frame(1, Some(loc(0)));
+        st.set_dirty(
+            1,
+            Content::Whole(Arc::new(vec![1; 4096])),
+            Some(sectors(0, 512)),
+        );
+        st.patch_dirty(1, 1024, &[7u8; 1024], 4096);
+        let want: BitSet = [0usize, 2, 3].into_iter().collect();
+        assert_eq!(st.since_stored(1), Some(&want));
+        st.set_dirty(2, Content::Zeros, None);
+        st.patch_dirty(2, 0, &[7u8; 512], 4096);
+        assert!(matches!(st.dirty.get(2), Some(Content::Whole(_))));
+        assert_eq!(st.since_stored(2), None);
+        assert_eq!(sectors(100, 1), [0usize].into_iter().collect::<BitSet>());
+        assert_eq!(sectors(511, 2), [0usize, 1].into_iter().collect::<BitSet>());
     }
 }

@@ -1,5 +1,5 @@
 //! Reading clean chunks from the store: concurrent misses on one chunk
-//! share one ranged GET, and sequential reading triggers readahead of the
+//! share its ranged GETs (one per frame of its mapping, in parallel), and sequential reading triggers readahead of the
 //! following chunks in parallel, so a cold sequential read runs at the
 //! store's bandwidth instead of one request's latency at a time.
 
@@ -11,9 +11,10 @@ use tokio::sync::OnceCell;
 
 use super::Inner;
 use crate::cache::ChunkData;
+use crate::codec::patch;
 use crate::error::{Error, Result};
-use crate::store::Loc;
 use crate::store::backend::StoreError;
+use crate::store::{Loc, Mapping};
 
 #[derive(Default)]
 pub struct Fetcher {
@@ -68,36 +69,81 @@ impl Sequence {
 }
 
 impl Inner {
-    /// A clean chunk's data: cache, else one ranged GET (shared with any
-    /// concurrent reader of the same chunk) and decode.
-    pub(super) async fn load(&self, chunk: u64, loc: Loc) -> Result<ChunkData> {
-        if let Some(data) = self.cache.get(&loc) {
+    /// A clean chunk's data: cache (keyed by the mapping's last frame:
+    /// docs/rfcs/0007), else its frames by ranged GET — shared with any
+    /// concurrent reader of the same mapping — decoded and composed.
+    pub(super) async fn load(&self, chunk: u64, mapping: &Mapping) -> Result<ChunkData> {
+        let key = mapping.last();
+        if let Some(data) = self.cache.get(&key) {
             return Ok(data);
         }
-        let cell = self.fetch.inflight.lock().entry(loc).or_default().clone();
+        let cell = self.fetch.inflight.lock().entry(key).or_default().clone();
         let result = cell
             .get_or_try_init(|| async {
-                let data = Arc::new(self.fetch_and_decode(chunk, loc).await?);
-                self.cache.insert(loc, data.clone());
+                let data = Arc::new(self.fetch_and_decode(chunk, mapping).await?);
+                self.cache.insert(key, data.clone());
                 Ok::<_, Error>(data)
             })
             .await
             .cloned();
         let mut inflight = self.fetch.inflight.lock();
-        if inflight.get(&loc).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(&loc);
+        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(&key);
         }
         result
     }
 
-    /// SSD tier, else the store (which then fills the SSD tier). A frame
-    /// from the SSD tier that fails to decode is dropped there and read
-    /// from the store: the cache disk is never trusted over the bucket.
-    async fn fetch_and_decode(&self, chunk: u64, loc: Loc) -> Result<Vec<u8>> {
+    /// The chunk a mapping reads as: its chunk frame with every patch laid
+    /// over it in order, the frames fetched in parallel. A frame gone
+    /// because the chunk moved meanwhile (garbage collection deletes a
+    /// frame only after the grace period from when the chunk moved; a read
+    /// that looked the chunk up before the move and waited longer finds it
+    /// gone) is read from where the chunk is now: the same data, or newer.
+    async fn fetch_and_decode(&self, chunk: u64, mapping: &Mapping) -> Result<Vec<u8>> {
+        let frames = mapping.frames();
+        let decoded = futures::future::try_join_all(frames.iter().enumerate().map(|(i, loc)| {
+            self.frame(chunk, *loc, move |frame| match i {
+                0 => self.codec.decode(*loc, chunk, frame),
+                _ => self.codec.decode_patch(*loc, chunk, frame),
+            })
+        }))
+        .await;
+        let mut decoded = match decoded {
+            Ok(decoded) => decoded,
+            Err(Error::Store(StoreError::NotFound(_)))
+                if self.moved_from(chunk, mapping).is_some() =>
+            {
+                return match self.moved_from(chunk, mapping).expect("checked") {
+                    Some(now) => Box::pin(self.fetch_and_decode(chunk, &now)).await,
+                    None => Ok(vec![0u8; self.chunk_size]),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let mut data = decoded.remove(0);
+        for body in &decoded {
+            patch::apply(body, &mut data);
+        }
+        if !decoded.is_empty() {
+            (self.patched_reads).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(data)
+    }
+
+    /// One frame, decoded by `decode`: SSD tier, else the store (which
+    /// then fills the SSD tier). A frame from the SSD tier that fails to
+    /// decode is dropped there and read from the store: the cache disk is
+    /// never trusted over the bucket.
+    async fn frame(
+        &self,
+        chunk: u64,
+        loc: Loc,
+        decode: impl Fn(&[u8]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         if let Some(disk) = &self.disk
             && let Some(frame) = disk.get(&loc).await
         {
-            match self.codec.decode(loc, chunk, &frame) {
+            match decode(&frame) {
                 Ok(data) => return Ok(data),
                 Err(e) => {
                     tracing::warn!(
@@ -107,32 +153,19 @@ impl Inner {
                 }
             }
         }
-        let frame = match self.log.read_frame(loc).await {
-            Ok(frame) => frame,
-            // Garbage collection deletes a frame only after the grace
-            // period from when the chunk moved; a read that looked the
-            // chunk up before the move and waited longer finds it gone.
-            // Where it is now holds the same data, or newer.
-            Err(Error::Store(StoreError::NotFound(_))) if self.moved_from(chunk, loc).is_some() => {
-                return match self.moved_from(chunk, loc).expect("checked") {
-                    Some(now) => Box::pin(self.fetch_and_decode(chunk, now)).await,
-                    None => Ok(vec![0u8; self.chunk_size]),
-                };
-            }
-            Err(e) => return Err(e),
-        };
-        let data = self.codec.decode(loc, chunk, &frame)?;
+        let frame = self.log.read_frame(loc).await?;
+        let data = decode(&frame)?;
         if let Some(disk) = &self.disk {
             disk.insert(&loc, frame.to_vec());
         }
         Ok(data)
     }
 
-    /// Where `chunk` is now, if it is no longer at `loc` (Some(None):
+    /// Where `chunk` is now, if it is no longer at `mapping` (Some(None):
     /// zeros). A dirty chunk's last stored location counts.
-    fn moved_from(&self, chunk: u64, loc: Loc) -> Option<Option<Loc>> {
+    fn moved_from(&self, chunk: u64, mapping: &Mapping) -> Option<Option<Mapping>> {
         let now = self.state.lock().index.get(chunk);
-        (now != Some(loc)).then_some(now)
+        (now.as_ref() != Some(mapping)).then_some(now)
     }
 
     /// Note a read of chunks `first..=last`; when reads are sequential,
@@ -145,20 +178,20 @@ impl Inner {
             self.log.chunks(),
         );
         for chunk in range {
-            let loc = {
+            let mapping = {
                 let st = self.state.lock();
                 if st.dirty.get(chunk).is_some() {
                     continue;
                 }
                 st.index.get(chunk)
             };
-            let Some(loc) = loc else { continue };
-            if self.cache.contains(&loc) {
+            let Some(mapping) = mapping else { continue };
+            if self.cache.contains(&mapping.last()) {
                 continue;
             }
             let this = Arc::clone(self);
             self.runtime.spawn(async move {
-                if let Err(e) = this.load(chunk, loc).await {
+                if let Err(e) = this.load(chunk, &mapping).await {
                     tracing::debug!("readahead of chunk {chunk} failed: {e}");
                 }
             });

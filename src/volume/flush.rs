@@ -10,19 +10,52 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use super::Inner;
+use super::dirty::Published;
 use super::journal::Release;
 use super::pipeline::Turn;
 use crate::cache::ChunkData;
-use crate::codec::Plain;
+use crate::codec::{FrameKind, Plain};
 use crate::error::{Error, Result};
 use crate::store::segment::SegmentLayout;
 use crate::store::{Loc, SegmentId};
 
-/// A chunk a flush (or a collector's copy) writes: whole, or zeros (None).
+/// A chunk a flush (or a collector's copy) writes.
 pub(super) struct Ready {
     pub chunk: u64,
     pub generation: u64,
-    pub data: Option<ChunkData>,
+    pub body: Body,
+}
+
+/// What a flush writes for one chunk.
+pub(super) enum Body {
+    Zeros,
+    Chunk(ChunkData),
+    /// A patch's body (`codec::patch`), and the whole chunk when the
+    /// entry held it (what the memory cache may keep).
+    Patch {
+        body: Vec<u8>,
+        chunk: Option<ChunkData>,
+    },
+}
+
+impl Body {
+    /// The bytes the codec compresses and encrypts (None: a zero record).
+    fn raw(&self) -> Option<&[u8]> {
+        match self {
+            Body::Zeros => None,
+            Body::Chunk(data) => Some(data),
+            Body::Patch { body, .. } => Some(body),
+        }
+    }
+
+    /// The chunk's content after this write, when known whole.
+    fn chunk(&self) -> Option<ChunkData> {
+        match self {
+            Body::Zeros => None,
+            Body::Chunk(data) => Some(data.clone()),
+            Body::Patch { chunk, .. } => chunk.clone(),
+        }
+    }
 }
 
 /// Publication state, under the flush lock: flushes publish in turn
@@ -129,10 +162,13 @@ impl Flight<'_> {
     fn publish(mut self, outcomes: Option<&[Vec<Outcome>]>) -> (Round, Option<Release>) {
         let inner = self.inner;
         let mut st = inner.state.lock();
-        for (chunk, generation, loc, data) in outcomes.into_iter().flatten().flatten() {
-            st.complete(*chunk, *generation, *loc);
-            if let (Some(loc), Some(data)) = (loc, data) {
-                inner.cache.insert(*loc, data.clone());
+        for (chunk, generation, published, data) in outcomes.into_iter().flatten().flatten() {
+            st.complete(*chunk, *generation, *published);
+            if matches!(published, Published::Patch(_)) {
+                inner.patches_written.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (Some(loc), Some(data)) = (published.loc(), data) {
+                inner.cache.insert(loc, data.clone());
             }
         }
         self.held.clear();
@@ -167,7 +203,8 @@ impl Drop for Flight<'_> {
 const SEGMENTS_IN_FLIGHT: usize = 4;
 
 /// What a flush decided before encrypting anything: each captured chunk
-/// compressed (or raw, or a zero record) and placed in a segment.
+/// (or patch) compressed (or raw, or a zero record) and placed in a
+/// segment.
 pub(super) struct Plan {
     captured: Vec<Ready>,
     plains: Vec<Option<Plain>>,
@@ -175,8 +212,8 @@ pub(super) struct Plan {
     frames: Vec<Vec<(usize, Loc)>>,
 }
 
-/// (chunk, generation, new location or None for zeros, data for the cache)
-pub(super) type Outcome = (u64, u64, Option<Loc>, Option<ChunkData>);
+/// (chunk, generation, what was written, the chunk for the cache)
+pub(super) type Outcome = (u64, u64, Published, Option<ChunkData>);
 
 fn is_zero(data: &[u8]) -> bool {
     data.iter().all(|b| *b == 0)
@@ -240,10 +277,12 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 }
 
 impl Inner {
-    /// Compress every captured chunk in parallel (None: a zero record).
+    /// Compress every captured chunk in parallel (None: a zero record —
+    /// a chunk of zeros is one too).
     pub(super) fn compress(&self, captured: &[Ready]) -> Vec<Option<Plain>> {
-        par_map(captured.iter().collect(), |c| match c.data.as_deref() {
-            Some(data) if !is_zero(data) => Some(self.codec.compress(data)),
+        par_map(captured.iter().collect(), |c| match &c.body {
+            Body::Chunk(data) if !is_zero(data) => Some(self.codec.compress(data)),
+            Body::Patch { body, .. } => Some(self.codec.compress_patch(body)),
             _ => None,
         })
     }
@@ -281,20 +320,25 @@ impl Inner {
         }
         let mut frames = vec![Vec::new(); count];
         let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); count];
-        for (i, (c, len)) in captured.iter().zip(&lens).enumerate() {
+        for (i, ((c, len), plain)) in captured.iter().zip(&lens).zip(&plains).enumerate() {
             let n = segment_of[i];
-            let loc = match len {
-                Some(len) => {
-                    let loc = layouts[n].add_frame(c.chunk, *len);
+            let published = match (len, plain) {
+                (Some(len), Some(plain)) => {
+                    let patch = plain.kind() == FrameKind::Patch;
+                    let loc = layouts[n].add_frame(c.chunk, *len, patch);
                     frames[n].push((i, loc));
-                    Some(loc)
+                    if patch {
+                        Published::Patch(loc)
+                    } else {
+                        Published::Frame(loc)
+                    }
                 }
-                None => {
+                _ => {
                     layouts[n].add_zero(c.chunk);
-                    None
+                    Published::Zeros
                 }
             };
-            outcomes[n].push((c.chunk, c.generation, loc, c.data.clone()));
+            outcomes[n].push((c.chunk, c.generation, published, c.body.chunk()));
         }
         let plan = Plan {
             captured,
@@ -319,7 +363,7 @@ impl Inner {
         }
         par_map(slots, |(i, loc, out)| {
             let c = &plan.captured[i];
-            let data = c.data.as_deref().expect("placed chunks hold data");
+            let data = c.body.raw().expect("placed chunks hold data");
             let plain = plan.plains[i].as_ref().expect("placed chunks compressed");
             self.codec
                 .encrypt_into(&key, loc.offset as u64, c.chunk, data, plain, out);

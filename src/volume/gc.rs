@@ -27,13 +27,15 @@ use std::sync::Arc;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
 use super::Inner;
-use super::flush::Ready;
 use super::flush::Written;
+use super::flush::{Body, Ready};
 use crate::error::{Error, Result};
 use crate::store::backend::StoreError;
 use crate::store::checkpoint::RunId;
-use crate::store::{Index, Inventory, Loc, SegmentId, paths};
+use crate::store::{Index, Inventory, Loc, Mapping, SegmentId, paths};
 
 /// When the collector runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -597,15 +599,31 @@ impl Inner {
         pace: &mut Pace,
     ) -> Result<GcPass> {
         let (_, table) = self.log.read_table(victim, size).await?;
-        let live: Vec<(u64, Loc)> = {
+        // Live: the chunks whose mapping names a frame of this segment. A
+        // chunk frame alone is copied from the ranges read here; a patched
+        // mapping is folded — read whole, its other frames too, and written
+        // as one chunk frame (docs/rfcs/0007).
+        let live: Vec<(u64, Mapping)> = {
             let st = self.state.lock();
-            table
+            let mut live: Vec<(u64, Mapping)> = table
                 .iter()
-                .filter_map(|e| Some((e.chunk, e.loc(victim)?)))
-                .filter(|(chunk, loc)| st.index.get(*chunk) == Some(*loc))
-                .collect()
+                .filter_map(|e| {
+                    let loc = e.loc(victim)?;
+                    let m = st.index.get(e.chunk)?;
+                    m.frames().contains(&loc).then_some((e.chunk, m))
+                })
+                .collect();
+            live.dedup_by_key(|(chunk, _)| *chunk);
+            live
         };
-        let ranges = read_ranges(&live);
+        let singles: Vec<(u64, Loc)> = live
+            .iter()
+            .filter_map(|(chunk, m)| match m {
+                Mapping::Frame(loc) => Some((*chunk, *loc)),
+                Mapping::Patched(_) => None,
+            })
+            .collect();
+        let ranges = read_ranges(&singles);
         let read_bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
         let mut parts = Vec::with_capacity(ranges.len());
         for r in &ranges {
@@ -623,14 +641,22 @@ impl Inner {
         };
         let mut captured = Vec::with_capacity(live.len());
         let mut from = Vec::with_capacity(live.len());
-        for (chunk, loc) in &live {
-            let data = self.codec.decode(*loc, *chunk, &frame_of(loc))?;
+        for (chunk, m) in live {
+            let data = match &m {
+                Mapping::Frame(loc) => Arc::new(self.codec.decode(*loc, chunk, &frame_of(loc))?),
+                Mapping::Patched(frames) => {
+                    let bytes = frames.iter().map(|l| l.len as u64).sum();
+                    let data = self.load(chunk, &m).await?;
+                    pace.spend(frames.len() as u64, bytes).await;
+                    data
+                }
+            };
             captured.push(Ready {
-                chunk: *chunk,
+                chunk,
                 generation: 0,
-                data: Some(Arc::new(data)),
+                body: Body::Chunk(data),
             });
-            from.push(*loc);
+            from.push(m);
         }
         if captured.is_empty() {
             return Ok(GcPass::default());
@@ -650,8 +676,8 @@ impl Inner {
                 captured
                     .iter()
                     .zip(&from)
-                    .map(|(c, loc)| {
-                        st.index.get(c.chunk) == Some(*loc) && st.dirty.get(c.chunk).is_none()
+                    .map(|(c, m)| {
+                        st.index.get(c.chunk).as_ref() == Some(m) && st.dirty.get(c.chunk).is_none()
                     })
                     .collect()
             };
@@ -669,11 +695,11 @@ impl Inner {
                 return Ok(GcPass::default());
             }
             let (plan, layouts, outcomes) = self.layout(kept_c, kept_p)?;
-            let moves: Vec<(u64, Loc, Option<Loc>)> = outcomes
+            let moves: Vec<(u64, Mapping, Option<Loc>)> = outcomes
                 .into_iter()
                 .flatten()
                 .zip(kept_from)
-                .map(|((chunk, _, to, _), from)| (chunk, from, to))
+                .map(|((chunk, _, to, _), from)| (chunk, from, to.loc()))
                 .collect();
             (plan, layouts, moves)
         };
@@ -688,8 +714,12 @@ impl Inner {
         {
             let mut st = self.state.lock();
             for (chunk, from, to) in &moves {
-                if st.index.get(*chunk) == Some(*from) {
-                    st.index.set(*chunk, *to);
+                if st.index.get(*chunk).as_ref() == Some(from) {
+                    if from.patches() > 0 {
+                        self.patches_folded
+                            .fetch_add(from.patches() as u64, Ordering::Relaxed);
+                    }
+                    st.index.set_frame(*chunk, *to);
                     moved += 1;
                 }
             }

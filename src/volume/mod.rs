@@ -35,7 +35,7 @@ use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::store::backend::{DynStore, StoreError};
 use crate::store::keys::Secret;
-use crate::store::{CreateParams, Index, Loc, LogStore, LogSummary, OpenMode, Superblock};
+use crate::store::{CreateParams, Index, LogStore, LogSummary, Mapping, OpenMode, Superblock};
 use dirty::{Content, State};
 use flush::FlushState;
 use partial::Partial;
@@ -150,6 +150,12 @@ pub struct VolumeStats {
     /// Writes into a chunk neither dirty nor cached that completed
     /// without reading it (volume::partial).
     pub partial_writes: u64,
+    /// Patches flushes wrote, and patches the collector folded back into
+    /// chunk frames (docs/rfcs/0007).
+    pub patches_written: u64,
+    pub patches_folded: u64,
+    /// Chunks read from the store through a mapping with patches.
+    pub patched_reads: u64,
     /// FLUSHes acknowledged once a Host journal was synced, the bucket
     /// following behind (docs/rfcs/0006).
     pub local_flushes: u64,
@@ -172,6 +178,9 @@ pub(crate) struct Inner {
     last_flush_unix: AtomicU64,
     flushes: AtomicU64,
     partial_writes: AtomicU64,
+    patches_written: AtomicU64,
+    patches_folded: AtomicU64,
+    patched_reads: AtomicU64,
     /// Background reads of partial chunks' stored versions (`partial`).
     fold_permits: tokio::sync::Semaphore,
     /// Partial chunks dropped, unreadable, not yet reported by a FLUSH:
@@ -349,6 +358,9 @@ impl Volume {
             last_flush_unix: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             partial_writes: AtomicU64::new(0),
+            patches_written: AtomicU64::new(0),
+            patches_folded: AtomicU64::new(0),
+            patched_reads: AtomicU64::new(0),
             fold_permits: tokio::sync::Semaphore::new(partial::READS_AT_ONCE),
             dropped: Mutex::new(Vec::new()),
             fetch: fetch::Fetcher::default(),
@@ -419,6 +431,9 @@ impl Volume {
             last_flush_unix: self.inner.last_flush_unix.load(Ordering::Relaxed),
             flushes: self.inner.flushes.load(Ordering::Relaxed),
             partial_writes: self.inner.partial_writes.load(Ordering::Relaxed),
+            patches_written: self.inner.patches_written.load(Ordering::Relaxed),
+            patches_folded: self.inner.patches_folded.load(Ordering::Relaxed),
+            patched_reads: self.inner.patched_reads.load(Ordering::Relaxed),
             local_flushes: self.inner.local_flushes.load(Ordering::Relaxed),
             upload_lag: st.journal.as_ref().map(|j| j.lag()),
         }
@@ -1131,8 +1146,8 @@ impl Drop for Volume {
 /// What a span needs beyond memory.
 enum Missing {
     None,
-    /// The clean chunk, from this location.
-    Stored(Loc),
+    /// The clean chunk, from this mapping.
+    Stored(Mapping),
     /// The stored version of a partial chunk.
     Partial,
 }
@@ -1198,7 +1213,7 @@ impl Inner {
     /// chunk, or the clean-chunk cache — without waiting. Returns where the
     /// clean chunk lives when it has to be fetched instead.
     fn copy_from_memory(&self, span: &Span, out: &mut [u8]) -> Missing {
-        let loc = {
+        let mapping = {
             let st = self.state.lock();
             match st.dirty.get(span.chunk) {
                 Some(data) if data.read(span.at, out) => return Missing::None,
@@ -1206,16 +1221,16 @@ impl Inner {
                 None => st.index.get(span.chunk),
             }
         };
-        let Some(loc) = loc else {
+        let Some(mapping) = mapping else {
             out.fill(0);
             return Missing::None;
         };
-        match self.cache.get(&loc) {
+        match self.cache.get(&mapping.last()) {
             Some(data) => {
                 out.copy_from_slice(&data[span.at..span.at + out.len()]);
                 Missing::None
             }
-            None => Missing::Stored(loc),
+            None => Missing::Stored(mapping),
         }
     }
 
@@ -1223,18 +1238,19 @@ impl Inner {
     /// chunks splits them into one group per core: this task decodes the
     /// first group, spawned tasks the others (one task per chunk would cost
     /// more in wakeups than a fast decode takes).
-    async fn load_all(self: &Arc<Self>, fetch: &[(Span, Loc)]) -> Result<Vec<ChunkData>> {
+    async fn load_all(self: &Arc<Self>, fetch: &[(Span, Mapping)]) -> Result<Vec<ChunkData>> {
         let cores = cores();
         let per = fetch.len().div_ceil(cores).max(1);
         // Within a group the fetches still overlap (one GET's latency for
         // the group, not one per chunk); only the decoding is sequential.
-        let group = |part: Vec<(u64, Loc)>, inner: Arc<Self>| async move {
-            futures::future::try_join_all(part.iter().map(|(chunk, loc)| inner.load(*chunk, *loc)))
-                .await
+        let group = |part: Vec<(u64, Mapping)>, inner: Arc<Self>| async move {
+            futures::future::try_join_all(part.iter().map(|(chunk, m)| inner.load(*chunk, m))).await
         };
-        let mut parts = fetch
-            .chunks(per)
-            .map(|p| p.iter().map(|(s, l)| (s.chunk, *l)).collect::<Vec<_>>());
+        let mut parts = fetch.chunks(per).map(|p| {
+            p.iter()
+                .map(|(s, m)| (s.chunk, m.clone()))
+                .collect::<Vec<_>>()
+        });
         let first = parts.next().unwrap_or_default();
         let others: Vec<_> = parts
             .map(|p| self.runtime.spawn(group(p, Arc::clone(self))))
@@ -1260,7 +1276,7 @@ impl Inner {
         let mut st = self.state.lock();
         if bytes.len() == cs {
             st.journal(record)?;
-            st.set_dirty(chunk, Content::Whole(Arc::new(bytes.to_vec())));
+            st.set_dirty(chunk, Content::Whole(Arc::new(bytes.to_vec())), None);
             return Ok(());
         }
         if st.dirty.get(chunk).is_some() {
@@ -1268,15 +1284,16 @@ impl Inner {
             st.patch_dirty(chunk, at, bytes, cs);
             return Ok(());
         }
+        let mapping = st.index.get(chunk);
         let content = {
-            let base = match st.index.get(chunk) {
+            let base = match &mapping {
                 None => Some(None),
-                Some(loc) if st.is_unreadable(loc) => {
+                Some(m) if st.is_unreadable(m) => {
                     return Err(Error::Integrity(format!(
                         "chunk {chunk}: a partial write needs its stored version, which cannot be read"
                     )));
                 }
-                Some(loc) => self.cache.get(&loc).map(Some),
+                Some(m) => self.cache.get(&m.last()).map(Some),
             };
             match base {
                 Some(base) => {
@@ -1288,11 +1305,17 @@ impl Inner {
             }
         };
         let partial = matches!(content, Content::Partial(_));
+        let since = dirty::sectors(at, bytes.len());
+        // Read the stored version now only if the flush would (it does not
+        // for a patch: docs/rfcs/0007).
+        let fold = partial && self.needs_base(&since, mapping.as_ref());
         st.journal(record)?;
-        st.set_dirty(chunk, content);
+        st.set_dirty(chunk, content, Some(since));
         drop(st);
         if partial {
             self.partial_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        if fold {
             self.fold_later(chunk);
         }
         Ok(())

@@ -13,7 +13,10 @@
 //! an earlier, smaller set of written sectors laid over it — sectors only
 //! ever get added) or when a collector copies the frame (same content).
 //! Laying the current sectors over any of those gives the same chunk.
-//! Every flush still uploads whole chunks: crash semantics stay per chunk.
+//!
+//! A flush uploads a partial chunk as a patch when the rules of
+//! docs/rfcs/0007 allow (`patch_fits`): then its stored version is never
+//! read at all. Otherwise it is read and the chunk uploaded whole.
 
 use std::sync::Arc;
 
@@ -24,10 +27,11 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use super::Inner;
 use super::SECTOR;
 use super::dirty::{Captured, Content};
-use super::flush::Ready;
+use super::flush::{Body, Ready};
 use crate::cache::ChunkData;
+use crate::codec::patch;
 use crate::error::{Error, Result};
-use crate::store::Loc;
+use crate::store::Mapping;
 use crate::store::backend::StoreError;
 
 const S: usize = SECTOR as usize;
@@ -35,6 +39,24 @@ const S: usize = SECTOR as usize;
 /// Stored versions read at once by one fold or resolution pass, and by
 /// background folds in all.
 pub(super) const READS_AT_ONCE: usize = 64;
+
+/// The most patches a flush lays over a chunk's mapping before it writes
+/// the chunk whole again (docs/rfcs/0007).
+pub const MAX_PATCHES: usize = 8;
+
+/// Whether a flush writes the sectors `since` of a chunk mapped as
+/// `mapping` as a patch (docs/rfcs/0007, rules 1 to 3): the chunk is
+/// mapped; the sectors are at most half the chunk; the mapping has fewer
+/// than `MAX_PATCHES` patches, and their frames with these sectors stay
+/// within one chunk. Pure: unit-tested.
+pub fn patch_fits(since: &BitSet, mapping: Option<&Mapping>, chunk_size: usize) -> bool {
+    let Some(m) = mapping else { return false };
+    let bytes = since.count() * S;
+    bytes > 0
+        && bytes <= chunk_size / 2
+        && m.patches() < MAX_PATCHES
+        && m.patch_bytes() + bytes as u64 <= chunk_size as u64
+}
 
 /// Sectors written into a chunk whose stored version is not in memory.
 /// Sectors not written hold zeros here.
@@ -100,11 +122,17 @@ impl Inner {
     }
 
     /// A chunk's stored version at `base` (None: it reads as zeros).
-    async fn stored_version(&self, chunk: u64, base: Option<Loc>) -> Result<Option<ChunkData>> {
+    async fn stored_version(&self, chunk: u64, base: Option<Mapping>) -> Result<Option<ChunkData>> {
         match base {
-            Some(loc) => Ok(Some(self.load(chunk, loc).await?)),
+            Some(m) => Ok(Some(self.load(chunk, &m).await?)),
             None => Ok(None),
         }
+    }
+
+    /// Whether a flush would read `chunk`'s stored version to upload the
+    /// sectors `since` (it would not for a patch).
+    pub(super) fn needs_base(&self, since: &BitSet, mapping: Option<&Mapping>) -> bool {
+        !patch_fits(since, mapping, self.chunk_size)
     }
 
     /// Note writes up to `generation` as dropped, for the first FLUSH
@@ -114,20 +142,20 @@ impl Inner {
         self.dropped.lock().push((generation, what));
     }
 
-    /// `fold`; a failure says which location failed to read.
-    async fn fold_from(&self, chunk: u64) -> std::result::Result<(), (Option<Loc>, Error)> {
+    /// `fold`; a failure says which mapping failed to read.
+    async fn fold_from(&self, chunk: u64) -> std::result::Result<(), (Option<Mapping>, Error)> {
         let Some(mut base) = self.state.lock().partial_base(chunk) else {
             return Ok(());
         };
         loop {
             let data = self
-                .stored_version(chunk, base)
+                .stored_version(chunk, base.clone())
                 .await
-                .map_err(|e| (base, e))?;
+                .map_err(|e| (base.clone(), e))?;
             match self
                 .state
                 .lock()
-                .fold(chunk, base, data.as_deref().map(|d| d.as_slice()))
+                .fold(chunk, base.clone(), data.as_deref().map(|d| d.as_slice()))
             {
                 Ok(()) => return Ok(()),
                 // Published meanwhile (a flush of an earlier version of the
@@ -156,14 +184,15 @@ impl Inner {
         });
     }
 
-    /// Fold every partial chunk, `READS_AT_ONCE` at a time (a flush does
-    /// this before it captures, so that it does not read while holding
-    /// off other flushes). A chunk whose stored version cannot be read for
-    /// good is dropped from the dirty table, and noted in `dropped` for
-    /// the next FLUSH to report. Any other failure fails the whole fold.
+    /// Fold every partial chunk a flush would read (one it would not write
+    /// as a patch), `READS_AT_ONCE` at a time (a flush does this before
+    /// it captures, so that it does not read while holding off other
+    /// flushes). A chunk whose stored version cannot be read for good is
+    /// dropped from the dirty table, and noted in `dropped` for the next
+    /// FLUSH to report. Any other failure fails the whole fold.
     pub(super) async fn fold_all(&self) -> Result<()> {
-        let partial = self.state.lock().partial_chunks();
-        let failed: Vec<(u64, Option<Loc>, Error)> = futures::stream::iter(partial)
+        let partial = (self.state.lock()).partial_chunks(|since, m| self.needs_base(since, m));
+        let failed: Vec<(u64, Option<Mapping>, Error)> = futures::stream::iter(partial)
             .map(|chunk| async move {
                 self.fold_from(chunk)
                     .await
@@ -203,25 +232,36 @@ impl Inner {
         }
     }
 
-    /// What a flush captured, as whole chunks: a partial one (written
-    /// after `fold_all`, or whose fold failed) laid over its stored
-    /// version, read now.
+    /// What a flush writes for each chunk it captured: a patch when the
+    /// rules allow (`patch_fits`, against the mapping now); else the whole
+    /// chunk — a partial one (written after `fold_all`, or whose fold
+    /// failed) laid over its stored version, read now; or zeros.
     pub(super) async fn resolve_all(&self, captured: Vec<Captured>) -> Result<Vec<Ready>> {
         futures::stream::iter(captured)
             .map(|c| async move {
-                let data = match c.content {
-                    Content::Zeros => None,
-                    Content::Whole(data) => Some(data),
-                    Content::Partial(p) => {
-                        let base = self.state.lock().index.get(c.chunk);
-                        let data = self.stored_version(c.chunk, base).await?;
-                        Some(Arc::new(p.over(data.as_deref().map(|d| d.as_slice()))))
+                let mapping = self.state.lock().index.get(c.chunk);
+                let patch = (c.since_stored.as_ref())
+                    .filter(|since| patch_fits(since, mapping.as_ref(), self.chunk_size));
+                let body = match (c.content, patch) {
+                    (Content::Zeros, _) => Body::Zeros,
+                    (Content::Whole(data), Some(since)) => Body::Patch {
+                        body: patch::encode(&data, since),
+                        chunk: Some(data),
+                    },
+                    (Content::Partial(p), Some(since)) => Body::Patch {
+                        body: patch::encode(p.data(), since),
+                        chunk: None,
+                    },
+                    (Content::Whole(data), None) => Body::Chunk(data),
+                    (Content::Partial(p), None) => {
+                        let data = self.stored_version(c.chunk, mapping).await?;
+                        Body::Chunk(Arc::new(p.over(data.as_deref().map(|d| d.as_slice()))))
                     }
                 };
                 Ok::<_, Error>(Ready {
                     chunk: c.chunk,
                     generation: c.generation,
-                    data,
+                    body,
                 })
             })
             .buffered(READS_AT_ONCE)
@@ -269,6 +309,7 @@ mod tests {
     use crate::store::backend::{DynStore, MemoryStore};
     use crate::store::{Loc, paths};
     use crate::volume::Volume;
+    use bit_set::BitSet;
 
     /// Open the 4 KiB-chunk volume in `store` as its writer (cold caches).
     async fn reopen(store: &DynStore) -> Volume {
@@ -294,47 +335,135 @@ mod tests {
         let vol = reopen(store).await;
         vol.write(0, &[1u8; 4096]).await.unwrap();
         vol.flush().await.unwrap();
-        let loc = vol.index_snapshot().get(0).unwrap();
+        let loc = vol.index_snapshot().get(0).unwrap().last();
         vol.close().await.unwrap();
         loc
     }
 
-    /// A partial chunk captured by a flush is uploaded whole: its sectors
-    /// over the stored version (read now), or over zeros when there is
-    /// none; other contents pass as they are.
+    /// What a flush writes for each captured chunk: a patch of the sectors
+    /// written since the stored version when the rules allow — without
+    /// reading it; else the whole chunk, a partial one laid over its
+    /// stored version (read now) or over zeros when there is none.
     #[tokio::test]
-    async fn a_captured_partial_chunk_resolves_over_its_stored_version() {
+    async fn a_captured_chunk_resolves_to_a_patch_or_a_whole_chunk() {
         let store: DynStore = Arc::new(MemoryStore::new());
         chunk_zero_stored(&store).await;
         let vol = reopen(&store).await;
-        let partial = || Content::Partial(Arc::new(Partial::new(4096, 512, &[2u8; 512])));
-        let captured = vec![
-            Captured {
-                chunk: 0,
-                generation: 5,
-                content: partial(),
-            },
-            Captured {
-                chunk: 1,
-                generation: 6,
-                content: partial(),
-            },
-            Captured {
-                chunk: 2,
-                generation: 7,
-                content: Content::Zeros,
-            },
-        ];
-        let ready = vol.inner.resolve_all(captured).await.unwrap();
-        let mut stored = vec![1u8; 4096];
-        stored[512..1024].fill(2);
+        let partial =
+            |len: usize| Content::Partial(Arc::new(Partial::new(4096, 512, &vec![2u8; len])));
+        let captured = |chunk, content, since: Option<BitSet>| Captured {
+            chunk,
+            generation: 5,
+            content,
+            since_stored: since,
+        };
+        let one = || Some(super::super::dirty::sectors(512, 512));
+        let five = || Some(super::super::dirty::sectors(512, 2560));
+        let whole = || Content::Whole(Arc::new(vec![3u8; 4096]));
+        let gets = || vol.inner.log.request_stats().ranged_get;
+        let before = gets();
+        let mut ready = vol
+            .inner
+            .resolve_all(vec![
+                captured(0, partial(512), one()),
+                captured(0, whole(), one()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(gets(), before, "patches read nothing");
+        ready.extend(
+            vol.inner
+                .resolve_all(vec![
+                    captured(0, partial(2560), five()),
+                    captured(0, partial(512), None),
+                    captured(0, whole(), None),
+                    captured(1, partial(512), one()),
+                    captured(2, Content::Zeros, None),
+                ])
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            gets(),
+            before + 1,
+            "the stored chunk read once (then cached)"
+        );
+        ready.swap(1, 2); // back in the order the cases are checked
+        ready.swap(2, 3);
+        let patch_of =
+            |data: &[u8], since: Option<BitSet>| patch::encode(data, since.as_ref().unwrap());
+        let mut two = vec![1u8; 4096];
+        two[512..1024].fill(2);
+        match &ready[0].body {
+            Body::Patch { body, chunk: None } => assert_eq!(body, &patch_of(&two, one())),
+            _ => panic!("one sector of a stored chunk: a patch, no chunk to cache"),
+        }
+        let mut over = vec![1u8; 4096];
+        over[512..3072].fill(2);
+        assert!(
+            matches!(&ready[1].body, Body::Chunk(d) if **d == over),
+            "over half"
+        );
+        assert!(
+            matches!(&ready[2].body, Body::Chunk(d) if **d == two),
+            "unknown since"
+        );
+        match &ready[3].body {
+            Body::Patch {
+                body,
+                chunk: Some(c),
+            } => {
+                assert_eq!(body, &patch_of(&[3u8; 4096], one()));
+                assert_eq!(**c, [3u8; 4096]);
+            }
+            _ => panic!("a whole entry with known sectors: a patch"),
+        }
+        assert!(matches!(&ready[4].body, Body::Chunk(d) if **d == [3u8; 4096]));
         let mut unmapped = vec![0u8; 4096];
         unmapped[512..1024].fill(2);
-        assert_eq!(ready[0].data.as_deref(), Some(&stored));
+        assert!(
+            matches!(&ready[5].body, Body::Chunk(d) if **d == unmapped),
+            "no patch over an unmapped chunk"
+        );
+        assert!(matches!(ready[6].body, Body::Zeros));
         assert_eq!((ready[0].chunk, ready[0].generation), (0, 5));
-        assert_eq!(ready[1].data.as_deref(), Some(&unmapped));
-        assert!(ready[2].data.is_none());
         vol.close().await.unwrap();
+    }
+
+    /// The rules of docs/rfcs/0007: mapped, at most half the chunk, fewer
+    /// than `MAX_PATCHES` patches whose frames with this one fit a chunk.
+    #[test]
+    fn a_patch_fits_only_within_its_bounds() {
+        let loc = |offset, len| Loc {
+            segment: crate::store::SegmentId { epoch: 1, seq: 1 },
+            offset,
+            len,
+        };
+        let cs = 64 * S;
+        let some = |n: usize| (0..n).collect::<BitSet>();
+        let base = Mapping::Frame(loc(0, 1000));
+        assert!(patch_fits(&some(1), Some(&base), cs));
+        assert!(patch_fits(&some(32), Some(&base), cs), "half");
+        assert!(!patch_fits(&some(33), Some(&base), cs), "over half");
+        assert!(!patch_fits(&some(1), None, cs), "unmapped");
+        assert!(
+            !patch_fits(&BitSet::new(), Some(&base), cs),
+            "nothing written"
+        );
+        let mut m = base.clone();
+        for i in 0..MAX_PATCHES as u32 - 1 {
+            m = m.with_patch(loc(1000 + i, 600));
+        }
+        assert!(patch_fits(&some(1), Some(&m), cs), "one below the most");
+        assert!(!patch_fits(
+            &some(1),
+            Some(&m.with_patch(loc(9000, 600))),
+            cs
+        ));
+        // Patches' frames plus these sectors: at most a chunk.
+        let big = base.with_patch(loc(1000, (cs - 4 * S) as u32));
+        assert!(patch_fits(&some(4), Some(&big), cs));
+        assert!(!patch_fits(&some(5), Some(&big), cs));
     }
 
     /// A dropped write is reported by a FLUSH that covers it — one that
@@ -356,7 +485,8 @@ mod tests {
         }
         let vol = reopen(&store).await;
         let earlier_flush_covers = vol.inner.state.lock().generation();
-        vol.write(512, &[2u8; 512]).await.unwrap();
+        // More than half the chunk: not a patch, the flush must read it.
+        vol.write(512, &[2u8; 2560]).await.unwrap();
         vol.inner.flush().await.unwrap(); // drops it, notes it
         assert!(
             vol.inner.take_dropped(earlier_flush_covers).is_ok(),
