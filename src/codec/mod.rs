@@ -384,7 +384,7 @@ mod tests {
         let key = c.frame_key(SEG);
         let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
         let sectors: bit_set::BitSet = [2usize, 5].into_iter().collect();
-        let body = patch::encode(&data, &sectors);
+        let body = patch::encode_chunk(&data, &sectors);
         let plain = c.compress_patch(&body);
         assert_eq!(plain.kind(), FrameKind::Patch);
         let mut frame = vec![0u8; c.frame_len(&plain)];

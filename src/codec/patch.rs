@@ -15,17 +15,24 @@ fn bitmap_len(chunk_size: usize) -> usize {
     (chunk_size / SECTOR).div_ceil(8)
 }
 
-/// The body of a patch holding `sectors` of `chunk` (a whole chunk's
-/// buffer; only those sectors are read).
-pub fn encode(chunk: &[u8], sectors: &BitSet) -> Vec<u8> {
-    let n = bitmap_len(chunk.len());
+/// The body of a patch holding `sectors` of a chunk of `count` sectors,
+/// each read through `sector`.
+pub fn encode<'a>(sectors: &BitSet, count: usize, sector: impl Fn(usize) -> &'a [u8]) -> Vec<u8> {
+    let n = bitmap_len(count * SECTOR);
     let mut body = vec![0u8; n];
     body.reserve(sectors.count() * SECTOR);
     for s in sectors.iter() {
         body[s / 8] |= 1 << (s % 8);
-        body.extend_from_slice(&chunk[s * SECTOR..(s + 1) * SECTOR]);
+        body.extend_from_slice(sector(s));
     }
     body
+}
+
+/// `encode` from a whole chunk's buffer (only `sectors` are read).
+pub fn encode_chunk(chunk: &[u8], sectors: &BitSet) -> Vec<u8> {
+    encode(sectors, chunk.len() / SECTOR, |s| {
+        &chunk[s * SECTOR..(s + 1) * SECTOR]
+    })
 }
 
 /// Bytes of the body of a patch of `count` sectors.
@@ -92,7 +99,7 @@ mod tests {
     fn a_patch_carries_exactly_its_sectors() {
         let src = chunk(8 * SECTOR);
         let sectors: BitSet = [1usize, 2, 7].into_iter().collect();
-        let body = encode(&src, &sectors);
+        let body = encode_chunk(&src, &sectors);
         assert_eq!(body.len(), body_len(src.len(), 3));
         check(&body, src.len()).unwrap();
         let mut out = vec![0xEEu8; src.len()];
@@ -111,7 +118,7 @@ mod tests {
     fn malformed_bodies_are_refused() {
         let cs = 16 * SECTOR; // 2 bitmap bytes
         let src = chunk(cs);
-        let body = encode(&src, &[3usize].into_iter().collect());
+        let body = encode_chunk(&src, &[3usize].into_iter().collect());
         assert!(check(&body[..body.len() - 1], cs).is_err(), "short");
         let mut long = body.clone();
         long.push(0);
@@ -119,7 +126,7 @@ mod tests {
         assert!(check(&[0u8; 2], cs).is_err(), "no sector");
         assert!(check(&[1u8], cs).is_err(), "shorter than the bitmap");
         // 12 sectors: bit 12 of a 2-byte bitmap is past the chunk.
-        let mut past = encode(&chunk(12 * SECTOR), &[0usize].into_iter().collect());
+        let mut past = encode_chunk(&chunk(12 * SECTOR), &[0usize].into_iter().collect());
         past[1] |= 1 << 4;
         past.extend_from_slice(&[0u8; SECTOR]);
         assert!(check(&past, 12 * SECTOR).is_err(), "past the chunk");

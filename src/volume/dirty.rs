@@ -43,7 +43,7 @@ impl Content {
         match self {
             Content::Zeros => ZERO_COST,
             Content::Whole(d) => d.len(),
-            Content::Partial(p) => p.data().len(),
+            Content::Partial(p) => p.cost(),
         }
     }
 
@@ -53,10 +53,7 @@ impl Content {
         match self {
             Content::Zeros => out.fill(0),
             Content::Whole(d) => out.copy_from_slice(&d[at..at + out.len()]),
-            Content::Partial(p) if p.covers(at, out.len()) => {
-                out.copy_from_slice(&p.data()[at..at + out.len()])
-            }
-            Content::Partial(_) => return false,
+            Content::Partial(p) => return p.read(at, out),
         }
         true
     }
@@ -240,7 +237,7 @@ impl State {
         if let Content::Partial(p) = &entry.data
             && p.is_whole()
         {
-            entry.data = Content::Whole(Arc::new(p.data().to_vec()));
+            entry.data = Content::Whole(Arc::new(p.over(None)));
         }
         entry.generation = generation;
         entry.in_flight = false;

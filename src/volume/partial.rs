@@ -3,7 +3,8 @@
 //! chunk. The dirty table holds the sectors written and which ones they
 //! are (`Partial`); the rest of the chunk is its stored version, read
 //! later — in the background right away, by a read that needs it, or at
-//! the latest by the flush that uploads the chunk (`Inner::fold`).
+//! the latest by the flush that uploads the chunk (`Inner::fold`) — or
+//! never, when the flush writes a patch instead (docs/rfcs/0007).
 //!
 //! Why the stored version may be read *any* time later, at whatever
 //! location the index names then: a partial entry is made only for a
@@ -16,7 +17,8 @@
 //!
 //! A flush uploads a partial chunk as a patch when the rules of
 //! docs/rfcs/0007 allow (`patch_fits`): then its stored version is never
-//! read at all. Otherwise it is read and the chunk uploaded whole.
+//! read at all (not even in the background after the write). Otherwise
+//! it is read and the chunk uploaded whole.
 
 use std::sync::Arc;
 
@@ -58,21 +60,26 @@ pub fn patch_fits(since: &BitSet, mapping: Option<&Mapping>, chunk_size: usize) 
         && m.patch_bytes() + bytes as u64 <= chunk_size as u64
 }
 
-/// Sectors written into a chunk whose stored version is not in memory.
-/// Sectors not written hold zeros here.
+/// Sectors written into a chunk whose stored version is not in memory:
+/// only those sectors are held (a page written into a 128 KiB chunk costs
+/// its own bytes, not the chunk's), in the order first written.
 #[derive(Clone, Debug)]
 pub struct Partial {
+    /// Per sector of the chunk: its place in `data` (`UNWRITTEN`: none).
+    slot: Vec<u16>,
     data: Vec<u8>,
-    written: BitSet,
 }
+
+const UNWRITTEN: u16 = u16::MAX;
 
 impl Partial {
     /// `bytes` written at `at` (both whole sectors) of a chunk of
-    /// `chunk_size` bytes.
+    /// `chunk_size` bytes (at most 32 Mi: a slot is a u16).
     pub fn new(chunk_size: usize, at: usize, bytes: &[u8]) -> Self {
+        debug_assert!(chunk_size / S < UNWRITTEN as usize);
         let mut p = Partial {
-            data: vec![0u8; chunk_size],
-            written: BitSet::with_capacity(chunk_size / S),
+            slot: vec![UNWRITTEN; chunk_size / S],
+            data: Vec::with_capacity(bytes.len()),
         };
         p.write(at, bytes);
         p
@@ -80,32 +87,67 @@ impl Partial {
 
     pub fn write(&mut self, at: usize, bytes: &[u8]) {
         debug_assert!(at.is_multiple_of(S) && bytes.len().is_multiple_of(S));
-        self.data[at..at + bytes.len()].copy_from_slice(bytes);
-        for s in at / S..(at + bytes.len()) / S {
-            self.written.insert(s);
+        for (i, sector) in bytes.chunks_exact(S).enumerate() {
+            let slot = &mut self.slot[at / S + i];
+            if *slot == UNWRITTEN {
+                *slot = (self.data.len() / S) as u16;
+                self.data.extend_from_slice(sector);
+            } else {
+                let at = *slot as usize * S;
+                self.data[at..at + S].copy_from_slice(sector);
+            }
         }
+    }
+
+    /// What the entry counts against the dirty limit: a whole chunk,
+    /// though it holds only its sectors — a flush that cannot write it as
+    /// a patch reads its stored version and then holds the whole chunk, and
+    /// the limit bounds what a flush holds.
+    pub fn cost(&self) -> usize {
+        self.slot.len() * S
+    }
+
+    /// Bytes it holds.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.data.len() + self.slot.len() * 2
     }
 
     /// Every sector is written: the stored version no longer matters.
     pub fn is_whole(&self) -> bool {
-        self.written.count() == self.data.len() / S
+        self.data.len() == self.slot.len() * S
     }
 
-    /// Whether `at..at + len` is all written (then it reads from here).
-    pub fn covers(&self, at: usize, len: usize) -> bool {
-        (at / S..(at + len).div_ceil(S)).all(|s| self.written.contains(s))
+    /// Sector `s`, if it is written.
+    pub fn sector(&self, s: usize) -> Option<&[u8]> {
+        match self.slot[s] {
+            UNWRITTEN => None,
+            slot => Some(&self.data[slot as usize * S..(slot as usize + 1) * S]),
+        }
     }
 
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// Copy `out.len()` bytes at `at` into `out` if they are all written.
+    pub fn read(&self, at: usize, out: &mut [u8]) -> bool {
+        let covered = (at / S..(at + out.len()).div_ceil(S)).all(|s| self.sector(s).is_some());
+        if covered {
+            let mut done = 0;
+            while done < out.len() {
+                let pos = at + done;
+                let sector = self.sector(pos / S).expect("covered");
+                let n = (S - pos % S).min(out.len() - done);
+                out[done..done + n].copy_from_slice(&sector[pos % S..pos % S + n]);
+                done += n;
+            }
+        }
+        covered
     }
 
     /// The chunk: these sectors laid over its stored version (None: zeros).
     pub fn over(&self, base: Option<&[u8]>) -> Vec<u8> {
-        let mut out = self.data.clone();
-        if let Some(base) = base {
-            for s in (0..self.data.len() / S).filter(|s| !self.written.contains(*s)) {
-                out[s * S..(s + 1) * S].copy_from_slice(&base[s * S..(s + 1) * S]);
+        let mut out = base.map_or_else(|| vec![0u8; self.slot.len() * S], <[u8]>::to_vec);
+        for s in 0..self.slot.len() {
+            if let Some(sector) = self.sector(s) {
+                out[s * S..(s + 1) * S].copy_from_slice(sector);
             }
         }
         out
@@ -245,11 +287,13 @@ impl Inner {
                 let body = match (c.content, patch) {
                     (Content::Zeros, _) => Body::Zeros,
                     (Content::Whole(data), Some(since)) => Body::Patch {
-                        body: patch::encode(&data, since),
+                        body: patch::encode_chunk(&data, since),
                         chunk: Some(data),
                     },
                     (Content::Partial(p), Some(since)) => Body::Patch {
-                        body: patch::encode(p.data(), since),
+                        body: patch::encode(since, p.slot.len(), |s| {
+                            p.sector(s).expect("since_stored holds written sectors")
+                        }),
                         chunk: None,
                     },
                     (Content::Whole(data), None) => Body::Chunk(data),
@@ -278,8 +322,12 @@ mod tests {
     fn written_sectors_lay_over_the_stored_version() {
         let mut p = Partial::new(4 * S, S, &[1u8; S]);
         assert!(!p.is_whole());
-        assert!(p.covers(S, S));
-        assert!(!p.covers(0, 2 * S), "sector 0 is not written");
+        assert_eq!(p.held(), S + 8, "the written sector and its slots");
+        assert_eq!(p.cost(), 4 * S, "counts a whole chunk");
+        let mut out = [0u8; S];
+        assert!(p.read(S, &mut out));
+        assert_eq!(out, [1u8; S]);
+        assert!(!p.read(0, &mut [0u8; 2 * S]), "sector 0 is not written");
         p.write(3 * S, &[3u8; S]);
         let base: Vec<u8> = (0..4 * S).map(|i| (i / S) as u8 + 10).collect();
         let out = p.over(Some(&base));
@@ -294,16 +342,26 @@ mod tests {
         p.write(0, &[0u8; S]);
         p.write(2 * S, &[2u8; S]);
         assert!(p.is_whole());
-        assert_eq!(p.over(Some(&base)), p.data());
+        assert_eq!(p.over(Some(&base)), p.over(None));
+        assert_eq!(p.held(), 4 * S + 8, "a rewritten sector takes no more room");
     }
 
     #[test]
-    fn covers_rounds_out_to_sectors() {
-        let p = Partial::new(8 * S, 2 * S, &[9u8; 2 * S]);
-        assert!(p.covers(2 * S, 2 * S));
-        assert!(p.covers(2 * S + 100, 10), "inside one written sector");
-        assert!(!p.covers(2 * S, 3 * S));
-        assert!(!p.covers(S, S + 1));
+    fn reads_round_out_to_sectors_and_cross_them() {
+        let mut p = Partial::new(8 * S, 3 * S, &[8u8; S]);
+        p.write(2 * S, &[9u8; S]); // written after, placed before
+        let mut two = [0u8; 2 * S];
+        assert!(p.read(2 * S, &mut two));
+        assert_eq!((&two[..S], &two[S..]), (&[9u8; S][..], &[8u8; S][..]));
+        let mut across = [0u8; 10];
+        assert!(p.read(3 * S - 5, &mut across), "across two written sectors");
+        assert_eq!(across, [9, 9, 9, 9, 9, 8, 8, 8, 8, 8]);
+        assert!(
+            p.read(2 * S + 100, &mut [0u8; 10]),
+            "inside one written sector"
+        );
+        assert!(!p.read(2 * S, &mut [0u8; 3 * S]));
+        assert!(!p.read(S, &mut [0u8; S + 1]));
     }
 
     use crate::store::backend::{DynStore, MemoryStore};
@@ -391,7 +449,7 @@ mod tests {
         ready.swap(1, 2); // back in the order the cases are checked
         ready.swap(2, 3);
         let patch_of =
-            |data: &[u8], since: Option<BitSet>| patch::encode(data, since.as_ref().unwrap());
+            |data: &[u8], since: Option<BitSet>| patch::encode_chunk(data, since.as_ref().unwrap());
         let mut two = vec![1u8; 4096];
         two[512..1024].fill(2);
         match &ready[0].body {
