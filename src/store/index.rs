@@ -253,5 +253,7 @@ mod tests {
         assert!(!index.live_segments().contains_key(&seg(1)));
         assert!(!index.live_segments().contains_key(&seg(2)));
         assert_eq!(index.live_bytes(), 100);
+        // What docs/ARCHITECTURE.md ("Index memory") counts on.
+        assert_eq!(std::mem::size_of::<Mapping>(), 32);
     }
 }
