@@ -33,9 +33,11 @@ pub enum Mapping {
     Patched(Arc<[Loc]>),
 }
 
-/// The most patches a mapping read from the store may hold: a flush
-/// writes a patch only below `MAX_PATCHES`, and flushes in flight may
-/// each add one more (docs/rfcs/0007); anything beyond is corrupt.
+/// The most patches a mapping may hold: a flush writes a patch only below
+/// `MAX_PATCHES` (8), flushes in flight (at most 4) may each add one
+/// more, and failed flushes' late segments at most as many again before
+/// the chunk is written whole (docs/rfcs/0007): 15. Anything beyond is
+/// corrupt.
 pub const MOST_PATCHES_STORED: usize = 16;
 
 impl Mapping {
@@ -77,7 +79,8 @@ impl Mapping {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SegmentLive {
-    pub chunks: u64,
+    /// Frames of live mappings (a chunk's frame and its patches).
+    pub frames: u64,
     pub bytes: u64,
 }
 
@@ -107,13 +110,19 @@ impl Index {
     }
 
     /// Lay the patch at `loc` over `chunk`'s mapping. A patch of an
-    /// unmapped chunk is refused (no writer makes one: docs/rfcs/0007).
+    /// unmapped chunk, or past `MOST_PATCHES_STORED`, is refused (no
+    /// writer makes one: docs/rfcs/0007).
     pub fn patch(&mut self, chunk: u64, loc: Loc) -> Result<()> {
         let Some(now) = self.map.get(&chunk) else {
             return Err(Error::Integrity(format!(
                 "a patch of chunk {chunk}, which holds no frame"
             )));
         };
+        if now.patches() >= MOST_PATCHES_STORED {
+            return Err(Error::Integrity(format!(
+                "chunk {chunk} holds too many patches"
+            )));
+        }
         let patched = now.with_patch(loc);
         self.set(chunk, Some(patched));
         Ok(())
@@ -126,7 +135,7 @@ impl Index {
         if let Some(m) = &mapping {
             for loc in m.frames() {
                 let live = self.live.entry(loc.segment).or_default();
-                live.chunks += 1;
+                live.frames += 1;
                 live.bytes += loc.len as u64;
             }
         }
@@ -136,9 +145,9 @@ impl Index {
         };
         for old in old.iter().flat_map(|m| m.frames()) {
             let live = self.live.get_mut(&old.segment).expect("live entry exists");
-            live.chunks -= 1;
+            live.frames -= 1;
             live.bytes -= old.len as u64;
-            if live.chunks == 0 {
+            if live.frames == 0 {
                 self.live.remove(&old.segment);
             }
         }
@@ -222,11 +231,11 @@ mod tests {
         assert_eq!(snapshot.len(), 100_000);
         assert_eq!(index.len(), 99_999);
         assert_eq!(
-            snapshot.live_segments()[&SegmentId { epoch: 1, seq: 0 }].chunks,
+            snapshot.live_segments()[&SegmentId { epoch: 1, seq: 0 }].frames,
             1000
         );
         assert_eq!(
-            index.live_segments()[&SegmentId { epoch: 1, seq: 0 }].chunks,
+            index.live_segments()[&SegmentId { epoch: 1, seq: 0 }].frames,
             998
         );
     }
@@ -247,7 +256,7 @@ mod tests {
             (2, 200, loc(2, 100))
         );
         let seg = |seq| SegmentId { epoch: 1, seq };
-        assert_eq!(index.live_segments()[&seg(2)].chunks, 2);
+        assert_eq!(index.live_segments()[&seg(2)].frames, 2);
         assert_eq!(index.live_bytes(), 300);
         index.set_frame(3, Some(loc(4, 0)));
         assert!(!index.live_segments().contains_key(&seg(1)));

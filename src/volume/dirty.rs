@@ -159,6 +159,11 @@ pub struct State {
     /// authentication, or gone): a partial write into a chunk stored there
     /// fails at once, as it did when every such write read its chunk first.
     unreadable: std::collections::HashSet<Loc>,
+    /// Chunks a failed flush held: its segments may still land (RFC 0003,
+    /// W3) with patches the index never counted, so the next flush writes
+    /// each of them whole, which bounds the mapping replay rebuilds
+    /// (docs/rfcs/0007, "Failed flushes").
+    rewrite: std::collections::HashSet<u64>,
 }
 
 /// Unreadable locations remembered at most (each is a corrupt or lost
@@ -174,6 +179,7 @@ impl State {
             oldest_dirty: None,
             journal: None,
             unreadable: Default::default(),
+            rewrite: Default::default(),
         }
     }
 
@@ -382,6 +388,7 @@ impl State {
     /// later capture still in flight is overtaken.
     pub fn give_back(&mut self, flight: u64, captured: impl IntoIterator<Item = (u64, u64)>) {
         for (chunk, generation) in captured {
+            self.rewrite.insert(chunk);
             if let Some(d) = self.dirty.map.get_mut(&chunk)
                 && d.generation == generation
             {
@@ -392,6 +399,13 @@ impl State {
         for (_, overtaken) in self.dirty.flights.range_mut(flight + 1..) {
             *overtaken = true;
         }
+    }
+
+    /// Whether a failed flush asked for `chunk` whole (`rewrite`); the
+    /// ask is taken by the flush that decides to write it whole (a failure
+    /// of that one asks again).
+    pub fn take_rewrite(&mut self, chunk: u64) -> bool {
+        self.rewrite.remove(&chunk)
     }
 
     /// Capture `flight` is published: whether an earlier one gave back

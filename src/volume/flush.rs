@@ -28,7 +28,10 @@ pub(super) struct Ready {
 
 /// What a flush writes for one chunk.
 pub(super) enum Body {
+    /// A zero record: the chunk is unmapped.
     Zeros,
+    /// A chunk frame — of zeros too: a patch written meanwhile may lean on
+    /// the chunk being mapped (docs/rfcs/0007, "Zero records").
     Chunk(ChunkData),
     /// A patch's body (`codec::patch`), and the whole chunk when the
     /// entry held it (what the memory cache may keep).
@@ -215,7 +218,7 @@ pub(super) struct Plan {
 /// (chunk, generation, what was written, the chunk for the cache)
 pub(super) type Outcome = (u64, u64, Published, Option<ChunkData>);
 
-fn is_zero(data: &[u8]) -> bool {
+pub(super) fn is_zero(data: &[u8]) -> bool {
     data.iter().all(|b| *b == 0)
 }
 
@@ -277,13 +280,12 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 }
 
 impl Inner {
-    /// Compress every captured chunk in parallel (None: a zero record —
-    /// a chunk of zeros is one too).
+    /// Compress every captured chunk in parallel (None: a zero record).
     pub(super) fn compress(&self, captured: &[Ready]) -> Vec<Option<Plain>> {
         par_map(captured.iter().collect(), |c| match &c.body {
-            Body::Chunk(data) if !is_zero(data) => Some(self.codec.compress(data)),
+            Body::Chunk(data) => Some(self.codec.compress(data)),
             Body::Patch { body, .. } => Some(self.codec.compress_patch(body)),
-            _ => None,
+            Body::Zeros => None,
         })
     }
 

@@ -63,7 +63,8 @@ pub struct VolumeConfig {
     /// Segments between checkpoints.
     pub checkpoint_every: u64,
     /// Flushes in flight at once: flush N+1 encodes and uploads while
-    /// flush N uploads; they publish in order (1: one at a time).
+    /// flush N uploads; they publish in order (1: one at a time; at most
+    /// `pipeline::MAX_DEPTH`, 4).
     pub flush_depth: usize,
     /// Clean-chunk memory cache budget.
     pub cache_bytes: usize,

@@ -275,17 +275,30 @@ impl Inner {
     }
 
     /// What a flush writes for each chunk it captured: a patch when the
-    /// rules allow (`patch_fits`, against the mapping now); else the whole
-    /// chunk — a partial one (written after `fold_all`, or whose fold
-    /// failed) laid over its stored version, read now; or zeros.
+    /// rules allow (`patch_fits`, against the mapping now) and no failed
+    /// flush asked for the chunk whole (`State::take_rewrite`); else the
+    /// whole chunk — a partial one (written after `fold_all`, or whose fold
+    /// failed) laid over its stored version, read now; or a zero record,
+    /// only for zeros that do not sit on the stored version.
     pub(super) async fn resolve_all(&self, captured: Vec<Captured>) -> Result<Vec<Ready>> {
         futures::stream::iter(captured)
             .map(|c| async move {
-                let mapping = self.state.lock().index.get(c.chunk);
-                let patch = (c.since_stored.as_ref())
-                    .filter(|since| patch_fits(since, mapping.as_ref(), self.chunk_size));
+                let (mapping, rewrite) = {
+                    let mut st = self.state.lock();
+                    (st.index.get(c.chunk), st.take_rewrite(c.chunk))
+                };
+                let patch = (c.since_stored.as_ref()).filter(|since| {
+                    !rewrite && patch_fits(since, mapping.as_ref(), self.chunk_size)
+                });
                 let body = match (c.content, patch) {
                     (Content::Zeros, _) => Body::Zeros,
+                    // Zeros over the stored version are a frame: a flush in
+                    // flight may patch the chunk as mapped (RFC 0007).
+                    (Content::Whole(data), None)
+                        if c.since_stored.is_none() && super::flush::is_zero(&data) =>
+                    {
+                        Body::Zeros
+                    }
                     (Content::Whole(data), Some(since)) => Body::Patch {
                         body: patch::encode_chunk(&data, since),
                         chunk: Some(data),
@@ -485,6 +498,31 @@ mod tests {
         );
         assert!(matches!(ready[6].body, Body::Zeros));
         assert_eq!((ready[0].chunk, ready[0].generation), (0, 5));
+        // Zeros: a zero record only when they do not sit on the stored
+        // version; over it, a frame (a patch in flight may lean on the
+        // chunk being mapped: RFC 0007, "Zero records").
+        let zeros = || Content::Whole(Arc::new(vec![0u8; 4096]));
+        let ready = vol
+            .inner
+            .resolve_all(vec![
+                captured(0, zeros(), None),
+                captured(0, zeros(), Some((0..8).collect())),
+            ])
+            .await
+            .unwrap();
+        assert!(matches!(ready[0].body, Body::Zeros));
+        assert!(matches!(&ready[1].body, Body::Chunk(d) if super::super::flush::is_zero(d)));
+        // A chunk a failed flush held is written whole once, then patched
+        // again (RFC 0007, "Failed flushes").
+        vol.inner.state.lock().give_back(0, [(0, 5)]);
+        for want_patch in [false, true] {
+            let ready = vol
+                .inner
+                .resolve_all(vec![captured(0, whole(), one())])
+                .await
+                .unwrap();
+            assert_eq!(matches!(ready[0].body, Body::Patch { .. }), want_patch);
+        }
         vol.close().await.unwrap();
     }
 

@@ -55,12 +55,17 @@ pub(super) struct Turn<'a> {
     _slot: SemaphorePermit<'a>,
 }
 
+/// The most flushes in flight at once: each may lay one patch over a
+/// mapping another flush in flight decided on, which the bound on a
+/// mapping's patches counts (docs/rfcs/0007).
+pub const MAX_DEPTH: usize = 4;
+
 impl Pipeline {
     /// `depth`: the most flushes in flight at once (1: one at a time).
     pub(super) fn new(depth: usize) -> Self {
         Pipeline {
             allocation: tokio::sync::Mutex::new(()),
-            slots: Semaphore::new(depth.max(1)),
+            slots: Semaphore::new(depth.clamp(1, MAX_DEPTH)),
             turns: Mutex::new(Turns::default()),
             first_open: watch::Sender::new(0),
         }
