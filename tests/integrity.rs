@@ -288,6 +288,28 @@ fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
     assert!(checkpoint::decode(&keys, pos, &good, 16).is_ok());
 }
 
+/// The two-chunk volume of `two_chunks` with chunk 0's frame tampered.
+async fn chunk_zero_tampered() -> DynStore {
+    let (mem, store) = store_with_raw();
+    let (loc0, _) = two_chunks(&store).await;
+    flip(
+        &mem,
+        &paths::segment(loc0.segment),
+        loc0.offset as usize + 7,
+    );
+    store
+}
+
+/// A whole-chunk write replaces tampered chunk 0: it reads back.
+async fn heal_chunk_zero(vol: &Volume) {
+    vol.write(0, &pattern(4, CHUNK as usize)).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_eq!(
+        vol.read(0, CHUNK as usize).await.unwrap(),
+        pattern(4, CHUNK as usize)
+    );
+}
+
 /// A partial write over half a chunk whose stored frame is tampered is
 /// acknowledged (it does not read the chunk: volume::partial), but it can
 /// never be completed (too big for a patch: docs/rfcs/0007, the flush
@@ -297,13 +319,7 @@ fn a_checkpoint_declaring_more_than_the_volume_can_hold_is_refused() {
 /// never data; a whole-chunk write heals it.
 #[tokio::test]
 async fn a_partial_write_over_a_tampered_chunk_is_dropped_and_reported_once() {
-    let (mem, store) = store_with_raw();
-    let (loc0, _) = two_chunks(&store).await;
-    flip(
-        &mem,
-        &paths::segment(loc0.segment),
-        loc0.offset as usize + 7,
-    );
+    let store = chunk_zero_tampered().await;
     let vol = open(&store).await.unwrap();
     vol.write(512, &[5u8; 2560]).await.expect("acknowledged");
     vol.write(2 * CHUNK as u64, &pattern(3, CHUNK as usize))
@@ -324,12 +340,7 @@ async fn a_partial_write_over_a_tampered_chunk_is_dropped_and_reported_once() {
         pattern(3, CHUNK as usize)
     );
     assert_integrity(vol.read(0, 512).await, "chunk 0");
-    vol.write(0, &pattern(4, CHUNK as usize)).await.unwrap();
-    vol.flush().await.unwrap();
-    assert_eq!(
-        vol.read(0, CHUNK as usize).await.unwrap(),
-        pattern(4, CHUNK as usize)
-    );
+    heal_chunk_zero(&vol).await;
 }
 
 /// A small partial write over a tampered chunk is written as a patch
@@ -339,13 +350,7 @@ async fn a_partial_write_over_a_tampered_chunk_is_dropped_and_reported_once() {
 /// heals it.
 #[tokio::test]
 async fn a_patch_over_a_tampered_chunk_reads_as_an_error_never_data() {
-    let (mem, store) = store_with_raw();
-    let (loc0, _) = two_chunks(&store).await;
-    flip(
-        &mem,
-        &paths::segment(loc0.segment),
-        loc0.offset as usize + 7,
-    );
+    let store = chunk_zero_tampered().await;
     let vol = open(&store).await.unwrap();
     vol.write(512, &[5u8; 512]).await.expect("acknowledged");
     vol.flush().await.expect("a patch needs no read");
@@ -355,10 +360,5 @@ async fn a_patch_over_a_tampered_chunk_reads_as_an_error_never_data() {
     drop(vol);
     let vol = open(&store).await.unwrap();
     assert_integrity(vol.read(512, 512).await, "chunk 0");
-    vol.write(0, &pattern(4, CHUNK as usize)).await.unwrap();
-    vol.flush().await.unwrap();
-    assert_eq!(
-        vol.read(0, CHUNK as usize).await.unwrap(),
-        pattern(4, CHUNK as usize)
-    );
+    heal_chunk_zero(&vol).await;
 }
