@@ -538,3 +538,41 @@ async fn fence_markers_outlive_collection_by_later_owners() {
     let err = zombie.flush().await.expect_err("still fenced");
     assert!(matches!(err, zerofs_ublk::Error::Fenced(1)), "{err:?}");
 }
+
+/// A collector copy of a chunk that reads as zeros stays a chunk frame,
+/// never a zero record: a flush in flight may be patching the chunk as
+/// mapped (docs/rfcs/0007, "Zero records").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_zeros_keeps_the_chunk_mapped() {
+    let store = memory();
+    create_and_open(&store, 16).await.close().await.unwrap();
+    let vol = open_writer(&store, gc_config(0.9), false).await;
+    let half = CHUNK as usize / 2;
+    vol.write(0, &pattern(1, CHUNK as usize)).await.unwrap();
+    vol.flush().await.unwrap();
+    // Zeros over the stored version, in two writes: a chunk frame of zeros.
+    vol.write(0, &vec![0u8; half]).await.unwrap();
+    vol.write(half as u64, &vec![0u8; half]).await.unwrap();
+    vol.write(CHUNK as u64, &pattern(2, CHUNK as usize))
+        .await
+        .unwrap();
+    vol.flush().await.unwrap();
+    assert!(vol.index_snapshot().get(0).is_some(), "zeros over a frame");
+    // Chunk 1 moves on: the segment holding chunk 0's frame is sparse.
+    vol.write(CHUNK as u64, &pattern(3, CHUNK as usize))
+        .await
+        .unwrap();
+    vol.flush().await.unwrap();
+    let before = vol.index_snapshot().get(0).unwrap();
+    let pass = vol.collect(Duration::ZERO).await.unwrap();
+    assert!(pass.chunks_moved >= 1, "{pass:?}");
+    let after = vol.index_snapshot().get(0);
+    assert!(
+        after.is_some() && after != Some(before),
+        "copied, still mapped"
+    );
+    assert_eq!(
+        vol.read(0, CHUNK as usize).await.unwrap(),
+        vec![0u8; CHUNK as usize]
+    );
+}
