@@ -17,7 +17,7 @@ use std::time::Instant;
 use bit_set::BitSet;
 
 use super::journal::{Journal, Record};
-use super::partial::Partial;
+use super::partial::{Partial, patch_fits};
 use crate::cache::ChunkData;
 use crate::error::Result;
 use crate::store::{Index, Loc, Mapping};
@@ -38,15 +38,6 @@ pub enum Content {
 }
 
 impl Content {
-    /// What it counts against the dirty limit.
-    fn cost(&self) -> usize {
-        match self {
-            Content::Zeros => ZERO_COST,
-            Content::Whole(d) => d.len(),
-            Content::Partial(p) => p.cost(),
-        }
-    }
-
     /// Copy `out.len()` bytes at `at` into `out`; false when some of them
     /// are in the stored version of a partial chunk.
     pub fn read(&self, at: usize, out: &mut [u8]) -> bool {
@@ -70,6 +61,8 @@ struct Dirty {
     /// whole-chunk write, zeros, or writes over unpublished zeros). What a
     /// patch of this entry holds (docs/rfcs/0007).
     since_stored: Option<BitSet>,
+    /// What it counts against the dirty limit now (`State::recount`).
+    cost: usize,
 }
 
 /// The sectors `at..at + len` of a chunk (bytes, whole sectors).
@@ -193,17 +186,42 @@ impl State {
     /// says.
     pub fn set_dirty(&mut self, chunk: u64, data: Content, since_stored: Option<BitSet>) {
         let generation = self.bump();
-        let new_cost = data.cost();
         let entry = Dirty {
             data,
             generation,
             in_flight: false,
             since_stored,
+            cost: 0,
         };
         if let Some(old) = self.dirty.map.insert(chunk, entry) {
-            self.dirty.bytes -= old.data.cost();
+            self.dirty.bytes -= old.cost;
         }
-        self.dirty.bytes += new_cost;
+        self.recount(chunk);
+    }
+
+    /// Count the entry of `chunk` against the dirty limit again, after it,
+    /// the chunk's mapping or its `rewrite` mark changed: its bytes — but
+    /// a partial entry the next flush would have to read (not a patch)
+    /// counts the whole chunk, which that flush then holds: the limit
+    /// bounds what a flush holds (docs/rfcs/0007).
+    pub fn recount(&mut self, chunk: u64) {
+        let Some(entry) = self.dirty.map.get(&chunk) else {
+            return;
+        };
+        let cost = match &entry.data {
+            Content::Zeros => ZERO_COST,
+            Content::Whole(d) => d.len(),
+            Content::Partial(p) => {
+                let patch = !self.rewrite.contains(&chunk)
+                    && (entry.since_stored.as_ref()).is_some_and(|since| {
+                        patch_fits(since, self.index.get(chunk).as_ref(), p.chunk_size())
+                    });
+                if patch { p.held() } else { p.chunk_size() }
+            }
+        };
+        let entry = self.dirty.map.get_mut(&chunk).expect("present");
+        self.dirty.bytes = self.dirty.bytes - entry.cost + cost;
+        entry.cost = cost;
         self.dirty.grew();
     }
 
@@ -224,7 +242,6 @@ impl State {
             .map
             .get_mut(&chunk)
             .expect("caller checked it is dirty");
-        let before = entry.data.cost();
         // Copy-on-write: a flush in progress may hold the previous version.
         match &mut entry.data {
             Content::Zeros => {
@@ -247,9 +264,7 @@ impl State {
         }
         entry.generation = generation;
         entry.in_flight = false;
-        let after = entry.data.cost();
-        self.dirty.bytes = self.dirty.bytes - before + after;
-        self.dirty.grew();
+        self.recount(chunk);
     }
 
     /// Whether the chunk currently has (possibly) non-zero content.
@@ -298,7 +313,7 @@ impl State {
             }
         }
         let gone = self.dirty.map.remove(&chunk).expect("partial");
-        self.dirty.bytes -= gone.data.cost();
+        self.dirty.bytes -= gone.cost;
         if self.dirty.is_empty() {
             self.oldest_dirty = None;
         }
@@ -352,9 +367,8 @@ impl State {
         if now != base {
             return Err(now);
         }
-        let whole = Content::Whole(Arc::new(p.over(data)));
-        debug_assert_eq!(whole.cost(), entry.data.cost(), "dirty bytes unchanged");
-        entry.data = whole;
+        entry.data = Content::Whole(Arc::new(p.over(data)));
+        self.recount(chunk);
         Ok(())
     }
 
@@ -389,6 +403,7 @@ impl State {
     pub fn give_back(&mut self, flight: u64, captured: impl IntoIterator<Item = (u64, u64)>) {
         for (chunk, generation) in captured {
             self.rewrite.insert(chunk);
+            self.recount(chunk);
             if let Some(d) = self.dirty.map.get_mut(&chunk)
                 && d.generation == generation
             {
@@ -405,7 +420,16 @@ impl State {
     /// ask is taken by the flush that decides to write it whole (a failure
     /// of that one asks again).
     pub fn take_rewrite(&mut self, chunk: u64) -> bool {
-        self.rewrite.remove(&chunk)
+        let taken = self.rewrite.remove(&chunk);
+        self.recount(chunk);
+        taken
+    }
+
+    /// The collector moved `chunk` to a chunk frame at `loc` (its mapping
+    /// folded: a partial entry of it may now be a patch again).
+    pub fn moved(&mut self, chunk: u64, loc: Option<Loc>) {
+        self.index.set_frame(chunk, loc);
+        self.recount(chunk);
     }
 
     /// Capture `flight` is published: whether an earlier one gave back
@@ -435,7 +459,9 @@ impl State {
             .is_some_and(|d| d.generation == generation)
         {
             let gone = self.dirty.map.remove(&chunk).expect("present");
-            self.dirty.bytes -= gone.data.cost();
+            self.dirty.bytes -= gone.cost;
+        } else {
+            self.recount(chunk);
         }
         if self.dirty.is_empty() {
             self.oldest_dirty = None;
@@ -556,5 +582,35 @@ mod tests {
         assert_eq!(st.since_stored(2), None);
         assert_eq!(sectors(100, 1), [0usize].into_iter().collect::<BitSet>());
         assert_eq!(sectors(511, 2), [0usize, 1].into_iter().collect::<BitSet>());
+    }
+
+    /// A partial entry counts its own bytes while the next flush would
+    /// write it as a patch, and the whole chunk once that flush would have
+    /// to read it (the mapping at its patch bound, or a failed flush
+    /// asking for it whole): the limit bounds what a flush holds.
+    #[test]
+    fn a_partial_entry_counts_what_its_flush_will_hold() {
+        let mut st = State::new(Index::default());
+        st.index.set_frame(3, Some(loc(0)));
+        let p = Partial::new(4096, 512, &[1u8; 512]);
+        let held = p.held();
+        st.set_dirty(3, Content::Partial(Arc::new(p)), Some(sectors(512, 512)));
+        assert_eq!(st.dirty.bytes(), held, "a patch: its own bytes");
+        st.give_back(0, [(3, 0)]);
+        assert_eq!(st.dirty.bytes(), 4096, "asked for whole");
+        assert!(st.take_rewrite(3));
+        assert_eq!(st.dirty.bytes(), held);
+        // The mapping reaches its patch bound (another entry's flushes).
+        let mut m = Mapping::Frame(loc(0));
+        for i in 0..super::super::partial::MAX_PATCHES as u32 {
+            m = m.with_patch(loc(100 + i));
+        }
+        st.index.set(3, Some(m));
+        st.recount(3);
+        assert_eq!(st.dirty.bytes(), 4096, "at the bound: read, held whole");
+        st.moved(3, Some(loc(50)));
+        assert_eq!(st.dirty.bytes(), held, "folded by the collector");
+        st.patch_dirty(3, 0, &[2u8; 2560], 4096);
+        assert_eq!(st.dirty.bytes(), 4096, "over half: read, held whole");
     }
 }

@@ -719,7 +719,7 @@ impl Inner {
                         self.patches_folded
                             .fetch_add(from.patches() as u64, Ordering::Relaxed);
                     }
-                    st.index.set_frame(*chunk, *to);
+                    st.moved(*chunk, *to);
                     moved += 1;
                 }
             }

@@ -99,17 +99,13 @@ impl Partial {
         }
     }
 
-    /// What the entry counts against the dirty limit: a whole chunk,
-    /// though it holds only its sectors — a flush that cannot write it as
-    /// a patch reads its stored version and then holds the whole chunk, and
-    /// the limit bounds what a flush holds.
-    pub fn cost(&self) -> usize {
+    /// The chunk's size.
+    pub fn chunk_size(&self) -> usize {
         self.slot.len() * S
     }
 
     /// Bytes it holds.
-    #[cfg(test)]
-    fn held(&self) -> usize {
+    pub fn held(&self) -> usize {
         self.data.len() + self.slot.len() * 2
     }
 
@@ -336,7 +332,6 @@ mod tests {
         let mut p = Partial::new(4 * S, S, &[1u8; S]);
         assert!(!p.is_whole());
         assert_eq!(p.held(), S + 8, "the written sector and its slots");
-        assert_eq!(p.cost(), 4 * S, "counts a whole chunk");
         let mut out = [0u8; S];
         assert!(p.read(S, &mut out));
         assert_eq!(out, [1u8; S]);
