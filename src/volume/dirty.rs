@@ -320,8 +320,8 @@ impl State {
         Some(gone.generation)
     }
 
-    /// Every partial chunk that `needs_base` says a flush must read, in
-    /// chunk order.
+    /// Every partial chunk a flush must read — `needs_base` says so, or a
+    /// failed flush asked for it whole —, in chunk order.
     pub fn partial_chunks(
         &self,
         needs_base: impl Fn(&BitSet, Option<&Mapping>) -> bool,
@@ -329,7 +329,8 @@ impl State {
         let mut out: Vec<u64> = (self.dirty.map.iter())
             .filter(|(chunk, d)| match (&d.data, &d.since_stored) {
                 (Content::Partial(_), Some(since)) => {
-                    needs_base(since, self.index.get(**chunk).as_ref())
+                    self.rewrite.contains(chunk)
+                        || needs_base(since, self.index.get(**chunk).as_ref())
                 }
                 (Content::Partial(_), None) => true,
                 _ => false,
@@ -417,12 +418,11 @@ impl State {
     }
 
     /// Whether a failed flush asked for `chunk` whole (`rewrite`); the
-    /// ask is taken by the flush that decides to write it whole (a failure
-    /// of that one asks again).
-    pub fn take_rewrite(&mut self, chunk: u64) -> bool {
-        let taken = self.rewrite.remove(&chunk);
-        self.recount(chunk);
-        taken
+    /// ask holds until a chunk frame or zero record of it is published
+    /// (`complete`), so the entry keeps counting the whole chunk that the
+    /// flush writing it holds.
+    pub fn must_rewrite(&self, chunk: u64) -> bool {
+        self.rewrite.contains(&chunk)
     }
 
     /// The collector moved `chunk` to a chunk frame at `loc` (its mapping
@@ -441,6 +441,9 @@ impl State {
     /// A captured chunk is durable as `published`: publish it and drop the
     /// dirty entry unless it was rewritten meanwhile.
     pub fn complete(&mut self, chunk: u64, generation: u64, published: Published) {
+        if !matches!(published, Published::Patch(_)) {
+            self.rewrite.remove(&chunk);
+        }
         match published {
             Published::Zeros => self.index.set(chunk, None),
             Published::Frame(loc) => self.index.set_frame(chunk, Some(loc)),
@@ -598,7 +601,17 @@ mod tests {
         assert_eq!(st.dirty.bytes(), held, "a patch: its own bytes");
         st.give_back(0, [(3, 0)]);
         assert_eq!(st.dirty.bytes(), 4096, "asked for whole");
-        assert!(st.take_rewrite(3));
+        assert!(st.must_rewrite(3));
+        assert_eq!(st.partial_chunks(|_, _| false), [3], "read before capture");
+        st.patch_dirty(3, 1024, &[1u8; 512], 4096);
+        assert_eq!(st.dirty.bytes(), 4096, "still asked for whole");
+        // A chunk frame of it published (an older generation: it stays).
+        st.complete(3, 0, Published::Frame(loc(9)));
+        assert!(!st.must_rewrite(3));
+        let held = match st.dirty.get(3) {
+            Some(Content::Partial(p)) => p.held(),
+            _ => panic!("still partial"),
+        };
         assert_eq!(st.dirty.bytes(), held);
         // The mapping reaches its patch bound (another entry's flushes).
         let mut m = Mapping::Frame(loc(0));

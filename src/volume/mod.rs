@@ -496,10 +496,22 @@ impl Volume {
                     Missing::Partial => partial.push(span),
                 }
             }
-            // Read the rest of the partial chunks, concurrently (they
-            // stay whole), and look again.
-            futures::future::try_join_all(partial.iter().map(|s| self.inner.fold(s.chunk))).await?;
-            pending = partial;
+            // The rest of the partial chunks: laid over their stored
+            // versions, concurrently, for this read only (volume::partial,
+            // `compose`); a chunk no longer partial is looked at again.
+            let composed =
+                futures::future::try_join_all(partial.iter().map(|s| self.inner.compose(s.chunk)))
+                    .await?;
+            pending = Vec::new();
+            for (span, data) in partial.into_iter().zip(composed) {
+                match data {
+                    Some(data) => {
+                        let out = &mut buf[span.buf.clone()];
+                        out.copy_from_slice(&data[span.at..span.at + out.len()]);
+                    }
+                    None => pending.push(span),
+                }
+            }
         }
         if fetch.is_empty() {
             return Ok(());

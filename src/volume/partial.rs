@@ -159,6 +159,34 @@ impl Inner {
         self.fold_from(chunk).await.map_err(|(_, e)| e)
     }
 
+    /// A partial chunk's content for a read: its sectors laid over its
+    /// stored version, without making the entry whole — a fold would make
+    /// it count a whole chunk against the dirty limit, unreserved, and
+    /// reads of many partial chunks would take memory past the limit
+    /// (docs/rfcs/0007, "The dirty limit"). The stored version stays in
+    /// the memory cache for the next read. None when the chunk is no
+    /// longer partial (read it from memory again).
+    pub(super) async fn compose(&self, chunk: u64) -> Result<Option<Vec<u8>>> {
+        let Some(mut base) = self.state.lock().partial_base(chunk) else {
+            return Ok(None);
+        };
+        loop {
+            let data = self.stored_version(chunk, base.clone()).await?;
+            let st = self.state.lock();
+            match st.partial_base(chunk) {
+                None => return Ok(None),
+                Some(now) if now == base => {
+                    let Some(Content::Partial(p)) = st.dirty.get(chunk) else {
+                        unreachable!("partial_base says partial");
+                    };
+                    return Ok(Some(p.over(data.as_deref().map(|d| d.as_slice()))));
+                }
+                // Published meanwhile: read where it is now.
+                Some(now) => base = now,
+            }
+        }
+    }
+
     /// A chunk's stored version at `base` (None: it reads as zeros).
     async fn stored_version(&self, chunk: u64, base: Option<Mapping>) -> Result<Option<ChunkData>> {
         match base {
@@ -272,7 +300,7 @@ impl Inner {
 
     /// What a flush writes for each chunk it captured: a patch when the
     /// rules allow (`patch_fits`, against the mapping now) and no failed
-    /// flush asked for the chunk whole (`State::take_rewrite`); else the
+    /// flush asked for the chunk whole (`State::must_rewrite`); else the
     /// whole chunk — a partial one (written after `fold_all`, or whose fold
     /// failed) laid over its stored version, read now; or a zero record,
     /// only for zeros that do not sit on the stored version.
@@ -280,8 +308,8 @@ impl Inner {
         futures::stream::iter(captured)
             .map(|c| async move {
                 let (mapping, rewrite) = {
-                    let mut st = self.state.lock();
-                    (st.index.get(c.chunk), st.take_rewrite(c.chunk))
+                    let st = self.state.lock();
+                    (st.index.get(c.chunk), st.must_rewrite(c.chunk))
                 };
                 let patch = (c.since_stored.as_ref()).filter(|since| {
                     !rewrite && patch_fits(since, mapping.as_ref(), self.chunk_size)
@@ -507,16 +535,22 @@ mod tests {
             .unwrap();
         assert!(matches!(ready[0].body, Body::Zeros));
         assert!(matches!(&ready[1].body, Body::Chunk(d) if super::super::flush::is_zero(d)));
-        // A chunk a failed flush held is written whole once, then patched
-        // again (RFC 0007, "Failed flushes").
+        // A chunk a failed flush held is written whole until a chunk frame
+        // of it is published, then patched again (RFC 0007, "Failed
+        // flushes").
         vol.inner.state.lock().give_back(0, [(0, 5)]);
-        for want_patch in [false, true] {
+        for (want_patch, then_publish) in [(false, false), (false, true), (true, false)] {
             let ready = vol
                 .inner
                 .resolve_all(vec![captured(0, whole(), one())])
                 .await
                 .unwrap();
             assert_eq!(matches!(ready[0].body, Body::Patch { .. }), want_patch);
+            if then_publish {
+                let mut st = vol.inner.state.lock();
+                let frame = st.index.get(0).unwrap().last();
+                st.complete(0, 0, super::super::dirty::Published::Frame(frame));
+            }
         }
         vol.close().await.unwrap();
     }
