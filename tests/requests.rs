@@ -407,3 +407,43 @@ async fn try_write_applies_only_with_room_and_makes_no_request() {
     assert!(vol.try_write(100, &[0u8; 512]).is_err());
     vol.close().await.unwrap();
 }
+
+/// Reading partial chunks (their unwritten sectors come from the bucket)
+/// leaves them partial: each still counts only its own bytes against the
+/// dirty limit (docs/rfcs/0007, "The dirty limit"). Folding them whole on
+/// a read grew the count by a chunk each, unreserved.
+#[tokio::test]
+async fn reading_partial_chunks_leaves_what_they_count_unchanged() {
+    let store = memory();
+    let vol = create_and_open(&store, 64).await;
+    vol.write(0, &pattern(1, 64 * CHUNK as usize))
+        .await
+        .unwrap();
+    vol.close().await.unwrap();
+    let vol = Volume::open(store, &secret(), writer(false), test_config())
+        .await
+        .unwrap();
+    let patch = pattern(2, 1024);
+    for c in 0..64u64 {
+        vol.write(c * CHUNK as u64 + 1024, &patch).await.unwrap();
+    }
+    let before = vol.stats();
+    assert_eq!(before.dirty_chunks, 64);
+    assert!(
+        before.dirty_bytes < 64 * CHUNK as usize / 2,
+        "partial chunks count {} bytes",
+        before.dirty_bytes
+    );
+    let mut want = pattern(1, 64 * CHUNK as usize);
+    for c in 0..64usize {
+        let at = c * CHUNK as usize + 1024;
+        want[at..at + 1024].copy_from_slice(&patch);
+    }
+    assert!(vol.read(0, want.len()).await.unwrap()[..] == want[..]);
+    let after = vol.stats();
+    assert_eq!(
+        (after.dirty_chunks, after.dirty_bytes),
+        (64, before.dirty_bytes),
+        "a read changes what the dirty chunks count"
+    );
+}
