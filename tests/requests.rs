@@ -288,17 +288,33 @@ async fn open_fetches_the_seals_concurrently() {
     drop(vol);
 }
 
-#[tokio::test(start_paused = true)]
-async fn concurrent_partial_writes_stay_within_the_dirty_limit() {
-    // 64 chunks in the bucket; then 64 writers at once, each patching 1 KiB
-    // of its own chunk, so each first reads its chunk (25 ms). All of them
-    // pass a dirty-limit check made before that read.
+/// A bucket whose 64 chunks hold `pattern(1, …)`, closed.
+async fn sixty_four_chunks_stored() -> zerofs_ublk::store::backend::DynStore {
     let store = memory();
     let vol = create_and_open(&store, 64).await;
     vol.write(0, &pattern(1, 64 * CHUNK as usize))
         .await
         .unwrap();
     vol.close().await.unwrap();
+    store
+}
+
+/// Those 64 chunks with `patch` written 1 KiB into each.
+fn patched_at_1k(patch: &[u8]) -> Vec<u8> {
+    let mut want = pattern(1, 64 * CHUNK as usize);
+    for c in 0..64usize {
+        let at = c * CHUNK as usize + 1024;
+        want[at..at + patch.len()].copy_from_slice(patch);
+    }
+    want
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_partial_writes_stay_within_the_dirty_limit() {
+    // 64 chunks in the bucket; then 64 writers at once, each patching 1 KiB
+    // of its own chunk, so each first reads its chunk (25 ms). All of them
+    // pass a dirty-limit check made before that read.
+    let store = sixty_four_chunks_stored().await;
     let slow = behind_latency(store, Duration::from_millis(25));
     let limit = 4 * CHUNK as usize;
     let cfg = VolumeConfig {
@@ -316,11 +332,7 @@ async fn concurrent_partial_writes_stay_within_the_dirty_limit() {
     }
     let peak = vol.stats().dirty_peak_bytes;
     assert!(peak <= limit, "dirty peak {peak} over the limit {limit}");
-    let mut want = pattern(1, 64 * CHUNK as usize);
-    for c in 0..64usize {
-        let at = c * CHUNK as usize + 1024;
-        want[at..at + 1024].copy_from_slice(&patch);
-    }
+    let want = patched_at_1k(&patch);
     assert!(vol.read(0, want.len()).await.unwrap()[..] == want[..]);
 }
 
@@ -414,12 +426,7 @@ async fn try_write_applies_only_with_room_and_makes_no_request() {
 /// a read grew the count by a chunk each, unreserved.
 #[tokio::test]
 async fn reading_partial_chunks_leaves_what_they_count_unchanged() {
-    let store = memory();
-    let vol = create_and_open(&store, 64).await;
-    vol.write(0, &pattern(1, 64 * CHUNK as usize))
-        .await
-        .unwrap();
-    vol.close().await.unwrap();
+    let store = sixty_four_chunks_stored().await;
     let vol = Volume::open(store, &secret(), writer(false), test_config())
         .await
         .unwrap();
@@ -434,11 +441,7 @@ async fn reading_partial_chunks_leaves_what_they_count_unchanged() {
         "partial chunks count {} bytes",
         before.dirty_bytes
     );
-    let mut want = pattern(1, 64 * CHUNK as usize);
-    for c in 0..64usize {
-        let at = c * CHUNK as usize + 1024;
-        want[at..at + 1024].copy_from_slice(&patch);
-    }
+    let want = patched_at_1k(&patch);
     assert!(vol.read(0, want.len()).await.unwrap()[..] == want[..]);
     let after = vol.stats();
     assert_eq!(
