@@ -255,7 +255,10 @@ impl State {
             Content::Partial(p) => Arc::make_mut(p).write(at, bytes),
         }
         if let Some(since) = &mut entry.since_stored {
-            since.union_with(&sectors(at, bytes.len()));
+            // In place: no set allocated per write on this path.
+            for s in at / SECTOR..(at + bytes.len()).div_ceil(SECTOR) {
+                since.insert(s);
+            }
         }
         if let Content::Partial(p) = &entry.data
             && p.is_whole()
